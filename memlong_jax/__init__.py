@@ -1,0 +1,11 @@
+"""memlong-jax: MemLong (arXiv 2408.16967) in JAX/Flax.
+
+    import memlong_jax as ml
+    model = ml.load("path/to/converted")
+    model.logits(ids)            # [B, T] int -> [B, T, V]
+"""
+
+from memlong_jax.api import Model, load
+from memlong_jax.config import PRESETS, LlamaConfig, get_config
+
+__all__ = ["LlamaConfig", "Model", "PRESETS", "get_config", "load"]
