@@ -32,9 +32,11 @@ def _name_list(names) -> str:
     return ", ".join(names[:5]) + (f" (and {len(names) - 5} more)" if len(names) > 5 else "")
 
 
-def check_names(config: LlamaConfig, source) -> None:
-    """Missing or unused tensors are errors that name them; a tied copy of the head is allowed."""
-    expected = {slot.hf_name for slot in tensor_slots(config)}
+def validate(config: LlamaConfig, source) -> None:
+    """Check every name and shape before any data is read: missing, unused or mis-shaped tensors
+    are errors that name them; a copy of the head that equals the tied embedding is allowed."""
+    slots = tensor_slots(config)
+    expected = {slot.hf_name for slot in slots}
     present = set(source.names())
     missing, unused = expected - present, present - expected
     if config.tie_word_embeddings and "lm_head.weight" in unused:
@@ -45,21 +47,21 @@ def check_names(config: LlamaConfig, source) -> None:
     if unused:
         raise UserError(f"checkpoint has tensors this LLaMA config does not use: "
                         f"{_name_list(unused)}")
+    abstract = checkpoint.abstract_params(config)
+    for slot in slots:
+        want = tuple(get_path(abstract, slot.path).shape)
+        want = want[::-1] if slot.transpose else want
+        if source.shape(slot.hf_name) != want:
+            raise UserError(f"tensor {slot.hf_name} has shape {source.shape(slot.hf_name)} but "
+                            f"the config expects {want}")
 
 
 def convert(source, config: LlamaConfig, dtype: str = "auto", progress: bool = True) -> dict:
-    """Read, check and lay out every tensor; returns the params tree (numpy arrays)."""
-    check_names(config, source)
-    abstract = checkpoint.abstract_params(config)
+    """Validate, then read and lay out every tensor; returns the params tree (numpy arrays)."""
+    validate(config, source)
     params: dict = {}
-    slots = tensor_slots(config)
-    for slot in tqdm(slots, desc="converting", unit="tensor", disable=not progress):
+    for slot in tqdm(tensor_slots(config), desc="converting", unit="tensor", disable=not progress):
         tensor = source.read(slot.hf_name)
-        want = tuple(get_path(abstract, slot.path).shape)
-        hf_want = want[::-1] if slot.transpose else want
-        if tuple(tensor.shape) != hf_want:
-            raise UserError(f"tensor {slot.hf_name} has shape {tuple(tensor.shape)} but the "
-                            f"config expects {hf_want}")
         if not np.issubdtype(tensor.dtype, np.floating) and tensor.dtype != ml_dtypes.bfloat16:
             raise UserError(f"tensor {slot.hf_name} has non-float dtype {tensor.dtype}")
         if dtype != "auto":

