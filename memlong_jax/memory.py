@@ -101,7 +101,7 @@ def _drop_mask(mem: Memory, policy: str):
 def _evict_rows(mem: Memory, policy: str, rows) -> Memory:
     drop = _drop_mask(mem, policy) & rows[:, None]
     return mem.replace(valid=mem.valid & ~drop, insert_time=jnp.where(drop, 0, mem.insert_time),
-                       hits=jnp.where(drop, 0, mem.hits))
+                       hits=mem.hits)
 
 
 def evict(mem: Memory, policy: str = "paper") -> Memory:

