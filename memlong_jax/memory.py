@@ -67,13 +67,11 @@ def init_memory(batch: int, capacity: int, tau: int, n_kv: int, head_dim: int, e
 def reset_rows(mem: Memory, rows) -> Memory:
     """Empty the rows selected by `rows` (bool `[B]`); the others are untouched.
 
-    Only the bookkeeping is cleared: stale K/V/emb payload stays in place, unreachable behind
-    `valid` (clearing it would cost a full pass over the K/V).
+    Like eviction, this only clears `valid` (and the row's clock): the payload and counters of
+    empty slots are never read, and clearing the K/V would cost a full pass over them.
     """
     rows = jnp.asarray(rows, bool)
-    clear = lambda x: jnp.where(rows[:, None], jnp.zeros_like(x), x)
-    return mem.replace(valid=clear(mem.valid), insert_time=clear(mem.insert_time),
-                       hits=clear(mem.hits), clock=jnp.where(rows, 0, mem.clock))
+    return mem.replace(valid=mem.valid & ~rows[:, None], clock=jnp.where(rows, 0, mem.clock))
 
 
 def _check_policy(policy: str, capacity: int) -> None:
@@ -99,9 +97,7 @@ def _drop_mask(mem: Memory, policy: str):
 
 
 def _evict_rows(mem: Memory, policy: str, rows) -> Memory:
-    drop = _drop_mask(mem, policy) & rows[:, None]
-    return mem.replace(valid=mem.valid & ~drop, insert_time=jnp.where(drop, 0, mem.insert_time),
-                       hits=mem.hits)
+    return mem.replace(valid=mem.valid & ~(_drop_mask(mem, policy) & rows[:, None]))
 
 
 def evict(mem: Memory, policy: str = "paper") -> Memory:

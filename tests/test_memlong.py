@@ -198,3 +198,37 @@ def test_presets_match_the_reference():
     sm = MEMLONG_PRESETS["smollm2-135m"].validate(PRESETS["smollm2-135m"])
     assert (sm.memory_layer, sm.retrieval_layers) == (15, (15, 19, 23, 27))
     assert dataclasses.replace(sm, memory_layer=13, retrieval_layers=(13, 17, 21, 25)) == ol
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    from memlong_jax.retrievers import default_encoder_dir, load_text_encoder
+    return load_text_encoder(default_encoder_dir())
+
+
+def test_text_retriever_embeds_decoded_chunks(smollm2_converted, minilm):
+    """Text retriever on a small LLaMA with SmolLM2's vocabulary: each stored chunk embedding
+    is the encoder's embedding of that chunk's decoded text; the scan runs under jit."""
+    from memlong_jax.api import load_tokenizer
+    from memlong_jax.retrievers.text_pipeline import decode_chunks, text_embeddings
+    from tests.conftest import real_text
+
+    tokenizer = load_tokenizer(smollm2_converted)
+    cfg = CFG.replace(vocab_size=tokenizer.get_vocab_size())
+    module = LlamaForCausalLM(cfg)
+    p = module.init(jax.random.PRNGKey(1), jnp.zeros((1, 4), jnp.int32))["params"]
+    mcfg = MCFG.replace(retriever="text", memory_tokens=64)
+    ids = np.asarray(tokenizer.encode(real_text(4000)).ids[:48], np.int32).reshape(2, 24)
+
+    texts = decode_chunks(tokenizer, ids, mcfg.chunk_size)
+    assert texts[1][2] == tokenizer.decode(ids[1, 8:12].tolist(), skip_special_tokens=True)
+    key_emb, query = text_embeddings(minilm, tokenizer, ids, mcfg.chunk_size, window=8)
+    assert key_emb.shape == (2, 6, 384) and query.shape == (2, 384)
+    np.testing.assert_allclose(np.linalg.norm(key_emb, axis=-1), 1.0, atol=1e-5)
+
+    run = jax.jit(lambda p, s, ids, e: memlong.score_sequence(module, mcfg, p, s, ids, 8, True, e))
+    state, nll = run(p, memlong.init_state(module, mcfg, 2, emb_dim=384), ids, key_emb)
+    assert nll.shape == (2, 23) and np.isfinite(np.asarray(nll)).all()
+    stored = np.asarray(state.memory.emb)[:, :6]
+    np.testing.assert_allclose(stored, key_emb, atol=1e-6)
+    np.testing.assert_allclose(minilm.encode_texts([texts[0][4]])[0], key_emb[0, 4], atol=1e-5)
