@@ -79,32 +79,17 @@ def test_garbage_safetensors(tmp_path, good_hf):
     assert_clean_failure(run_from_hf(src, out), out, "model.safetensors")
 
 
-def test_config_shapes_do_not_match(tmp_path, good_hf):
+@pytest.mark.parametrize("change,words", [
+    (dict(intermediate_size=100), ("mlp", "shape")),                    # mis-shaped tensors
+    (dict(num_hidden_layers=2), ("does not use", "model.layers.2.")),   # unused tensors
+    (dict(num_hidden_layers=4), ("lacks", "model.layers.3.")),          # missing tensors
+    (dict(model_type="mistral", architectures=["MistralForCausalLM"]), ("unsupported architecture",)),
+])
+def test_config_that_does_not_fit_the_tensors(tmp_path, good_hf, change, words):
     src = copy_dir(good_hf, tmp_path / "src")
-    edit_config(src, intermediate_size=100)
+    edit_config(src, **change)
     out = tmp_path / "out"
-    assert_clean_failure(run_from_hf(src, out), out, "mlp", "shape")
-
-
-def test_config_with_fewer_layers_leaves_tensors_unused(tmp_path, good_hf):
-    src = copy_dir(good_hf, tmp_path / "src")
-    edit_config(src, num_hidden_layers=2)
-    out = tmp_path / "out"
-    assert_clean_failure(run_from_hf(src, out), out, "model.layers.2.")
-
-
-def test_config_with_more_layers_misses_tensors(tmp_path, good_hf):
-    src = copy_dir(good_hf, tmp_path / "src")
-    edit_config(src, num_hidden_layers=4)
-    out = tmp_path / "out"
-    assert_clean_failure(run_from_hf(src, out), out, "lacks", "model.layers.3.")
-
-
-def test_unsupported_architecture(tmp_path, good_hf):
-    src = copy_dir(good_hf, tmp_path / "src")
-    edit_config(src, model_type="mistral", architectures=["MistralForCausalLM"])
-    out = tmp_path / "out"
-    assert_clean_failure(run_from_hf(src, out), out, "unsupported architecture")
+    assert_clean_failure(run_from_hf(src, out), out, *words)
 
 
 def test_existing_output_is_not_touched(tmp_path, good_hf):
