@@ -57,7 +57,7 @@ def main():
     chunk = ids[:, :tau]
     step = jax.jit(functools.partial(memlong.segment_step, module, mcfg), static_argnames="full")
     results = {
-        "full_step": timed(lambda: step(params, state, chunk, chunk, full=True)[1], args.repeats),
+        "full_step": timed(lambda: step(params, state, chunk, full=True)[1], args.repeats),
         "prefix_step": timed(lambda: step(params, state, chunk, full=False)[0].memory.keys,
                              args.repeats),
     }

@@ -73,11 +73,11 @@ def token_nll(logits, targets):
 
 
 def segment_step(module: LlamaForCausalLM, mcfg: MemLongConfig, params, state: MemLongState,
-                 ids, targets=None, key_emb=None, segment_query=None, full: bool = True):
+                 ids, key_emb=None, segment_query=None, full: bool = True):
     """One retrieve -> forward -> write step for `ids` `[B, S]`, S a multiple of tau.
 
     key_emb `[B, S/tau, d]` and segment_query `[B, d]` come from the text retriever; leave them
-    None for the in-graph one. Returns (new state, NLL `[B, S]` of `targets` or None).
+    None for the in-graph one. Returns (new state, logits `[B, S, V]`, or None if not `full`).
     """
     tau, m = mcfg.chunk_size, mcfg.memory_layer
     apply = functools.partial(module.apply, {"params": params})
@@ -102,22 +102,22 @@ def segment_step(module: LlamaForCausalLM, mcfg: MemLongConfig, params, state: M
     found = found & query_ok[:, None]
     memory = mem_ops.count_hits(memory, indices, found)
 
-    nll = None
+    logits = None
     if full:
         retrieved = MemoryKV(*jax.lax.stop_gradient(mem_ops.gather_chunks(memory, indices, found)))
         h = apply(h, positions, m, module.config.num_hidden_layers, retrieved,
                   mcfg.retrieval_layers, method=module.run_layers)
-        nll = token_nll(apply(h, method=module.final), targets)
+        logits = apply(h, method=module.final)
 
     n = length // tau
     chunked = lambda a: a.reshape(batch, n, tau, *a.shape[2:])
     memory = mem_ops.write_chunks(memory, chunked(keys), chunked(values), key_emb, mcfg.eviction)
-    return MemLongState(memory, key_emb[:, -1], jnp.ones((batch,), bool)), nll
+    return MemLongState(memory, key_emb[:, -1], jnp.ones((batch,), bool)), logits
 
 
 def score_sequence(module: LlamaForCausalLM, mcfg: MemLongConfig, params, state: MemLongState,
                    ids, window: int, prefix_nll: bool = False, key_emb=None,
-                   window_query=None):
+                   window_query=None, window_logits: bool = False):
     """Score `ids` `[B, N]`: prefix chunks through memory (`lax.scan`), then the final window.
 
     N - window is split into tau-token prefix chunks; the last `window` tokens are one segment.
@@ -125,7 +125,9 @@ def score_sequence(module: LlamaForCausalLM, mcfg: MemLongConfig, params, state:
     -log p(ids[t] | earlier tokens) for the scored tokens t (each prefix chunk predicts its
     successor's first token from its own last position). key_emb `[B, N/tau, d]` and
     window_query `[B, d]` are the text retriever's embeddings (None: in-graph retriever).
-    Prefix chunks without `prefix_nll` only run the layers up to the memory layer's K/V.
+    Prefix chunks without `prefix_nll` only run the layers up to the memory layer's K/V; only
+    per-token NLL leaves each step, and with `window_logits` the final window's logits
+    `[B, window, V]` are returned as a third value.
     """
     tau = mcfg.chunk_size
     batch, total = ids.shape
@@ -139,18 +141,20 @@ def score_sequence(module: LlamaForCausalLM, mcfg: MemLongConfig, params, state:
 
     def body(carry, xs):
         chunk_ids, chunk_targets, chunk_emb = xs
-        return step(carry, chunk_ids, chunk_targets,
-                    None if chunk_emb is None else chunk_emb[:, None], chunk_emb)
+        carry, logits = step(carry, chunk_ids,
+                             None if chunk_emb is None else chunk_emb[:, None], chunk_emb)
+        return carry, None if logits is None else token_nll(logits, chunk_targets)
 
     if n_prefix:
         by_chunk = lambda a: jnp.moveaxis(a.reshape(batch, n_prefix, tau, *a.shape[2:]), 1, 0)
         prefix_emb = None if key_emb is None else jnp.moveaxis(key_emb[:, :n_prefix], 1, 0)
         state, prefix_out = jax.lax.scan(
             body, state, (by_chunk(ids[:, :prefix]), by_chunk(targets[:, :prefix]), prefix_emb))
-    state, window_nll = segment_step(
-        module, mcfg, params, state, ids[:, prefix:], targets[:, prefix:],
+    state, logits = segment_step(
+        module, mcfg, params, state, ids[:, prefix:],
         None if key_emb is None else key_emb[:, n_prefix:], window_query, full=True)
+    nll = token_nll(logits, targets[:, prefix:])[:, :-1]
     if prefix_nll and n_prefix:
         prefix_out = jnp.moveaxis(prefix_out, 0, 1).reshape(batch, prefix)
-        return state, jnp.concatenate([prefix_out, window_nll], axis=1)[:, :-1]
-    return state, window_nll[:, :-1]
+        nll = jnp.concatenate([prefix_out, nll], axis=1)
+    return (state, nll, logits) if window_logits else (state, nll)

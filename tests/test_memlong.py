@@ -40,10 +40,14 @@ def base_nll(params, ids):
 
 
 def test_empty_memory_equals_base_model(params):
-    """One window, empty memory: the base model's NLL. Positions 1..T instead of 0..T-1 and the
-    masked memory slots only reorder fp32 sums, hence 1e-5 rather than bit equality."""
+    """One window, empty memory: the base model's logits and NLL. Positions 1..T instead of
+    0..T-1 and the masked memory slots only reorder fp32 sums, hence 1e-5, not bit equality."""
     ids = random_ids(1, length=24)
-    _, nll = score(params, ids, window=24)
+    state = memlong.init_state(MODULE, MCFG, 2)
+    _, nll, logits = memlong.score_sequence(MODULE, MCFG, params, state, ids, 24,
+                                            window_logits=True)
+    np.testing.assert_allclose(np.asarray(logits),
+                               np.asarray(MODULE.apply({"params": params}, ids)), atol=1e-5)
     np.testing.assert_allclose(np.asarray(nll), base_nll(params, ids), atol=1e-5)
     assert np.asarray(nll).mean() > 1.0
 
@@ -69,8 +73,8 @@ def test_scan_equals_python_loop(params):
     loop_state, pieces = memlong.init_state(MODULE, MCFG, batch), []
     bounds = list(range(0, ids.shape[1] - 8, tau)) + [ids.shape[1] - 8]
     for start, stop in zip(bounds, bounds[1:] + [ids.shape[1]]):
-        loop_state, out = step(params, loop_state, ids[:, start:stop], targets[:, start:stop])
-        pieces.append(out)
+        loop_state, logits = step(params, loop_state, ids[:, start:stop])
+        pieces.append(memlong.token_nll(logits, targets[:, start:stop]))
     loop_nll = jnp.concatenate(pieces, axis=1)[:, :-1]
     np.testing.assert_allclose(np.asarray(nll), np.asarray(loop_nll), atol=1e-6)
     for a, b in zip(jax.tree_util.tree_leaves(state), jax.tree_util.tree_leaves(loop_state)):
