@@ -1,5 +1,7 @@
 """Grouped-query self-attention with an explicit boolean mask, softmax in fp32, and MemLong's
-retrieval-causal variant: one joint softmax over [retrieved memory keys ; local causal keys]."""
+retrieval-causal variant: one joint softmax over [retrieved memory keys ; local causal keys].
+Long plain-causal sequences use exact blockwise (online-softmax) attention instead, so no
+`[T, T]` mask or score matrix is ever materialised."""
 
 from __future__ import annotations
 
@@ -10,6 +12,11 @@ import jax
 import jax.numpy as jnp
 
 from memlong_jax.layers import apply_rope, dense
+
+# Plain causal attention over at least this many tokens goes blockwise, in blocks of
+# ATTENTION_BLOCK queries x keys; shorter sequences keep the dense path (and its exact numbers).
+BLOCKWISE_MIN_LENGTH = 4096
+ATTENTION_BLOCK = 512
 
 
 class MemoryKV(NamedTuple):
@@ -42,6 +49,58 @@ def grouped_attention(q, k, v, mask):
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
     return out.reshape(batch, q_len, heads, head_dim)
+
+
+def blockwise_causal_attention(q, k, v, block_size: int):
+    """Exact causal `grouped_attention` in `block_size` tiles with an online (running max/sum)
+    fp32 softmax: memory is O(block_size^2) per head instead of O(T^2).
+
+    q: `[B, T, H, D]`; k, v: `[B, T, KV, D]` (GQA, K/V not repeated). T need not be a multiple
+    of `block_size`: the sequence is zero-padded to one, and padded keys are never seen by real
+    queries (they lie above the diagonal); padded query rows are dropped. Key blocks above the
+    diagonal are skipped with `lax.cond`, so causal attention costs about half of full.
+    """
+    batch, length, heads, head_dim = q.shape
+    kv_heads = k.shape[2]
+    block = min(block_size, length)
+    n_blocks = -(-length // block)
+    pad = [(0, 0), (0, n_blocks * block - length), (0, 0), (0, 0)]
+    # [n_blocks, B, block, KV, (G,) D]: the leading axis is what the scans walk over.
+    split = lambda x, *heads_shape: jnp.moveaxis(
+        jnp.pad(x, pad).reshape(batch, n_blocks, block, *heads_shape, head_dim), 1, 0)
+    q_blocks = split(q, kv_heads, heads // kv_heads)
+    k_blocks, v_blocks = split(k, kv_heads), split(v, kv_heads)
+    offsets = jnp.arange(block)
+    neg = jnp.finfo(jnp.float32).min
+
+    def query_block(_, xs):
+        i, q_blk = xs
+
+        def update(carry, j, k_blk, v_blk):
+            m, l, acc = carry
+            s = jnp.einsum("bqkgd,bskd->bkgqs", q_blk, k_blk, preferred_element_type=jnp.float32)
+            s = s * (head_dim ** -0.5)
+            s = jnp.where(i * block + offsets[:, None] >= j * block + offsets[None, :], s, neg)
+            # The result does not depend on the running max (it cancels), so its gradient is 0.
+            m_new = jax.lax.stop_gradient(jnp.maximum(m, s.max(-1)))
+            p = jnp.exp(s - m_new[..., None])
+            scale = jnp.exp(m - m_new)
+            pv = jnp.einsum("bkgqs,bskd->bkgqd", p.astype(v.dtype), v_blk,
+                            preferred_element_type=jnp.float32)
+            return m_new, l * scale + p.sum(-1), acc * scale[..., None] + pv
+
+        def key_block(carry, xs):
+            j, k_blk, v_blk = xs
+            return jax.lax.cond(j <= i, update, lambda c, *_: c, carry, j, k_blk, v_blk), None
+
+        stats = q_blk.shape[:1] + q_blk.shape[2:4] + (block,)  # [B, KV, G, block]
+        init = (jnp.full(stats, neg), jnp.zeros(stats), jnp.zeros((*stats, head_dim)))
+        (_, l, acc), _ = jax.lax.scan(key_block, init, (jnp.arange(n_blocks), k_blocks, v_blocks))
+        return None, jnp.einsum("bkgqd->bqkgd", acc / l[..., None])
+
+    _, out = jax.lax.scan(query_block, None, (jnp.arange(n_blocks), q_blocks))
+    out = jnp.moveaxis(out, 0, 1).reshape(batch, n_blocks * block, heads, head_dim)
+    return out[:, :length].astype(v.dtype)
 
 
 def with_memory(k, v, mask, memory: MemoryKV):
@@ -77,13 +136,19 @@ class Attention(nn.Module):
         shape = (*x.shape[:2], self.num_kv_heads, self.head_dim)
         return self.k_proj(x).reshape(shape), self.v_proj(x).reshape(shape)
 
-    def __call__(self, x, cos, sin, mask, memory: MemoryKV | None = None):
-        """Causal self-attention; with `memory`, MemLong's retrieval-causal attention."""
+    def __call__(self, x, cos, sin, mask=None, memory: MemoryKV | None = None):
+        """Self-attention under `mask` (None: plain causal, blockwise when long); with `memory`,
+        MemLong's retrieval-causal attention."""
         batch, length, _ = x.shape
         q = self.q_proj(x).reshape(batch, length, self.num_heads, self.head_dim)
         k, v = self.kv(x)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if memory is not None:
-            k, v, mask = with_memory(k, v, mask, memory)
-        out = grouped_attention(q, k, v, mask).reshape(batch, length, self.num_heads * self.head_dim)
-        return self.o_proj(out)
+        if mask is None and memory is None and length >= BLOCKWISE_MIN_LENGTH:
+            out = blockwise_causal_attention(q, k, v, ATTENTION_BLOCK)
+        else:
+            if mask is None:
+                mask = causal_mask(length, length)
+            if memory is not None:
+                k, v, mask = with_memory(k, v, mask, memory)
+            out = grouped_attention(q, k, v, mask)
+        return self.o_proj(out.reshape(batch, length, self.num_heads * self.head_dim))

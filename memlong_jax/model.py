@@ -10,7 +10,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax.numpy as jnp
 
-from memlong_jax.attention import Attention, MemoryKV, causal_mask
+from memlong_jax.attention import Attention, MemoryKV
 from memlong_jax.config import LlamaConfig
 from memlong_jax.layers import RMSNorm, SwiGLU, rope_cos_sin
 
@@ -30,8 +30,9 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = norm()
         self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size, self.dtype, self.param_dtype)
 
-    def __call__(self, h, cos, sin, mask, memory: MemoryKV | None = None):
-        h = h + self.self_attn(self.input_layernorm(h), cos, sin, mask, memory)
+    def __call__(self, h, cos, sin, memory: MemoryKV | None = None):
+        """Causal over the tokens of `h`; Attention picks dense or blockwise by length."""
+        h = h + self.self_attn(self.input_layernorm(h), cos, sin, memory=memory)
         return h + self.mlp(self.post_attention_layernorm(h))
 
     def memory_kv(self, h):
@@ -68,9 +69,8 @@ class LlamaModel(nn.Module):
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(h.shape[1]), h.shape[:2])
         cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta)
-        mask = causal_mask(h.shape[1], h.shape[1])
         for i in range(start, stop):
-            h = self.layers[i](h, cos, sin, mask, memory if i in retrieval_layers else None)
+            h = self.layers[i](h, cos, sin, memory if i in retrieval_layers else None)
         return h
 
     def attend_embeddings(self, h):
