@@ -19,7 +19,7 @@ import numpy as np
 from tqdm import tqdm
 
 from convert.layout import get_path, set_path, tensor_slots
-from convert.sources import open_source
+from memlong_jax.hf_sources import open_source
 from memlong_jax import checkpoint
 from memlong_jax.config import LlamaConfig
 from memlong_jax.errors import UserError, atomic_output_dir, run_cli

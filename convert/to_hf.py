@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from convert.layout import get_path, tensor_slots
 from convert.safetensors_writer import write_safetensors
-from convert.sources import TOKENIZER_FILES
+from memlong_jax.hf_sources import TOKENIZER_FILES
 from memlong_jax import checkpoint
 from memlong_jax.errors import atomic_output_dir, run_cli
 

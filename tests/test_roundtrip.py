@@ -7,7 +7,7 @@ from safetensors.numpy import load_file
 from transformers import LlamaForCausalLM
 
 from convert.from_hf import main as from_hf
-from convert.sources import torch_to_numpy
+from memlong_jax.hf_sources import torch_to_numpy
 from convert.to_hf import main as to_hf
 from tests.conftest import LLAMA_SHAPES, random_torch_llama, save_torch_llama, torch_logits
 

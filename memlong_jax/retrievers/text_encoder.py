@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from convert.sources import HFDirectorySource
+from memlong_jax.hf_sources import HFDirectorySource
 from memlong_jax.api import load_tokenizer
 from memlong_jax.attention import grouped_attention
 from memlong_jax.config import ConfigError

@@ -30,7 +30,7 @@ def open_source(path: str):
         raise UserError(f"{path}: no such file or directory")
     if os.path.isfile(path):
         if path.endswith(".gguf"):
-            from convert.gguf_source import GGUFSource
+            from memlong_jax.gguf_source import GGUFSource
             return GGUFSource(path)
         raise UserError(f"{path}: expected an HF model directory or a .gguf file")
     return HFDirectorySource(path)
