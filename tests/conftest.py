@@ -101,5 +101,5 @@ def smollm2_converted(smollm2_gguf, tmp_path_factory) -> str:
 
 def real_text(n_chars: int = 40000) -> str:
     """English reference text that ships with every CPython."""
-    from pydoc_data.topics import topics
-    return "".join(topics[key] for key in sorted(topics))[:n_chars]
+    from memlong_jax.demo import pydoc_text
+    return pydoc_text()[:n_chars]

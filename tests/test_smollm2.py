@@ -6,14 +6,8 @@ import numpy as np
 import pytest
 
 import memlong_jax as ml
+from memlong_jax.demo import perplexity
 from tests.conftest import real_text, torch_logits
-
-
-def token_nll(logits: np.ndarray, ids: np.ndarray) -> np.ndarray:
-    logits = logits[0, :-1].astype(np.float64)
-    logits = logits - logits.max(-1, keepdims=True)
-    logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
-    return -logp[np.arange(len(logp)), ids[0, 1:]]
 
 
 @pytest.fixture(scope="module")
@@ -36,8 +30,7 @@ def test_logits_and_perplexity_match_transformers(smollm2_converted, torch_smoll
     got = np.asarray(model.logits(ids))
     expected = torch_logits(torch_smollm2, ids)
     assert np.abs(got - expected).max() < 1e-3
-    ppl_jax = np.exp(token_nll(got, ids).mean())
-    ppl_torch = np.exp(token_nll(expected, ids).mean())
+    ppl_jax, ppl_torch = perplexity(got, ids), perplexity(expected, ids)
     assert 3 < ppl_torch < 100, "real English text should have a moderate perplexity"
     assert f"{ppl_jax:.3g}" == f"{ppl_torch:.3g}"
 
