@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 
-from memlong_jax.config import ConfigError, LlamaConfig
+from memlong_jax.config import PRESETS, ConfigError, LlamaConfig
 
 CHOICES = {
     "mem_dtype": ("bfloat16", "float16", "float32"),
@@ -52,6 +54,40 @@ class MemLongConfig:
     def replace(self, **changes) -> "MemLongConfig":
         return dataclasses.replace(self, **changes)
 
+    def to_dict(self) -> dict:
+        data = dataclasses.asdict(self)
+        data["retrieval_layers"] = list(self.retrieval_layers)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "MemLongConfig":
+        unknown = sorted(set(data) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise ConfigError(f"unknown MemLong setting(s): {', '.join(unknown)}")
+        data = dict(data)
+        if "retrieval_layers" in data:
+            data["retrieval_layers"] = tuple(data["retrieval_layers"])
+        try:
+            return cls(**data)
+        except TypeError as err:
+            raise ConfigError(f"incomplete MemLong settings: {err}") from None
+
+    def with_overrides(self, assignments) -> "MemLongConfig":
+        """Apply `key=value` strings (`retrieval_layers=13,17,21`); unknown keys and keys given
+        twice are errors. Values are parsed by the field's type."""
+        fields = {f.name: f for f in dataclasses.fields(self)}
+        changes: dict = {}
+        for item in assignments:
+            key, sep, value = item.partition("=")
+            key = key.strip()
+            if not sep or key not in fields:
+                raise ConfigError(f"bad setting {item!r}: expected key=value with key one of "
+                                  f"{', '.join(fields)}")
+            if key in changes:
+                raise ConfigError(f"setting {key!r} given twice")
+            changes[key] = _parse_field(key, getattr(self, key), value.strip())
+        return self.replace(**changes)
+
     def validate(self, model: LlamaConfig) -> "MemLongConfig":
         """Raise `ConfigError` naming the first bad field; return self when all is well."""
         n = model.num_hidden_layers
@@ -81,6 +117,18 @@ class MemLongConfig:
         return self
 
 
+def _parse_field(key: str, current, value: str):
+    try:
+        if isinstance(current, tuple):
+            return tuple(int(v) for v in value.split(",") if v.strip())
+        if isinstance(current, int):
+            return int(value)
+    except ValueError:
+        raise ConfigError(f"{key} needs an integer{' list' if isinstance(current, tuple) else ''}"
+                          f", got {value!r}") from None
+    return value
+
+
 MEMLONG_PRESETS: dict[str, MemLongConfig] = {
     # memlong_reference.md section 1.1: the released stage-2 run and LM eval.
     "openllama3b": MemLongConfig(memory_layer=13, retrieval_layers=(13, 17, 21, 25)),
@@ -90,3 +138,26 @@ MEMLONG_PRESETS: dict[str, MemLongConfig] = {
     "tiny": MemLongConfig(memory_layer=1, retrieval_layers=(1, 3), chunk_size=4, top_k=2,
                           memory_tokens=32, mem_dtype="float32", retriever="hidden"),
 }
+
+
+def default_for(model: LlamaConfig) -> MemLongConfig:
+    """The preset of a model with a known shape, else the same recipe scaled to its depth:
+    memory at the middle layer, every 4th layer from there reads memory."""
+    for name, preset in PRESETS.items():
+        if preset == model and name in MEMLONG_PRESETS:
+            return MEMLONG_PRESETS[name]
+    middle = model.num_hidden_layers // 2
+    return MemLongConfig(memory_layer=middle,
+                         retrieval_layers=tuple(range(middle, model.num_hidden_layers, 4)))
+
+
+def load_for_checkpoint(directory: str, model: LlamaConfig) -> MemLongConfig:
+    """The MemLong settings a checkpoint was trained with (`config.json` -> `memlong_jax` ->
+    `memlong`), or `default_for(model)` when it has none (a plain converted LLaMA)."""
+    path = os.path.join(directory, "config.json")
+    stored = None
+    if os.path.isfile(path):
+        with open(path) as f:
+            stored = json.load(f).get("memlong_jax", {}).get("memlong")
+    mcfg = MemLongConfig.from_dict(stored) if stored else default_for(model)
+    return mcfg.validate(model)
