@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import os
 import shutil
@@ -10,6 +11,13 @@ import sys
 
 class UserError(Exception):
     """Bad input from the user (a path, a file, a flag): reported as one line, never a traceback."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose usage errors are `UserError`s too: one line, exit code 2, like the rest."""
+
+    def error(self, message):
+        raise UserError(f"{message} (see {self.prog} --help)")
 
 
 def run_cli(main, argv=None) -> int:
@@ -45,3 +53,27 @@ def atomic_output_dir(path: str | os.PathLike):
         os.replace(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_atomically(path: str, write) -> None:
+    """Call `write(tmp_path)`, then rename onto `path`: readers never see a partial file."""
+    path = os.path.abspath(path)
+    # The suffix stays last, for writers that pick a format by it (matplotlib).
+    tmp = os.path.join(os.path.dirname(path), f".tmp-{os.getpid()}-{os.path.basename(path)}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def check_writable(path: str) -> None:
+    """Fail before long work, not after it, when an output file cannot be written."""
+    parent = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise UserError(f"{path} is a directory, expected a file name")
+    if not os.path.isdir(parent):
+        raise UserError(f"{parent}: no such directory for output {path}")
+    if not os.access(parent, os.W_OK):
+        raise UserError(f"{parent}: not writable (output {path})")

