@@ -3,6 +3,7 @@
     import memlong_jax as ml
     model = ml.load("path/to/converted")
     model.logits(ids)            # [B, T] int -> [B, T, V]
+    model.score(ids, mode="memlong", local_window=2048)   # per-token NLL of the last window
 """
 
 from memlong_jax.api import Model, load

@@ -13,6 +13,7 @@ import numpy as np
 from memlong_jax import checkpoint
 from memlong_jax.config import LlamaConfig
 from memlong_jax.errors import UserError
+from memlong_jax.memlong_config import MemLongConfig, default_for, load_for_checkpoint
 from memlong_jax.model import LlamaForCausalLM
 
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -26,6 +27,12 @@ class Model:
     params: dict
     tokenizer: object | None = None
     dtype: jnp.dtype = jnp.float32
+    path: str | None = None  # the checkpoint directory, when loaded from one
+    memlong: MemLongConfig | None = None   # the checkpoint's MemLong settings (None: default)
+
+    @property
+    def memlong_config(self) -> MemLongConfig:
+        return (self.memlong or default_for(self.config)).validate(self.config)
 
     @functools.cached_property
     def module(self) -> LlamaForCausalLM:
@@ -37,15 +44,96 @@ class Model:
 
     def logits(self, ids) -> jax.Array:
         """Plain forward, no memory: int `[B, T]` -> `[B, T, V]` logits."""
-        ids = jnp.asarray(ids)
-        if ids.ndim != 2 or not jnp.issubdtype(ids.dtype, jnp.integer):
-            raise UserError(f"ids must be an int array [B, T], got {ids.dtype} {ids.shape}")
-        return self._logits_fn(self.params, ids.astype(jnp.int32))
+        return self._logits_fn(self.params, _check_ids(ids))
+
+    def score(self, ids, mode: str = "memlong", local_window: int = 2048,
+              scored_tokens: int | None = None, encoder=None) -> np.ndarray:
+        """Per-token NLL `[B, P]` of the last P tokens of each row of `ids` `[B, N]`, one window
+        of the scoring protocol (`memlong_jax.scoring`): `memlong` sends the first
+        N - local_window tokens through memory, `local` sees only the last local_window tokens,
+        `full` attends over all N. P = min(scored_tokens, local_window, N) - 1. The text
+        retriever uses `encoder` (default: the bundled all-MiniLM-L6-v2)."""
+        from memlong_jax import scoring
+
+        ids = _check_ids(ids)
+        mcfg = self.memlong_config
+        protocol = scoring.Protocol((ids.shape[1],), local_window, scored_tokens or local_window)
+        protocol.validate(mcfg.chunk_size)
+        if mode == "memlong" and mcfg.retriever == "text" and encoder is None:
+            encoder = self._default_encoder
+        key = (protocol, id(encoder))
+        if key not in self._scorers:
+            self._scorers[key] = scoring.Scorer(self.module, self.params, mcfg, protocol,
+                                                encoder, self.tokenizer)
+        return np.asarray(self._scorers[key].window_nll(mode, ids)[1])
+
+    @functools.cached_property
+    def _scorers(self) -> dict:
+        return {}
+
+    @functools.cached_property
+    def _default_encoder(self):
+        from memlong_jax.retrievers.text_encoder import default_encoder_dir, load_text_encoder
+        return load_text_encoder(default_encoder_dir())
+
+    @functools.cached_property
+    def memlong_config(self) -> MemLongConfig:
+        """The checkpoint's MemLong settings (`load_for_checkpoint`), else the defaults for
+        this model's shape."""
+        if self.path is not None:
+            return load_for_checkpoint(self.path, self.config)
+        return default_for(self.config).validate(self.config)
+
+    def generate(self, prompt_ids, max_new_tokens: int = 128, *, temperature: float = 0.0,
+                 top_k: int = 0, top_p: float = 1.0, seed: int = 0, stop_ids=None,
+                 window: int = 2048, mcfg: MemLongConfig | None = None, encoder=None,
+                 on_token=None) -> np.ndarray:
+        """Generation with memory (`generation.Generator`): int prompt `[P]` or `[B, P]` of any
+        length -> the new tokens `[n]` or `[B, n]`, n <= max_new_tokens.
+
+        Greedy at temperature 0, else sampled (top_k 0 and top_p 1 mean no limit) with `seed`.
+        Stops once every row has produced one of `stop_ids` (default: the config's eos; the
+        stop token is included, later tokens of a finished row are the pad id). `window`: the
+        local KV cache, a multiple of the chunk size. `mcfg` defaults to `memlong_config`;
+        the text retriever uses `encoder` (default: the bundled all-MiniLM-L6-v2).
+        `on_token(tokens)` streams each step's tokens (an int, or `[B]`) as they are chosen.
+        """
+        # Imported here: generation -> retrievers.text_encoder -> api would be a cycle.
+        from memlong_jax import generation
+        from memlong_jax.retrievers.text_encoder import default_encoder_dir, load_text_encoder
+
+        ids = np.asarray(prompt_ids)
+        if ids.ndim not in (1, 2):
+            raise UserError(f"prompt ids must be [P] or [B, P], got shape {ids.shape}")
+        mcfg = mcfg or self.memlong_config
+        if mcfg.retriever == "text" and encoder is None:
+            encoder = load_text_encoder(default_encoder_dir())
+        if stop_ids is None:
+            eos = self.config.eos_token_id
+            stop_ids = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+        generator = generation.Generator(self.module, mcfg, window, self.tokenizer, encoder)
+        steps = []
+        for tokens in generator.tokens(
+                self.params, ids if ids.ndim == 2 else ids[None], max_new_tokens,
+                generation.Sampling(temperature, top_k, top_p), stop_ids, seed,
+                self.config.pad_token_id):
+            steps.append(tokens)
+            if on_token is not None:
+                on_token(int(tokens[0]) if ids.ndim == 1 else tokens)
+        out = np.stack(steps, axis=1)
+        return out[0] if ids.ndim == 1 else out
 
     def encode(self, text: str) -> np.ndarray:
         if self.tokenizer is None:
             raise UserError("this checkpoint has no tokenizer files")
         return np.asarray(self.tokenizer.encode(text).ids, dtype=np.int32)
+
+
+def _check_ids(ids) -> jax.Array:
+    ids = jnp.asarray(ids)
+    if ids.ndim != 2 or not jnp.issubdtype(ids.dtype, jnp.integer):
+        raise UserError(f"ids must be an int array [B, T], got {ids.dtype} {ids.shape}")
+    return ids.astype(jnp.int32)
 
 
 def load_tokenizer(path: str):
@@ -67,4 +155,5 @@ def load(path: str, dtype: str = "float32") -> Model:
         raise UserError(f"{path}: no such checkpoint directory")
     config = checkpoint.load_config(path)
     params = checkpoint.load_params(path, config)
-    return Model(config, params, load_tokenizer(path), COMPUTE_DTYPES[dtype])
+    return Model(config, params, load_tokenizer(path), COMPUTE_DTYPES[dtype],
+                 load_for_checkpoint(path, config))

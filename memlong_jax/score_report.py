@@ -68,6 +68,9 @@ def write_plot(results: dict, path: str) -> None:
         if points:
             ax.plot(*zip(*points), marker="o", label=mode)
     ax.set_xscale("log", base=2)
+    lengths = sorted({row["length"] for row in rows})
+    ax.set_xticks(lengths, [f"{n // 1024}k" if n % 1024 == 0 else str(n) for n in lengths])
+    ax.minorticks_off()
     ax.set_xlabel("evaluation length (tokens)")
     ax.set_ylabel(f"perplexity (last {config['protocol']['scored_tokens']} tokens)")
     ax.set_title(f"{config['checkpoint']}: local window {config['protocol']['local_window']}",

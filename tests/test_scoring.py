@@ -146,3 +146,21 @@ def test_text_retriever_feeds_chunk_and_segment_embeddings(params):
         assert (query is None) == (query_mode == "causal")
         _, nll = scorer.window_nll("memlong", ids)
         assert np.isfinite(np.asarray(nll)).all() and nll.shape == (1, 11)
+
+
+def test_model_score_api(tiny_checkpoint):
+    import memlong_jax as ml
+
+    model = ml.load(tiny_checkpoint)
+    assert model.memlong_config == MCFG
+    ids = np.random.default_rng(5).integers(0, CFG.vocab_size, (2, 32), dtype=np.int32)
+    logits = model.logits(ids)
+    base = np.asarray(memlong.token_nll(logits[:, :-1], jnp.asarray(ids)[:, 1:]))
+    np.testing.assert_allclose(model.score(ids, "full", local_window=16), base[:, -15:],
+                               atol=1e-4)
+    np.testing.assert_allclose(model.score(ids, "memlong", local_window=32, scored_tokens=8),
+                               base[:, -7:], atol=1e-4)   # no prefix: memory stays empty
+    with_memory = model.score(ids, "memlong", local_window=16)
+    assert with_memory.shape == (2, 15) and np.abs(with_memory - base[:, -15:]).max() > 1e-3
+    with pytest.raises(UserError, match="int array"):
+        model.score(np.zeros((32,), np.int32))
