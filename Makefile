@@ -27,8 +27,19 @@ $(DEMO)/smollm2-135m/config.json: $(STAMP)
 	rm -rf $(DEMO)/smollm2-135m
 	$(PY) -m convert.from_hf "$(SMOLLM2_GGUF)" $(DEMO)/smollm2-135m
 
-demo: $(DEMO)/smollm2-135m/config.json
+$(DEMO)/pydoc_topics.txt: $(STAMP)
+	mkdir -p $(DEMO)
+	$(PY) -c "from memlong_jax.demo import pydoc_text; print(pydoc_text(), end='')" > $@.tmp
+	mv $@.tmp $@
+
+# Parity with transformers, then the paper's protocol in all three modes (untrained MemLong:
+# the base model has never seen memory; training is what makes memory help).
+demo: $(DEMO)/smollm2-135m/config.json $(DEMO)/pydoc_topics.txt
 	$(PY) -m memlong_jax.demo $(DEMO)/smollm2-135m --hf-source "$(SMOLLM2_GGUF)"
+	$(PY) -m memlong_jax.score $(DEMO)/smollm2-135m $(DEMO)/pydoc_topics.txt \
+	    --lengths 512,1k,2k,4k --local-window 512 --scored-tokens 512 --max-windows 2 \
+	    --json $(DEMO)/pydoc_scores.json --plot $(DEMO)/pydoc_scores.png
+	@echo "plot: $(DEMO)/pydoc_scores.png   results: $(DEMO)/pydoc_scores.json"
 
 clean:
 	rm -rf $(DEMO) .pytest_cache

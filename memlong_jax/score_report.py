@@ -18,6 +18,18 @@ def _lookup(rows, length, mode, key):
     return None
 
 
+def header(config: dict) -> str:
+    """What the numbers below mean: the MemLong settings and the protocol, in two lines."""
+    m, p = config["memlong"], config["protocol"]
+    layers = ",".join(map(str, m["retrieval_layers"]))
+    return (f"{config['checkpoint']}: memory layer {m['memory_layer']}, retrieval layers {layers}, "
+            f"tau {m['chunk_size']}, top-{m['top_k']}, {m['retriever']} retriever, "
+            f"{m['query_mode']} queries, {m['eviction']} eviction, memory {m['memory_tokens']} "
+            f"tokens {'carried across windows' if p['carry_memory'] else 'reset per window'}\n"
+            f"local window {p['local_window']}; scored: the last predictions of each window "
+            f"(column 'scored'); PPL = exp(mean over windows of window-mean NLL)")
+
+
 def table(results: dict) -> str:
     """One line per length: windows, scored predictions, then PPL and tokens/s per mode."""
     rows, modes = results["rows"], results["config"]["modes"]
@@ -25,7 +37,7 @@ def table(results: dict) -> str:
     head = (f"{'length':>8} {'windows':>7} {'scored':>6} | "
             + " ".join(f"{'PPL ' + m:>12}" for m in modes) + " | "
             + " ".join(f"{'tok/s ' + m:>13}" for m in modes))
-    lines = [head, "-" * len(head)]
+    lines = [header(results["config"]), "", head, "-" * len(head)]
     for length in lengths:
         first = next(row for row in rows if row["length"] == length)
         ppl = [_lookup(rows, length, m, "ppl") for m in modes]
