@@ -72,6 +72,41 @@ def token_nll(logits, targets):
     return -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
 
 
+def lower_stack(module: LlamaForCausalLM, mcfg: MemLongConfig, params, ids):
+    """The frozen part of a step for segments `ids` `[B, S]` (local positions 1..S): embeddings
+    and the layers below the memory layer, then the memory layer's normed input `x` and pre-RoPE
+    K/V. Returns (positions, h entering the memory layer, x, keys, values), all under
+    stop_gradient: nothing below the memory layer, and no memory K/V, is ever trained."""
+    apply = functools.partial(module.apply, {"params": params})
+    positions = jnp.broadcast_to(jnp.arange(1, ids.shape[1] + 1), ids.shape)
+    h = apply(apply(ids, method=module.embed), positions, 0, mcfg.memory_layer,
+              method=module.run_layers)
+    x, keys, values = apply(h, mcfg.memory_layer, method=module.memory_kv)
+    return positions, *jax.lax.stop_gradient((h, x, keys, values))
+
+
+def _query(mcfg: MemLongConfig, state: MemLongState, segment_query):
+    """The retrieval query and whether each row has one (causal: nothing before the first chunk)."""
+    if mcfg.query_mode == "segment":
+        return segment_query, jnp.ones(segment_query.shape[:1], bool)
+    return state.last_emb, state.has_last
+
+
+def _retrieve(mcfg: MemLongConfig, memory: mem_ops.Memory, query, query_ok):
+    """Top-k chunks for `query` from memory written by earlier segments; hits counted."""
+    indices, found = retrieve(mcfg.backend, memory.emb, memory.valid, query, mcfg.top_k)
+    found = found & query_ok[:, None]
+    return mem_ops.count_hits(memory, indices, found), indices, found
+
+
+def _write(mcfg: MemLongConfig, memory: mem_ops.Memory, keys, values, key_emb) -> MemLongState:
+    """Append the segment's chunks (keys/values `[B, S, kv, hd]`, key_emb `[B, S/tau, d]`)."""
+    batch, n = key_emb.shape[:2]
+    chunked = lambda a: a.reshape(batch, n, mcfg.chunk_size, *a.shape[2:])
+    memory = mem_ops.write_chunks(memory, chunked(keys), chunked(values), key_emb, mcfg.eviction)
+    return MemLongState(memory, key_emb[:, -1], jnp.ones((batch,), bool))
+
+
 def segment_step(module: LlamaForCausalLM, mcfg: MemLongConfig, params, state: MemLongState,
                  ids, key_emb=None, segment_query=None, full: bool = True):
     """One retrieve -> forward -> write step for `ids` `[B, S]`, S a multiple of tau.
@@ -79,54 +114,80 @@ def segment_step(module: LlamaForCausalLM, mcfg: MemLongConfig, params, state: M
     key_emb `[B, S/tau, d]` and segment_query `[B, d]` come from the text retriever; leave them
     None for the in-graph one. Returns (new state, logits `[B, S, V]`, or None if not `full`).
     """
-    tau, m = mcfg.chunk_size, mcfg.memory_layer
-    apply = functools.partial(module.apply, {"params": params})
-    batch, length = ids.shape
-    positions = jnp.broadcast_to(jnp.arange(1, length + 1), ids.shape)
-
-    h = apply(ids, method=module.embed)
-    h = jax.lax.stop_gradient(apply(h, positions, 0, m, method=module.run_layers))  # frozen
-    x, keys, values = apply(h, m, method=module.memory_kv)
-    keys, values = jax.lax.stop_gradient((keys, values))
+    tau, length = mcfg.chunk_size, ids.shape[1]
+    positions, h, x, keys, values = lower_stack(module, mcfg, params, ids)
     if key_emb is None:
-        key_emb = pooled_chunks(jax.lax.stop_gradient(x), tau)
-    if mcfg.query_mode == "segment":
-        if segment_query is None:
-            segment_query = pooled_chunks(jax.lax.stop_gradient(x), length)[:, 0]
-        query, query_ok = segment_query, jnp.ones((batch,), bool)
-    else:
-        query, query_ok = state.last_emb, state.has_last
-
-    memory = state.memory
-    indices, found = retrieve(mcfg.backend, memory.emb, memory.valid, query, mcfg.top_k)
-    found = found & query_ok[:, None]
-    memory = mem_ops.count_hits(memory, indices, found)
+        key_emb = pooled_chunks(x, tau)
+    if segment_query is None and mcfg.query_mode == "segment":
+        segment_query = pooled_chunks(x, length)[:, 0]
+    memory, indices, found = _retrieve(mcfg, state.memory, *_query(mcfg, state, segment_query))
 
     logits = None
     if full:
+        apply = functools.partial(module.apply, {"params": params})
         retrieved = MemoryKV(*jax.lax.stop_gradient(mem_ops.gather_chunks(memory, indices, found)))
-        h = apply(h, positions, m, module.config.num_hidden_layers, retrieved,
+        h = apply(h, positions, mcfg.memory_layer, module.config.num_hidden_layers, retrieved,
                   mcfg.retrieval_layers, method=module.run_layers)
         logits = apply(h, method=module.final)
+    return _write(mcfg, memory, keys, values, key_emb), logits
 
-    n = length // tau
-    chunked = lambda a: a.reshape(batch, n, tau, *a.shape[2:])
-    memory = mem_ops.write_chunks(memory, chunked(keys), chunked(values), key_emb, mcfg.eviction)
-    return MemLongState(memory, key_emb[:, -1], jnp.ones((batch,), bool)), logits
+
+def ingest_prefix(module: LlamaForCausalLM, mcfg: MemLongConfig, params, state: MemLongState,
+                  ids, key_emb=None, block_chunks: int = 32) -> MemLongState:
+    """Send `ids` `[B, P]` (P a multiple of tau) into memory chunk by chunk, exactly as a loop of
+    `segment_step(..., full=False)` over tau-token chunks would, but faster.
+
+    A prefix chunk's K/V depend only on the chunk itself (layers below the memory layer never
+    see memory), so the frozen stack runs on `block_chunks` chunks at once as one batch; only
+    the cheap retrieve (hit counts) -> write bookkeeping walks the chunks in order.
+    """
+    tau = mcfg.chunk_size
+    batch, n = ids.shape[0], ids.shape[1] // tau
+
+    def block(state, xs):
+        block_ids, block_emb = xs                          # [B, G, tau], [B, G, d] | None
+        g = block_ids.shape[1]
+        _, _, x, keys, values = lower_stack(module, mcfg, params, block_ids.reshape(-1, tau))
+        if block_emb is None:
+            block_emb = pooled_chunks(x, tau).reshape(batch, g, -1)
+        per_chunk = lambda a: jnp.moveaxis(a.reshape(batch, g, *a.shape[1:]), 1, 0)
+
+        def chunk(state, c):
+            chunk_keys, chunk_values, emb = c
+            memory, _, _ = _retrieve(mcfg, state.memory, *_query(mcfg, state, emb))
+            return _write(mcfg, memory, chunk_keys, chunk_values, emb[:, None]), None
+
+        state, _ = jax.lax.scan(chunk, state, (per_chunk(keys), per_chunk(values),
+                                               jnp.moveaxis(block_emb, 1, 0)))
+        return state, None
+
+    g = min(block_chunks, n)
+    full_blocks = n // g
+    by_block = lambda a, count: jnp.moveaxis(a.reshape(batch, count, g, *a.shape[2:]), 1, 0)
+    ids_chunks = ids.reshape(batch, n, tau)
+    emb = key_emb
+    head = (by_block(ids_chunks[:, :full_blocks * g], full_blocks),
+            None if emb is None else by_block(emb[:, :full_blocks * g], full_blocks))
+    state, _ = jax.lax.scan(block, state, head)
+    if n % g:   # the remainder: one smaller block
+        state, _ = block(state, (ids_chunks[:, full_blocks * g:],
+                                 None if emb is None else emb[:, full_blocks * g:]))
+    return state
 
 
 def score_sequence(module: LlamaForCausalLM, mcfg: MemLongConfig, params, state: MemLongState,
                    ids, window: int, prefix_nll: bool = False, key_emb=None,
                    window_query=None, window_logits: bool = False):
-    """Score `ids` `[B, N]`: prefix chunks through memory (`lax.scan`), then the final window.
+    """Score `ids` `[B, N]`: prefix chunks through memory, then the final window.
 
     N - window is split into tau-token prefix chunks; the last `window` tokens are one segment.
     Returns (state, nll) where nll `[B, N - 1]` (prefix_nll) or `[B, window - 1]` holds
     -log p(ids[t] | earlier tokens) for the scored tokens t (each prefix chunk predicts its
     successor's first token from its own last position). key_emb `[B, N/tau, d]` and
     window_query `[B, d]` are the text retriever's embeddings (None: in-graph retriever).
-    Prefix chunks without `prefix_nll` only run the layers up to the memory layer's K/V; only
-    per-token NLL leaves each step, and with `window_logits` the final window's logits
+    Without `prefix_nll` the prefix goes through `ingest_prefix` (only the layers up to the memory
+    layer's K/V, batched); with it, a `lax.scan` of full segment steps. Only per-token NLL leaves
+    each step, and with `window_logits` the final window's logits
     `[B, window, V]` are returned as a third value.
     """
     tau = mcfg.chunk_size
@@ -137,15 +198,17 @@ def score_sequence(module: LlamaForCausalLM, mcfg: MemLongConfig, params, state:
                          f"multiples of chunk_size {tau}")
     targets = jnp.concatenate([ids[:, 1:], jnp.zeros((batch, 1), ids.dtype)], axis=1)
     n_prefix = prefix // tau
-    step = functools.partial(segment_step, module, mcfg, params, full=prefix_nll)
 
     def body(carry, xs):
         chunk_ids, chunk_targets, chunk_emb = xs
-        carry, logits = step(carry, chunk_ids,
-                             None if chunk_emb is None else chunk_emb[:, None], chunk_emb)
-        return carry, None if logits is None else token_nll(logits, chunk_targets)
+        carry, logits = segment_step(module, mcfg, params, carry, chunk_ids,
+                                     None if chunk_emb is None else chunk_emb[:, None], chunk_emb)
+        return carry, token_nll(logits, chunk_targets)
 
-    if n_prefix:
+    if n_prefix and not prefix_nll:
+        state = ingest_prefix(module, mcfg, params, state, ids[:, :prefix],
+                              None if key_emb is None else key_emb[:, :n_prefix])
+    elif n_prefix:
         by_chunk = lambda a: jnp.moveaxis(a.reshape(batch, n_prefix, tau, *a.shape[2:]), 1, 0)
         prefix_emb = None if key_emb is None else jnp.moveaxis(key_emb[:, :n_prefix], 1, 0)
         state, prefix_out = jax.lax.scan(
