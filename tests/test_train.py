@@ -1,0 +1,311 @@
+"""train/: config overrides, data streams, LoRA, the tiny end-to-end run, export, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import traverse_util
+
+import memlong_jax as ml
+from memlong_jax.config import ConfigError, PRESETS as MODEL_PRESETS
+from memlong_jax.errors import run_cli
+from memlong_jax.model import LlamaForCausalLM
+from train import config as cfgmod
+from train import data as datamod
+from train import lora, metrics, step as stepmod
+from train.run import Trainer, export_run, load_base, main as run_main, split_params
+
+
+def toy_corpus(path, seed: int, repeats: int = 200) -> str:
+    """A repetitive text: one random 'sentence' of random words, repeated."""
+    rng = random.Random(seed)
+    words = ["".join(rng.choice("abcdefghij") for _ in range(rng.randint(2, 6)))
+             for _ in range(20)]
+    line = " ".join(rng.choice(words) for _ in range(12)) + ".\n"
+    path.write_text(line * repeats)
+    return str(path)
+
+
+def resolve(tmp_path, *sets, name="tiny"):
+    run = cfgmod.resolve(name, [f"output_dir={tmp_path / 'out'}",
+                                f"cache_dir={tmp_path / 'cache'}", "progress=false", *sets])
+    model = cfgmod.model_config(run)
+    return cfgmod.validate(run, model), model
+
+
+# ---- config ------------------------------------------------------------------------------------
+
+def test_overrides_parse_and_reject():
+    run = cfgmod.resolve("tiny", ["lr=0.5", "train_norms=false", "memlong.top_k=3",
+                                  "memlong.retrieval_layers=1,2", "steps=7"])
+    assert run.train.lr == 0.5 and run.train.train_norms is False and run.train.steps == 7
+    assert run.memlong.top_k == 3 and run.memlong.retrieval_layers == (1, 2)
+    for bad, word in [(["nope=1"], "unknown setting"), (["steps=1", "steps=2"], "twice"),
+                      (["memlong.top_k=1", "memlong.top_k=2"], "twice"), (["steps"], "key=value"),
+                      (["steps=x"], "integer"), (["memlong.nope=1"], "nope"),
+                      (["progress=maybe"], "true or false")]:
+        with pytest.raises(ConfigError, match=word):
+            cfgmod.resolve("tiny", bad)
+    model = MODEL_PRESETS["tiny"]
+    with pytest.raises(ConfigError, match="multiple of memlong.chunk_size"):
+        cfgmod.validate(cfgmod.resolve("tiny", ["seq_len=30"]), model)
+
+
+def test_help_lists_every_key(capsys):
+    with pytest.raises(SystemExit):
+        run_main(["--config", "tiny", "--help"])
+    out = capsys.readouterr().out
+    for key in cfgmod.TrainConfig.__dataclass_fields__:
+        assert f"  {key} = " in out
+    assert "memlong.top_k = " in out
+
+
+def test_schedule_warmup_then_linear_decay():
+    rng = np.random.default_rng(0)
+    lr, warmup, total = float(rng.uniform(1e-4, 1e-2)), int(rng.integers(3, 10)), 40
+    sched = stepmod.make_schedule(lr, warmup, total)
+    for s in [0, 1, warmup - 1, warmup, warmup + 1, (warmup + total) // 2, total - 1, total]:
+        expect = lr * s / warmup if s < warmup else lr * (total - s) / (total - warmup)
+        np.testing.assert_allclose(float(sched(s)), expect, rtol=1e-6, atol=1e-12)
+    log = stepmod.make_schedule(lr, warmup, total, "log")
+    np.testing.assert_allclose(float(log(2)), lr * np.log(3) / np.log(warmup), rtol=1e-6)
+
+
+def test_openllama3b_trainable_count_matches_recipe():
+    """Dry run: trainable count = 12 layers x 4 LoRA pairs (r=64, d=3200) + their 24 norms +
+    the final norm (memlong_reference.md section 1.2: ~19.7M)."""
+    from train.run import dry_run_report
+    run = cfgmod.resolve("openllama3b")
+    report = dry_run_report(cfgmod.validate(run, MODEL_PRESETS["openllama3b"]),
+                            MODEL_PRESETS["openllama3b"])
+    expect = 12 * 4 * 2 * 64 * 3200 + 12 * 2 * 3200 + 3200
+    assert f"trainable {expect:,}" in report
+
+
+# ---- data --------------------------------------------------------------------------------------
+
+def test_sources_cache_and_contiguous_streams(tmp_path):
+    rng = np.random.default_rng(1)
+    texts = ["".join(chr(c) for c in rng.integers(97, 123, size=n)) for n in (301, 257, 199)]
+    (tmp_path / "d" / "sub").mkdir(parents=True)
+    (tmp_path / "d" / "a.txt").write_text(texts[0])
+    with open(tmp_path / "d" / "sub" / "b.jsonl", "w") as f:
+        f.write(json.dumps({"text": texts[1]}) + "\n\n" + json.dumps(texts[2]) + "\n")
+    (tmp_path / "d" / "ignored.bin").write_bytes(b"\x00\x01")
+    files = datamod.list_sources(str(tmp_path / "d"))
+    assert [os.path.basename(f) for f in files] == ["a.txt", "b.jsonl"]
+    tok = datamod.ByteTokenizer()
+    tokens = datamod.token_file(files, tok, str(tmp_path / "c"))
+    assert isinstance(tokens, np.memmap)
+    assert bytes(np.asarray(tokens).astype(np.uint8)).decode() == "".join(texts)
+    cached = os.listdir(tmp_path / "c")
+    mtime = os.path.getmtime(tmp_path / "c" / cached[0])
+    datamod.token_file(files, tok, str(tmp_path / "c"))  # second call reads the cache
+    assert os.listdir(tmp_path / "c") == cached
+    assert os.path.getmtime(tmp_path / "c" / cached[0]) == mtime
+
+    blocks = datamod.Blocks(tokens, 16, 0.1)
+    assert blocks.n_val == round(len(tokens) // 16 * 0.1)
+    streams = datamod.Streams(blocks, 3, 2)
+    flat = np.asarray(tokens)
+    per = blocks.n_train // 3
+    for step in range(streams.steps_per_epoch + 1):  # wraps into the next epoch
+        batch = streams.batch(step)
+        for i in range(2):
+            for r in range(3):
+                j = (step * 2 + i) % streams.micro_per_epoch
+                start = (r * per + j) * 16
+                np.testing.assert_array_equal(batch[i, r], flat[start:start + 16])
+
+
+# ---- LoRA --------------------------------------------------------------------------------------
+
+_BASE: dict = {}
+
+
+def _base(run, model):
+    """Base params and their split, computed once per LoRA rank (compiles are the cost here)."""
+    params = load_base(run, model)
+    _BASE[run.train.lora_rank] = (params, *split_params(run, model, params))
+    return _BASE[run.train.lora_rank]
+
+
+def _random_lora(run, model, seed):
+    params, frozen, trainable = _BASE.get(run.train.lora_rank) or _base(run, model)
+
+    @jax.jit
+    def perturb(tree, key):
+        keys = iter(jax.random.split(key, 64))
+        return jax.tree_util.tree_map(lambda x: x + jax.random.normal(next(keys), x.shape) * 0.3,
+                                      tree)
+
+    return params, frozen, perturb(trainable, jax.random.PRNGKey(seed))
+
+
+def test_lora_merge_equals_unmerged_lora_model(tmp_path):
+    """Merged weights W + (alpha/r) A B give the logits of the explicit LoRA model
+    y = x W + (alpha/r) (x A) B, built by intercepting the projections of the base model."""
+    run, model = resolve(tmp_path, "lora_rank=4", "lora_alpha=6")
+    params, frozen, trainable = _random_lora(run, model, 3)
+    scale = 6 / 4
+    flat = traverse_util.flatten_dict(trainable)
+    merged = jax.jit(lambda f, t: lora.merge(f, t, scale))(frozen, trainable)
+    ids = jax.random.randint(jax.random.PRNGKey(4), (2, 24), 0, model.vocab_size)
+    module = LlamaForCausalLM(model)
+
+    def lora_branch(next_fun, args, kwargs, context):
+        out = next_fun(*args, **kwargs)
+        path = ("model",) + tuple(context.module.path[1:]) if context.module.path and \
+            context.module.path[0] == "model" else tuple(context.module.path)
+        if isinstance(context.module, nn.Dense) and path + ("lora_a",) in flat:
+            x = args[0]
+            out = out + scale * (x @ flat[path + ("lora_a",)]) @ flat[path + ("lora_b",)]
+        return out
+
+    # Unmerged: base weights, except the trained norms, plus the LoRA branch on the side.
+    unmerged_params = traverse_util.flatten_dict(params)
+    unmerged_params.update({k: v for k, v in flat.items() if k[-1] not in ("lora_a", "lora_b")})
+    def unmerged(p, ids):
+        with nn.intercept_methods(lora_branch):
+            return module.apply({"params": p}, ids)
+
+    want = jax.jit(unmerged)(traverse_util.unflatten_dict(unmerged_params), ids)
+    apply = jax.jit(lambda p, ids: module.apply({"params": p}, ids))
+    got, base = apply(merged, ids), apply(params, ids)
+    assert float(jnp.abs(got - base).max()) > 1e-2  # the LoRA matters
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5, rtol=1e-5)
+
+
+def test_lora_starts_at_base_model(tmp_path):
+    run, model = resolve(tmp_path)
+    params, frozen, trainable = _BASE.get(run.train.lora_rank) or _base(run, model)
+    merged = lora.merge(frozen, trainable, run.train.lora_alpha / run.train.lora_rank)
+    for a, b in zip(jax.tree_util.tree_leaves(merged), jax.tree_util.tree_leaves(params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    paths = {p[:-1] for p in traverse_util.flatten_dict(trainable)}
+    layers = {int(p[1].split("_")[1]) for p in paths if p[0] == "model" and len(p) > 2}
+    assert layers == set(range(run.memlong.memory_layer + 1, model.num_hidden_layers))
+
+
+# ---- end to end --------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("tiny")
+    data = toy_corpus(tmp_path / "toy.txt", seed=5)
+    run, model = resolve(tmp_path, f"data={data}", "steps=24", "log_every=1", "lr=1e-2",
+                         "eval_batches=1", f"export_dir={tmp_path / 'export'}",
+                         f"export_hf={tmp_path / 'hf'}")
+    trainer = Trainer(run, model)
+    trainer.train()
+    return tmp_path, run, model, trainer
+
+
+def test_tiny_loss_falls_and_only_trainable_moves(trained):
+    tmp_path, run, model, trainer = trained
+    rows = [json.loads(line) for line in open(tmp_path / "out" / "metrics.jsonl")]
+    losses = [r["loss"] for r in rows if "loss" in r]
+    assert len(losses) == 24
+    assert np.mean(losses[-4:]) < losses[0] - 0.2, losses
+    assert any("val_loss" in r for r in rows)
+    for key in ("grad_norm", "lr", "tokens_per_s", "tflops_per_device", "mem_fill",
+                "retrieved_frac", "hits_per_chunk", "compile_s"):
+        assert any(key in r for r in rows), key
+    assert 0.5 <= rows[-2]["mem_fill"] <= 1.0 and rows[-2]["retrieved_frac"] == 1.0
+
+    base = load_base(run, model)
+    frozen0, trainable0 = split_params(run, model, base)
+    for a, b in zip(jax.tree_util.tree_leaves(frozen0),
+                    jax.tree_util.tree_leaves(jax.device_get(trainer.frozen))):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))  # bit-identical
+    now = traverse_util.flatten_dict(jax.device_get(trainer.state["trainable"]))
+    for path, before in traverse_util.flatten_dict(trainable0).items():
+        assert np.abs(np.asarray(now[path]) - np.asarray(before)).max() > 0, path
+
+
+def test_export_loads_and_converts_to_hf(trained):
+    tmp_path, run, model, trainer = trained
+    frozen = jax.device_get(trainer.frozen)
+    merged = lora.merge(frozen, jax.device_get(trainer.state["trainable"]),
+                        run.train.lora_alpha / run.train.lora_rank)
+    loaded = ml.load(str(tmp_path / "export"))
+    for a, b in zip(jax.tree_util.tree_leaves(loaded.params), jax.tree_util.tree_leaves(merged)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    ids = jax.random.randint(jax.random.PRNGKey(7), (1, 16), 0, model.vocab_size)
+    np.testing.assert_allclose(np.asarray(loaded.logits(ids)), np.asarray(
+        LlamaForCausalLM(model).apply({"params": merged}, ids)), atol=1e-5)
+    stored = json.load(open(tmp_path / "export" / "config.json"))
+    assert stored["memlong_jax"]["memlong"] == run.memlong.to_dict()
+    from safetensors.numpy import load_file
+    tensors = load_file(str(tmp_path / "hf" / "model.safetensors"))
+    np.testing.assert_array_equal(
+        tensors["model.layers.3.self_attn.q_proj.weight"],
+        np.asarray(merged["model"]["layers_3"]["self_attn"]["q_proj"]["kernel"]).T)
+    # The standalone exporter reproduces it from the checkpoint.
+    export_run(str(tmp_path / "out"), str(tmp_path / "export2"))
+    again = ml.load(str(tmp_path / "export2"))
+    for a, b in zip(jax.tree_util.tree_leaves(again.params), jax.tree_util.tree_leaves(loaded.params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_tensorboard_events_are_valid(trained):
+    tmp_path = trained[0]
+    assert metrics.crc32c(b"123456789") == 0xE3069283  # the CRC-32C check value
+    (events,) = os.listdir(tmp_path / "out" / "tb")
+    records = list(metrics.read_records(str(tmp_path / "out" / "tb" / events)))
+    assert b"brain.Event:2" in records[0]
+    assert len(records) >= 25 and b"loss" in records[1] and b"grad_norm" in records[1]
+
+
+# ---- bad input ---------------------------------------------------------------------------------
+
+def _cli(capsys, *argv):
+    code = run_cli(run_main, list(argv))
+    err = capsys.readouterr().err.strip().splitlines()
+    return code, err
+
+
+def test_bad_input_one_line_exit_2(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    short = tmp_path / "short.txt"
+    short.write_text("x" * 20)
+    (tmp_path / "file").write_text("")
+    common = ["--config", "tiny", "--set", f"cache_dir={tmp_path / 'c'}", "progress=false"]
+    cases = [
+        ([f"data={tmp_path / 'empty'}", f"output_dir={tmp_path / 'o1'}"], "no text files"),
+        ([f"data={short}", f"output_dir={tmp_path / 'o2'}"], "fewer than one sequence"),
+        ([f"output_dir={tmp_path / 'file' / 'sub'}"], "cannot write to output_dir"),
+        (["bogus_key=3"], "unknown setting 'bogus_key'"),
+    ]
+    for sets, words in cases:
+        code, err = _cli(capsys, *common, *sets)
+        assert code == 2 and len(err) == 1 and err[0].startswith("error: ") and words in err[0], err
+    assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
+    code, err = _cli(capsys, "--config", "openllama3b", "--set", "init_from=" + str(tmp_path / "w"))
+    assert code == 2 and "convert.from_hf" in err[0] and len(err) == 1
+
+
+def test_other_config_checkpoint_is_refused_and_kept(trained, capsys):
+    tmp_path, run, model, _ = trained
+    ckpt = tmp_path / "out" / "checkpoints"
+    before = {p: sorted(os.listdir(ckpt / p)) for p in os.listdir(ckpt)}
+    assert "24" in before
+    code, err = _cli(capsys, "--config", "tiny", "--set", f"data={run.train.data}",
+                     f"output_dir={tmp_path / 'out'}", f"cache_dir={run.train.cache_dir}",
+                     "steps=24", "lr=1e-2", "lora_rank=4", "progress=false")
+    assert code == 2 and len(err) == 1 and "different config" in err[0] and "lora_rank" in err[0]
+    assert {p: sorted(os.listdir(ckpt / p)) for p in os.listdir(ckpt)} == before
+    # The last good checkpoint still restores: the same config resumes from it.
+    trainer = Trainer(run, model)
+    assert trainer.start == 24
+    restored = traverse_util.flatten_dict(jax.device_get(trainer.state["trainable"]))
+    for path, leaf in traverse_util.flatten_dict(
+            jax.device_get(trained[3].state["trainable"])).items():
+        np.testing.assert_array_equal(np.asarray(restored[path]), np.asarray(leaf))

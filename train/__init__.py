@@ -1,0 +1,1 @@
+"""MemLong adaptation training: python -m train.run --config NAME [--set key=value ...]."""

@@ -1,0 +1,275 @@
+"""Training data: text / JSONL / directories -> cached token file -> packed blocks -> streams.
+
+* Sources are tokenized once into `cache_dir/<hash>.tokens` (raw uint16/uint32, read back with
+  `np.memmap`); the hash covers the tokenizer and every source file's path, size and mtime, and
+  the file appears atomically (tmp + rename), so an interrupted run never leaves a bad cache.
+* Documents are concatenated in order and cut into `seq_len` blocks, remainder dropped, no
+  separator inserted (memlong_reference.md section 5.1; the tokenizer's own special tokens, e.g.
+  LLaMA's BOS, stay). The last `val_fraction` of blocks is the validation split (no shuffling).
+* Streams (section 5.2): the training blocks are split into `streams` contiguous slices, one per
+  batch row (= replica row); micro-step j reads block j of every slice. Consecutive micro-steps
+  of a row therefore see consecutive blocks of the same documents, which is what the memory
+  carried across steps relies on. The cursor is the number of micro-steps consumed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+
+import numpy as np
+
+from memlong_jax.errors import UserError
+
+TEXT_EXTENSIONS = (".txt", ".md", ".rst", ".tex", ".text")
+JSONL_EXTENSIONS = (".jsonl",)
+PYDOC = "pydoc"
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as tokens (vocab 256): the tokenizer of the random `tiny` model."""
+
+    identity = "bytes-utf8"
+    vocab_size = 256
+
+    def encode_batch(self, texts):
+        return [np.frombuffer(t.encode("utf-8"), np.uint8).astype(np.uint32) for t in texts]
+
+    def decode_batch(self, rows, skip_special_tokens=True):
+        return [bytes(int(i) & 255 for i in row).decode("utf-8", errors="replace") for row in rows]
+
+
+class HFTokenizer:
+    """A `tokenizers.Tokenizer` (tokenizer.json) with the interface the pipeline needs."""
+
+    def __init__(self, path: str):
+        from tokenizers import Tokenizer
+        self._tok = Tokenizer.from_file(path)
+        self._tok.no_padding()
+        self._tok.no_truncation()
+        with open(path, "rb") as f:
+            self.identity = "sha256:" + hashlib.sha256(f.read()).hexdigest()
+        self.vocab_size = self._tok.get_vocab_size()
+
+    def encode_batch(self, texts):
+        return [np.asarray(e.ids, np.uint32) for e in self._tok.encode_batch(texts)]
+
+    def decode_batch(self, rows, skip_special_tokens=True):
+        return self._tok.decode_batch([list(map(int, r)) for r in rows],
+                                      skip_special_tokens=skip_special_tokens)
+
+
+def load_tokenizer(spec: str, init_from: str, vocab_size: int):
+    """`auto`: init_from's tokenizer.json, else bytes when the vocab has room for them."""
+    if spec == "byte":
+        tok = ByteTokenizer()
+    elif spec == "auto":
+        path = os.path.join(init_from, "tokenizer.json") if init_from else ""
+        if path and os.path.isfile(path):
+            tok = HFTokenizer(path)
+        elif vocab_size >= 256:
+            tok = ByteTokenizer()
+        else:
+            raise UserError(f"no tokenizer: {init_from or 'the model'} has no tokenizer.json and "
+                            f"the vocab ({vocab_size}) cannot hold bytes; --set tokenizer=PATH")
+    else:
+        path = os.path.join(spec, "tokenizer.json") if os.path.isdir(spec) else spec
+        if not os.path.isfile(path):
+            raise UserError(f"tokenizer {spec}: no tokenizer.json there")
+        tok = HFTokenizer(path)
+    if tok.vocab_size > vocab_size:
+        raise UserError(f"tokenizer has {tok.vocab_size} tokens but the model's vocab is "
+                        f"{vocab_size}")
+    return tok
+
+
+def list_sources(spec: str) -> list[str]:
+    """Expand `a.txt,b.jsonl,dir/` into files (directories recursively, sorted)."""
+    paths = [p.strip() for p in spec.split(",") if p.strip()]
+    if not paths:
+        raise UserError("no training data: --set data=PATH (text files, .jsonl, directories)")
+    files: list[str] = []
+    for path in paths:
+        if path == PYDOC:
+            files.append(PYDOC)
+        elif os.path.isdir(path):
+            found = []
+            for root, dirs, names in os.walk(path):
+                dirs.sort()
+                found += [os.path.join(root, n) for n in sorted(names)
+                          if n.lower().endswith(TEXT_EXTENSIONS + JSONL_EXTENSIONS)]
+            if not found:
+                raise UserError(f"data directory {path} holds no text files "
+                                f"({', '.join(TEXT_EXTENSIONS + JSONL_EXTENSIONS)})")
+            files += found
+        elif os.path.isfile(path):
+            files.append(path)
+        else:
+            raise UserError(f"data {path}: no such file or directory")
+    return files
+
+
+def iter_documents(path: str):
+    """The documents of one source: a text file is one document, a JSONL line another."""
+    if path == PYDOC:
+        from memlong_jax.demo import pydoc_text
+        yield pydoc_text()
+        return
+    try:
+        if path.lower().endswith(JSONL_EXTENSIONS):
+            with open(path, encoding="utf-8") as f:
+                for n, line in enumerate(f, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        item = json.loads(line)
+                    except json.JSONDecodeError as err:
+                        raise UserError(f"{path}:{n}: not JSON ({err.msg})") from None
+                    text = item.get("text") if isinstance(item, dict) else item
+                    if not isinstance(text, str):
+                        raise UserError(f"{path}:{n}: expected a string or an object with a "
+                                        "'text' string")
+                    yield text
+        else:
+            with open(path, encoding="utf-8", errors="replace") as f:
+                yield f.read()
+    except OSError as err:
+        raise UserError(f"cannot read {path}: {err.strerror}") from None
+
+
+def _cache_key(files, tokenizer) -> str:
+    meta = [tokenizer.identity]
+    for path in files:
+        if path == PYDOC:
+            meta.append(PYDOC)
+        else:
+            st = os.stat(path)
+            meta.append([os.path.abspath(path), st.st_size, st.st_mtime_ns])
+    return hashlib.sha256(json.dumps(meta).encode()).hexdigest()[:24]
+
+
+def token_file(files, tokenizer, cache_dir: str, batch_docs: int = 64) -> np.ndarray:
+    """Tokenize `files` once; return the memory-mapped token array (uint16 when it fits)."""
+    dtype = np.uint16 if tokenizer.vocab_size <= 65536 else np.uint32
+    key = _cache_key(files, tokenizer)
+    path = os.path.join(cache_dir, f"{key}.tokens")
+    if not os.path.isfile(path):
+        try:
+            os.makedirs(cache_dir, exist_ok=True)
+        except OSError as err:
+            raise UserError(f"cannot create cache_dir {cache_dir}: {err.strerror}") from None
+        tmp = f"{path}.tmp-{os.getpid()}"
+        try:
+            with open(tmp, "wb") as out:
+                for source in files:
+                    docs = []
+                    for doc in iter_documents(source):
+                        docs.append(doc)
+                        if len(docs) == batch_docs:
+                            for ids in tokenizer.encode_batch(docs):
+                                out.write(ids.astype(dtype).tobytes())
+                            docs = []
+                    for ids in tokenizer.encode_batch(docs):
+                        out.write(ids.astype(dtype).tobytes())
+            os.replace(tmp, path)
+        except OSError as err:
+            raise UserError(f"cannot write token cache in {cache_dir}: {err.strerror}") from None
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+    if os.path.getsize(path) == 0:
+        return np.zeros((0,), dtype)
+    return np.memmap(path, dtype=dtype, mode="r")
+
+
+class Blocks:
+    """Packed `seq_len` blocks of a token array, split into train / validation."""
+
+    def __init__(self, tokens: np.ndarray, seq_len: int, val_fraction: float):
+        n_blocks = len(tokens) // seq_len
+        if n_blocks == 0:
+            raise UserError(f"the data has {len(tokens)} tokens, fewer than one sequence of "
+                            f"seq_len={seq_len}")
+        self.tokens, self.seq_len = tokens, seq_len
+        self.n_val = int(round(n_blocks * val_fraction)) if val_fraction else 0
+        if val_fraction and n_blocks > 1:
+            self.n_val = max(1, self.n_val)
+        self.n_train = n_blocks - self.n_val
+        if self.n_train <= 0:
+            raise UserError(f"the data has only {n_blocks} block(s) of {seq_len} tokens: nothing "
+                            "left for training after the validation split")
+
+    def block(self, i: int) -> np.ndarray:
+        return np.asarray(self.tokens[i * self.seq_len:(i + 1) * self.seq_len])
+
+    def validation_tokens(self) -> np.ndarray:
+        start = self.n_train * self.seq_len
+        return np.asarray(self.tokens[start:start + self.n_val * self.seq_len])
+
+
+class Streams:
+    """`streams` contiguous slices of the training blocks, walked in lockstep."""
+
+    def __init__(self, blocks: Blocks, streams: int, grad_accum: int):
+        self.blocks, self.streams, self.grad_accum = blocks, streams, grad_accum
+        per_stream = blocks.n_train // streams
+        # Whole optimizer steps per epoch, so a step never straddles an epoch boundary.
+        self.steps_per_epoch = per_stream // grad_accum
+        if self.steps_per_epoch == 0:
+            raise UserError(
+                f"the training split has {blocks.n_train} blocks of {blocks.seq_len} tokens: too "
+                f"few for {streams} stream(s) x grad_accum {grad_accum}; need at least "
+                f"{streams * grad_accum}")
+        self.per_stream = per_stream
+        self.micro_per_epoch = self.steps_per_epoch * grad_accum
+
+    def block_index(self, micro_step: int, row: int) -> int:
+        return row * self.per_stream + micro_step % self.micro_per_epoch
+
+    def batch(self, step: int, rows=None) -> np.ndarray:
+        """Token ids `[grad_accum, streams, seq_len]` (int32) of optimizer step `step`; `rows`
+        restricts to some streams (a host's share), other rows are zeros."""
+        out = np.zeros((self.grad_accum, self.streams, self.blocks.seq_len), np.int32)
+        rows = range(self.streams) if rows is None else rows
+        for i in range(self.grad_accum):
+            for r in rows:
+                out[i, r] = self.blocks.block(self.block_index(step * self.grad_accum + i, r))
+        return out
+
+    def cursor(self, step: int) -> dict:
+        micro = step * self.grad_accum
+        return {"micro_step": micro, "epoch": micro // self.micro_per_epoch,
+                "block_in_stream": micro % self.micro_per_epoch, "streams": self.streams,
+                "per_stream": self.per_stream}
+
+
+def validation_windows(blocks: Blocks, length: int, rows: int, batches: int) -> np.ndarray:
+    """`[n, rows, length]` consecutive windows of the validation stream (n <= batches)."""
+    tokens = blocks.validation_tokens()
+    n = min(batches, len(tokens) // (length * rows))
+    return tokens[:n * rows * length].astype(np.int32).reshape(n, rows, length)
+
+
+class RetrieverEmbeddings:
+    """Host side of the `text` retriever for training batches: key embeddings of every chunk and
+    (segment mode) the segment query, via `retrievers.text_pipeline.text_embeddings`."""
+
+    def __init__(self, encoder_dir: str, tokenizer, tau: int, segment_query: bool):
+        from memlong_jax.retrievers.text_encoder import default_encoder_dir, load_text_encoder
+        self.encoder = load_text_encoder(encoder_dir or default_encoder_dir())
+        self.tokenizer, self.tau, self.segment_query = tokenizer, tau, segment_query
+        self.dim = self.encoder.config.hidden_size
+
+    def __call__(self, ids: np.ndarray, window: int | None = None):
+        """ids `[..., B, S]` -> key_emb `[..., B, S/tau, d]`, and in segment mode the query
+        `[..., B, d]` of the last `window` (default S) tokens, else None."""
+        from memlong_jax.retrievers.text_pipeline import text_embeddings
+        lead, (batch, length) = ids.shape[:-2], ids.shape[-2:]
+        flat = ids.reshape(-1, length)
+        keys, query = text_embeddings(self.encoder, self.tokenizer, flat, self.tau,
+                                      window=(window or length) if self.segment_query else None)
+        keys = np.asarray(keys, np.float32).reshape(*lead, batch, length // self.tau, -1)
+        if query is not None:
+            query = np.asarray(query, np.float32).reshape(*lead, batch, -1)
+        return keys, query

@@ -1,0 +1,449 @@
+"""Train MemLong (memlong_reference.md section 5): frozen lower stack, LoRA (or full) upper layers,
+memory carried across steps per replica over contiguous data streams.
+
+    python -m train.run --config tiny
+    python -m train.run --config smollm2-135m --set steps=20 --set data=books/
+    python -m train.run --config openllama3b --set init_from=ckpt/open_llama_3b_v2
+    python -m train.run --config openllama3b --dry-run --set mesh_fsdp=8
+
+The output directory holds checkpoints/ (orbax: resumed automatically when present),
+metrics.jsonl and tb/ (TensorBoard). Multi-host: run the same command on every host with
+--coordinator HOST:PORT --num-processes N --process-id I (jax.distributed.initialize); the mesh
+then spans all hosts' devices.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from memlong_jax import checkpoint, memlong
+from memlong_jax.config import LlamaConfig
+from memlong_jax.errors import ArgumentParser, UserError, run_cli
+from memlong_jax.memlong_config import MemLongConfig
+from memlong_jax.model import LlamaForCausalLM
+from train import config as cfgmod
+from train import data as datamod
+from train import lora, metrics, sharding, step as stepmod
+from train.checkpointing import Checkpoints, abstract_like, state_to_tree, tree_to_state
+
+# Settings that may change when a run is resumed (they do not change the computation).
+OPERATIONAL = {"log_every", "checkpoint_every", "keep_checkpoints", "async_checkpoint",
+               "progress", "tensorboard", "peak_tflops", "export_dir", "export_hf",
+               "eval_every", "eval_batches", "output_dir", "cache_dir", "init_from",
+               "mesh_data", "mesh_fsdp", "encoder_dir"}
+
+CONVERT_HINT = {
+    "openllama3b": "convert them first: python -m convert.from_hf "
+                   "<open_llama_3b_v2 HF directory> {path} (or --set init_from=DIR)",
+    "smollm2-135m": "create them with `make demo` (python -m convert.from_hf "
+                    "<SmolLM2 GGUF> {path}) or --set init_from=DIR",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = ArgumentParser(prog="python -m train.run", description=__doc__,
+                     epilog=cfgmod.help_text(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, choices=list(cfgmod.PRESETS),
+                        help="preset: " + ", ".join(cfgmod.PRESETS))
+    parser.add_argument("--set", action="append", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="override a setting (repeatable); keys listed below")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print parameter counts, bytes per device and FLOPs per step "
+                             "(jax.eval_shape only, nothing allocated) and exit")
+    parser.add_argument("--coordinator", default=None,
+                        help="multi-host: coordinator address HOST:PORT")
+    parser.add_argument("--num-processes", type=int, default=None, help="multi-host: hosts")
+    parser.add_argument("--process-id", type=int, default=None, help="multi-host: this host")
+    return parser
+
+
+# ---- setup shared by training, dry-run and export ----------------------------------------------
+
+def emb_dim_for(run: cfgmod.Resolved, model: LlamaConfig) -> int | None:
+    if run.memlong.retriever != "text":
+        return None
+    from memlong_jax.retrievers.text_encoder import default_encoder_dir, read_config
+    return read_config(run.train.encoder_dir or default_encoder_dir()).hidden_size
+
+
+def load_base(run: cfgmod.Resolved, model: LlamaConfig):
+    """Base params cast to param_dtype: init_from's, or a seeded random init when empty."""
+    t = run.train
+    dtype = stepmod.DTYPES[t.param_dtype]
+    if t.init_from:
+        if not os.path.isfile(os.path.join(t.init_from, "config.json")):
+            hint = CONVERT_HINT.get(run.name, "convert a model with python -m convert.from_hf "
+                                              "SRC {path}").format(path=t.init_from)
+            raise UserError(f"no converted weights at {t.init_from}: {hint}")
+        params = checkpoint.load_params(t.init_from, model)
+    else:
+        module = LlamaForCausalLM(model, param_dtype=jnp.float32)
+        params = jax.jit(module.init)(jax.random.PRNGKey(t.seed),
+                                      jnp.zeros((1, 1), jnp.int32))["params"]
+    return jax.jit(lambda p: jax.tree_util.tree_map(lambda x: jnp.asarray(x, dtype), p))(params)
+
+
+def base_dtypes(params) -> dict:
+    from flax import traverse_util
+    return {p: x.dtype for p, x in traverse_util.flatten_dict(params).items()}
+
+
+def split_params(run, model, params):
+    t = run.train
+    spec = lora.plan(params, model, run.memlong, t.trainable, t.lora_target_list, t.train_norms)
+    rng = jax.random.fold_in(jax.random.PRNGKey(t.seed), 1)
+    return jax.jit(lambda p, key: lora.split(p, spec, t.lora_rank, key))(params, rng)
+
+
+def resolved_from_dict(data: dict) -> cfgmod.Resolved:
+    return cfgmod.Resolved(data["preset"], cfgmod.TrainConfig(**data["train"]),
+                           MemLongConfig.from_dict(data["memlong"]))
+
+
+def check_compatible(stored: dict, run: cfgmod.Resolved, model: LlamaConfig, where: str) -> None:
+    mine = {"train": run.train.to_dict(), "memlong": run.memlong.to_dict(),
+            "model": model.to_hf_dict(), "preset": run.name}
+    theirs = {"train": stored["run"]["train"], "memlong": stored["run"]["memlong"],
+              "model": stored["model"], "preset": stored["run"]["preset"]}
+    diffs = []
+    for part in ("preset", "model", "memlong", "train"):
+        a, b = theirs[part], mine[part]
+        if not isinstance(a, dict):
+            if a != b:
+                diffs.append(f"{part}: {a} -> {b}")
+            continue
+        for key in sorted(set(a) | set(b)):
+            if part == "train" and key in OPERATIONAL:
+                continue
+            if a.get(key) != b.get(key):
+                prefix = "" if part == "train" else f"{part}."
+                diffs.append(f"{prefix}{key}: {a.get(key)!r} -> {b.get(key)!r}")
+    if diffs:
+        raise UserError(f"{where} holds checkpoints of a different config ({'; '.join(diffs[:4])}"
+                        f"{'; ...' if len(diffs) > 4 else ''}); use another output_dir or the "
+                        "same settings")
+
+
+def check_writable(path: str) -> None:
+    """Fail early, before anything is written, when `path` cannot become a writable directory."""
+    probe = os.path.abspath(path)
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe) or not os.access(probe, os.W_OK | os.X_OK):
+        raise UserError(f"cannot write to output_dir {path}: "
+                        f"{probe} is not a writable directory")
+
+
+def ensure_writable(path: str) -> None:
+    check_writable(path)
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".probe-"):
+            pass
+    except OSError as err:
+        raise UserError(f"cannot write to output_dir {path}: {err.strerror or err}") from None
+
+
+# ---- dry run ------------------------------------------------------------------------------------
+
+def dry_run_report(run: cfgmod.Resolved, model: LlamaConfig) -> str:
+    t, m = run.train, run.memlong
+    abstract = checkpoint.abstract_params(model, stepmod.DTYPES[t.param_dtype])
+    spec = lora.plan(abstract, model, m, t.trainable, t.lora_target_list, t.train_norms)
+    frozen, trainable = jax.eval_shape(
+        lambda p: lora.split(p, spec, t.lora_rank, jax.random.PRNGKey(0)), abstract)
+    tx, _ = stepmod.make_optimizer(t, max(1, t.steps))
+    opt = jax.eval_shape(tx.init, trainable)
+    data = 1 if t.mesh_data == -1 else t.mesh_data
+    sizes = {"data": data, "fsdp": t.mesh_fsdp}
+    try:
+        emb_dim = emb_dim_for(run, model)
+        emb_note = ""
+    except UserError:
+        emb_dim, emb_note = 1024, " (text encoder not installed: assumed 1024-d, bge-m3)"
+    module = stepmod.make_module(model, t.dtype, "none")
+    mem = jax.eval_shape(lambda: memlong.init_state(module, m, t.rows_per_replica, emb_dim))
+
+    def per_device(tree, sharded=True):
+        return sum(sharding.shard_bytes(x.shape, x.dtype,
+                                         sharding.param_spec(x.shape, t.mesh_fsdp) if sharded
+                                         else sharding.P(), sizes)
+                   for x in jax.tree_util.tree_leaves(tree))
+
+    n_frozen_base = lora.count(abstract) - sum(
+        int(np.prod(x.shape)) for p, x in _flat(abstract).items() if spec.get(p) == "full")
+    flops = metrics.step_flops(model, m, t)
+    gib = lambda b: f"{b / 2**30:.3f} GiB"
+    replicas = data * t.mesh_fsdp
+    lines = [
+        f"config {run.name}: {model.num_hidden_layers} layers, hidden {model.hidden_size}, "
+        f"vocab {model.vocab_size}; memory layer {m.memory_layer}, retrieval layers "
+        f"{list(m.retrieval_layers)}; trainable={t.trainable}",
+        f"mesh: data {data} x fsdp {t.mesh_fsdp} = {replicas} device(s), "
+        f"{t.rows_per_replica} row(s) x grad_accum {t.grad_accum} x {t.seq_len} tokens per "
+        "replica per step",
+        f"parameters: trainable {lora.count(trainable):,}  frozen {n_frozen_base:,}  "
+        f"(base model {lora.count(abstract):,})",
+        f"bytes per device: frozen params {gib(per_device(frozen))} ({t.param_dtype}), "
+        f"trainable params {gib(per_device(trainable))}, gradient accumulator "
+        f"{gib(per_device(trainable))}, optimizer state {gib(per_device(opt))} (AdamW fp32), "
+        f"memory state {gib(per_device(mem, sharded=False))} "
+        f"({t.rows_per_replica} row(s) x {m.capacity_chunks} chunks of {m.chunk_size} tokens, "
+        f"{m.mem_dtype}){emb_note}",
+        f"FLOPs per step per replica: {flops['flops_per_replica_step']:.4e} "
+        f"({flops['flops_per_token']:.4e} per token, frozen-aware); global "
+        f"{flops['flops_per_replica_step'] * replicas:.4e}",
+    ]
+    return "\n".join(lines)
+
+
+def _flat(tree):
+    from flax import traverse_util
+    return traverse_util.flatten_dict(tree)
+
+
+# ---- training -----------------------------------------------------------------------------------
+
+class Trainer:
+    def __init__(self, run: cfgmod.Resolved, model: LlamaConfig):
+        self.run, self.model = run, model
+        t, m = run.train, run.memlong
+        self.t, self.m = t, m
+        self.main = jax.process_index() == 0
+        check_writable(t.output_dir)
+        self.mesh = sharding.make_mesh(t.mesh_data, t.mesh_fsdp)
+        self.n_streams = self.mesh.size * t.rows_per_replica
+
+        # data
+        self.tokenizer = datamod.load_tokenizer(t.tokenizer, t.init_from, model.vocab_size)
+        files = datamod.list_sources(t.data)
+        tokens = datamod.token_file(files, self.tokenizer, t.cache_dir)
+        self.blocks = datamod.Blocks(tokens, t.seq_len, t.val_fraction)
+        self.streams = datamod.Streams(self.blocks, self.n_streams, t.grad_accum)
+        self.total_steps = t.steps or self.streams.steps_per_epoch
+        self.retriever = None
+        if m.retriever == "text":
+            self.retriever = datamod.RetrieverEmbeddings(t.encoder_dir, self.tokenizer,
+                                                         m.chunk_size, m.query_mode == "segment")
+        self.emb_dim = self.retriever.dim if self.retriever else None
+
+        # model, trainable split, optimizer, memory
+        base = load_base(run, model)
+        self.base_dtypes = base_dtypes(base)
+        frozen, trainable = split_params(run, model, base)
+        del base
+        self.module = stepmod.make_module(model, t.dtype, t.remat)
+        self.tx, self.schedule = stepmod.make_optimizer(t, self.total_steps)
+        state = {"step": jnp.int32(0), "trainable": trainable,
+                 "opt_state": self.tx.init(trainable),
+                 "rng": jax.random.fold_in(jax.random.PRNGKey(t.seed), 2)}
+        mem = memlong.init_state(self.module, m, self.n_streams, self.emb_dim)
+
+        rep = sharding.replicated(self.mesh)
+        self.frozen_sh = sharding.param_shardings(frozen, self.mesh)
+        self.state_sh = {"step": rep, "rng": rep,
+                         "trainable": sharding.param_shardings(trainable, self.mesh),
+                         "opt_state": sharding.param_shardings(state["opt_state"], self.mesh)}
+        self.mem_sh = sharding.memory_shardings(mem, self.mesh)
+        self.frozen = jax.device_put(frozen, self.frozen_sh)
+        # Donated arguments must not share buffers (init_memory reuses one zeros array).
+        fresh = lambda tree: jax.tree_util.tree_map(lambda x: jnp.array(x, copy=True), tree)
+        state = jax.device_put(fresh(state), self.state_sh)
+        mem = jax.device_put(fresh(mem), self.mem_sh)
+
+        # checkpoints: resume when present (the output directory is created only now)
+        ensure_writable(t.output_dir)
+        self.ckpt = Checkpoints(os.path.join(t.output_dir, "checkpoints"), t.keep_checkpoints,
+                                t.async_checkpoint)
+        self.start = 0
+        latest = self.ckpt.latest_step()
+        if latest is not None:
+            cursor, stored = self.ckpt.read_json(latest)
+            check_compatible(stored, run, model, t.output_dir)
+            if cursor != self.streams.cursor(latest):
+                raise UserError(f"checkpoint {latest} in {t.output_dir} has data cursor {cursor}, "
+                                f"but this data gives {self.streams.cursor(latest)}; the data "
+                                "changed since it was written")
+            target = {"train": state, "memory": state_to_tree(mem)}
+            target_sh = {"train": self.state_sh, "memory": state_to_tree(self.mem_sh)}
+            restored = self.ckpt.restore_state(latest, abstract_like(target, target_sh))
+            state, mem = restored["train"], tree_to_state(restored["memory"])
+            self.start = latest
+        self.state, self.mem = state, mem
+
+        step_fn = stepmod.make_train_step(self.module, m, t, self.tx, self.schedule)
+        self.step_fn = jax.jit(step_fn, donate_argnums=(0, 2),
+                               out_shardings=(self.state_sh, self.mem_sh, rep))
+        self.flops = metrics.step_flops(model, m, t)
+        self.peak = metrics.peak_tflops(jax.devices()[0].device_kind, t.peak_tflops)
+        self.log = metrics.MetricsLog(t.output_dir, t.tensorboard, enabled=self.main)
+        self._eval_fn = None
+        self.compile_s = None
+
+    # -- batches
+
+    def _global(self, array, axis):
+        return sharding.put(array, sharding.rows_sharding(self.mesh, array.ndim, axis))
+
+    def batch(self, step: int) -> dict:
+        ids = self.streams.batch(step)
+        out = {"ids": self._global(ids, 1)}
+        if self.retriever is not None:
+            keys, query = self.retriever(ids)
+            out["key_emb"] = self._global(keys, 1)
+            if query is not None:
+                out["query"] = self._global(query, 1)
+        return out
+
+    def config_json(self) -> dict:
+        return {"run": self.run.to_dict(), "model": self.model.to_hf_dict(),
+                "layout": {"streams": self.n_streams, "emb_dim": self.emb_dim,
+                           "total_steps": self.total_steps}}
+
+    def save(self, step: int) -> None:
+        tree = {"train": self.state, "memory": state_to_tree(self.mem)}
+        self.ckpt.save(step, tree, self.streams.cursor(step), self.config_json())
+
+    # -- validation (memlong_reference.md section 6: last `eval_window` tokens of each window)
+
+    def evaluate(self) -> dict | None:
+        t = self.t
+        if not t.eval_batches:
+            return None
+        windows = datamod.validation_windows(self.blocks, t.eval_length, self.n_streams,
+                                             t.eval_batches)
+        if not len(windows):
+            return None
+        if self._eval_fn is None:
+            self._eval_fn = jax.jit(stepmod.make_eval_step(self.module, self.m, t, t.eval_window,
+                                                           self.emb_dim))
+        total, count = 0.0, 0.0
+        for ids in windows:
+            key_emb = query = None
+            if self.retriever is not None:
+                key_emb, query = self.retriever(ids, window=t.eval_window)
+                key_emb = self._global(key_emb, 0)
+                query = None if query is None else self._global(query, 0)
+            s, n = self._eval_fn(self.state["trainable"], self.frozen, self._global(ids, 0),
+                                 key_emb, query)
+            total, count = total + float(s), count + float(n)
+        loss = total / count
+        return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0)), "val_tokens": count}
+
+    # -- loop
+
+    def train(self) -> None:
+        t = self.t
+        from tqdm import tqdm
+        bar = tqdm(total=self.total_steps, initial=self.start, unit="step", dynamic_ncols=True,
+                   disable=not (t.progress and self.main), file=sys.stderr)
+        compiled = None
+        window_t0, window_steps = time.perf_counter(), 0
+        tokens_per_step = self.n_streams * t.grad_accum * t.seq_len
+        for step in range(self.start, self.total_steps):
+            batch = self.batch(step)
+            if compiled is None:
+                c0 = time.perf_counter()
+                compiled = self.step_fn.lower(self.state, self.frozen, self.mem, batch).compile()
+                self.compile_s = time.perf_counter() - c0
+                window_t0 = time.perf_counter()
+            self.state, self.mem, out = compiled(self.state, self.frozen, self.mem, batch)
+            window_steps += 1
+            done = step + 1
+            last = done == self.total_steps
+            if done % t.log_every == 0 or last:
+                values = {k: float(v) for k, v in jax.device_get(out).items()}
+                elapsed = time.perf_counter() - window_t0
+                step_s = elapsed / window_steps
+                values.update(ppl=math.exp(min(values["loss"], 50.0)), step_s=step_s,
+                              tokens_per_s=tokens_per_step / step_s,
+                              tflops_per_device=self.flops["flops_per_replica_step"] / step_s / 1e12,
+                              epoch=self.streams.cursor(done)["epoch"])
+                if self.peak:
+                    values["mfu"] = values["tflops_per_device"] / self.peak
+                if self.compile_s is not None:
+                    values["compile_s"] = self.compile_s
+                    self.compile_s = None
+                self.log.write(done, values)
+                bar.set_postfix(loss=f"{values['loss']:.3f}", lr=f"{values['lr']:.2e}",
+                                tok_s=f"{values['tokens_per_s']:.0f}")
+                window_t0, window_steps = time.perf_counter(), 0
+            if done % t.checkpoint_every == 0 or last:
+                self.save(done)
+            if (t.eval_every and done % t.eval_every == 0) or last:
+                result = self.evaluate()
+                if result:
+                    self.log.write(done, result)
+                    bar.write(f"step {done}: val_loss {result['val_loss']:.4f} "
+                              f"val_ppl {result['val_ppl']:.2f}")
+                window_t0, window_steps = time.perf_counter(), 0
+            bar.update(1)
+        bar.close()
+        self.ckpt.wait()
+        if t.export_dir and self.main:
+            from train.export import export_merged
+            frozen = jax.device_get(self.frozen)
+            trainable = jax.device_get(self.state["trainable"])
+            export_merged(frozen, trainable, self.run, self.model, self.base_dtypes,
+                          t.export_dir, t.export_hf)
+        self.ckpt.close()
+        self.log.close()
+
+
+def export_run(run_dir: str, out: str, hf_dir: str = "", step: int | None = None) -> None:
+    """Merge a run's checkpoint (newest, or `step`) into its base model and write it out."""
+    ckpt = Checkpoints(os.path.join(run_dir, "checkpoints"), 1000, False)
+    step = ckpt.latest_step() if step is None else step
+    if step is None:
+        raise UserError(f"{run_dir} holds no training checkpoints")
+    _, stored = ckpt.read_json(step)
+    run = resolved_from_dict(stored["run"])
+    model = LlamaConfig.from_hf_dict(stored["model"])
+    base = load_base(run, model)
+    dtypes = base_dtypes(base)
+    frozen, trainable = split_params(run, model, base)
+    import orbax.checkpoint as ocp
+    restored = ckpt.manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore()))["state"]
+    trained = jax.tree_util.tree_map(np.asarray, restored["train"]["trainable"])
+    if jax.tree_util.tree_structure(trained) != jax.tree_util.tree_structure(trainable):
+        raise UserError(f"checkpoint {step} in {run_dir} does not match its config's trainable "
+                        "parameters")
+    from train.export import export_merged
+    export_merged(jax.device_get(frozen), trained, run, model, dtypes, out, hf_dir)
+    ckpt.close()
+
+
+def main(argv=None) -> None:
+    args = build_parser().parse_args(argv)
+    assignments = [item for group in args.set for item in group]
+    run = cfgmod.resolve(args.config, assignments)
+    if args.coordinator or args.num_processes:
+        jax.distributed.initialize(coordinator_address=args.coordinator,
+                                   num_processes=args.num_processes, process_id=args.process_id)
+    model = cfgmod.model_config(run)
+    run = cfgmod.validate(run, model)
+    if args.dry_run:
+        print(dry_run_report(run, model))
+        return
+    trainer = Trainer(run, model)
+    if trainer.main:
+        print(f"training {run.name}: steps {trainer.start}..{trainer.total_steps}, "
+              f"{trainer.n_streams} stream(s), {trainer.blocks.n_train} train / "
+              f"{trainer.blocks.n_val} validation blocks of {run.train.seq_len} tokens; "
+              f"output {run.train.output_dir}", file=sys.stderr)
+    trainer.train()
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))
