@@ -162,13 +162,9 @@ def main(argv=None) -> None:
     bar = tqdm(total=total, unit="tok", unit_scale=True, disable=args.quiet, file=sys.stderr,
                dynamic_ncols=True)
 
-    def progress(tokens, description):
-        bar.set_description(description)
-        bar.update(tokens)
-
     start = time.perf_counter()
     with bar:
-        results = scoring.evaluate(scorer, documents, modes, progress, warnings.append)
+        results = scoring.evaluate(scorer, documents, modes, bar, warnings.append)
     results["config"] = {
         "checkpoint": os.path.basename(os.path.normpath(args.checkpoint)),
         "checkpoint_path": os.path.abspath(args.checkpoint),

@@ -36,6 +36,10 @@ from memlong_jax.model import LlamaForCausalLM
 from memlong_jax.retrievers.text_pipeline import text_embeddings
 
 MODES = ("memlong", "local", "full")
+# The memlong prefix is fed from the host in blocks of this many chunks (8192 tokens at tau 128):
+# text embeddings are computed block by block, progress is visible, and host memory stays flat
+# however long the window.
+HOST_BLOCK_CHUNKS = 64
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,12 +107,14 @@ class Scorer:
         emb_dim = self.encoder.config.hidden_size if self.mcfg.retriever == "text" else None
         return memlong.init_state(self.module, self.mcfg, batch, emb_dim)
 
-    def _memlong_nll(self, params, state, ids, key_emb, window_query):
-        length = ids.shape[1]
-        state, nll = memlong.score_sequence(
-            self.module, self.mcfg, params, state, ids, self.protocol.final_window(length),
-            key_emb=key_emb, window_query=window_query)
-        return state, nll[:, -self.protocol.predictions(length):]
+    def _ingest(self, params, state, ids, key_emb):
+        return memlong.ingest_prefix(self.module, self.mcfg, params, state, ids, key_emb)
+
+    def _final_window_nll(self, params, state, ids, key_emb, window_query):
+        state, nll = memlong.score_sequence(self.module, self.mcfg, params, state, ids,
+                                            ids.shape[1], key_emb=key_emb,
+                                            window_query=window_query)
+        return state, nll[:, -self.protocol.predictions(ids.shape[1]):]
 
     def _plain_nll(self, params, ids):
         """Plain causal forward over `ids`; the head runs only where predictions are scored."""
@@ -121,41 +127,58 @@ class Scorer:
         return memlong.token_nll(logits, ids[:, -scored:])
 
     def _call(self, key: tuple[str, int], fn, *args):
-        """Run `fn` compiled for these argument shapes; `last_compile_seconds` says how much of
-        this call was compilation (0 once compiled)."""
-        self.last_compile_seconds = 0.0
+        """Run `fn` compiled for these argument shapes; compilation time is added to
+        `last_compile_seconds` (reset by each `window_nll`)."""
         if key not in self._compiled:
             start = time.perf_counter()
             self._compiled[key] = jax.jit(fn).lower(*args).compile()
-            self.last_compile_seconds = time.perf_counter() - start
+            self.last_compile_seconds += time.perf_counter() - start
         return self._compiled[key](*args)
 
-    def retrieval_inputs(self, ids):
-        """Text-retriever embeddings of a window's chunks (and its `segment` query); None, None
-        for the in-graph retriever."""
+    def retrieval_inputs(self, ids, segment_query: bool = False):
+        """Text-retriever embeddings of the chunks of `ids` `[B, S]`, and with `segment_query` in
+        `segment` mode the query from the text of all of `ids`; None for the in-graph retriever."""
         if self.mcfg.retriever != "text":
             return None, None
-        window = self.protocol.final_window(ids.shape[1])
-        query_window = window if self.mcfg.query_mode == "segment" else None
+        query_window = ids.shape[1] if segment_query and self.mcfg.query_mode == "segment" else None
         key_emb, query = text_embeddings(self.encoder, self.tokenizer, ids, self.mcfg.chunk_size,
                                          query_window)
         return jnp.asarray(key_emb), None if query is None else jnp.asarray(query)
 
-    def window_nll(self, mode: str, ids, state=None):
+    def _memlong_window(self, ids, state, progress):
+        """Prefix into memory block by block from the host, then the final local window."""
+        final = self.protocol.final_window(ids.shape[1])
+        prefix = ids.shape[1] - final
+        block = HOST_BLOCK_CHUNKS * self.mcfg.chunk_size
+        state = self.empty_state(ids.shape[0]) if state is None else state
+        for start in range(0, prefix, block):
+            chunk_ids = ids[:, start:min(start + block, prefix)]
+            key_emb, _ = self.retrieval_inputs(chunk_ids)
+            state = self._call(("ingest", chunk_ids.shape[1]), self._ingest, self.params, state,
+                               chunk_ids, key_emb)
+            progress(chunk_ids.shape[1])
+        window = ids[:, prefix:]
+        key_emb, query = self.retrieval_inputs(window, segment_query=True)
+        state, nll = self._call(("memlong", final), self._final_window_nll, self.params, state,
+                                window, key_emb, query)
+        progress(final)
+        return state, nll
+
+    def window_nll(self, mode: str, ids, state=None, progress=None):
         """NLL `[B, predictions(N)]` of one window `ids` `[B, N]` in `mode`; `memlong` also takes
-        and returns the memory state (None: empty memory)."""
+        and returns the memory state (None: empty memory). `progress(tokens)` is called as
+        the window's tokens are processed."""
         ids = jnp.asarray(ids, jnp.int32)
-        key = (mode, ids.shape[1])
+        progress = progress or (lambda tokens: None)
+        self.last_compile_seconds = 0.0
         if mode == "memlong":
-            state = self.empty_state(ids.shape[0]) if state is None else state
-            key_emb, query = self.retrieval_inputs(ids)
-            return self._call(key, self._memlong_nll, self.params, state, ids, key_emb, query)
-        if mode == "local":
-            local = ids[:, -self.protocol.final_window(ids.shape[1]):]
-            return state, self._call((mode, local.shape[1]), self._plain_nll, self.params, local)
-        if mode == "full":
-            return state, self._call(key, self._plain_nll, self.params, ids)
-        raise UserError(f"unknown mode {mode!r}; choose from {', '.join(MODES)}")
+            return self._memlong_window(ids, state, progress)
+        if mode not in MODES:
+            raise UserError(f"unknown mode {mode!r}; choose from {', '.join(MODES)}")
+        seen = ids[:, -self.protocol.final_window(ids.shape[1]):] if mode == "local" else ids
+        nll = self._call((mode, seen.shape[1]), self._plain_nll, self.params, seen)
+        progress(ids.shape[1])
+        return state, nll
 
 
 @dataclasses.dataclass
@@ -188,12 +211,12 @@ class Aggregate:
                 "tokens_per_s": self.tokens / self.seconds if self.seconds else None}
 
 
-def evaluate(scorer: Scorer, documents, modes, progress=None, warn=None) -> dict:
+def evaluate(scorer: Scorer, documents, modes, bar=None, warn=None) -> dict:
     """Score every window of every (name, ids) document at every length in every mode.
 
-    Returns {"rows": [...per (length, mode)], "windows": [...per window and mode]}; `progress`
-    is called with (tokens processed, description); `warn` with a message for documents too
-    short for a length."""
+    Returns {"rows": [...per (length, mode)], "windows": [...per window and mode]}; `bar` is a
+    tqdm-like progress bar (`set_description`, `update(tokens)`); `warn` gets a message for
+    each document too short for a length."""
     protocol = scorer.protocol
     rows, windows = [], []
     for length in protocol.lengths:
@@ -207,9 +230,12 @@ def evaluate(scorer: Scorer, documents, modes, progress=None, warn=None) -> dict
             for start in starts:
                 window = np.asarray(ids[start:start + length])[None]
                 for mode in modes:
+                    if bar is not None:
+                        bar.set_description(f"{mode} {length}")
                     begin = time.perf_counter()
                     carried = state if protocol.carry_memory else None
-                    new_state, nll = scorer.window_nll(mode, window, carried)
+                    new_state, nll = scorer.window_nll(mode, window, carried,
+                                                       bar.update if bar is not None else None)
                     nll = np.asarray(nll)[0]
                     state = new_state if mode == "memlong" else state
                     compile_s = scorer.last_compile_seconds
@@ -217,8 +243,6 @@ def evaluate(scorer: Scorer, documents, modes, progress=None, warn=None) -> dict
                     aggregates[mode].add(nll, seconds, compile_s, length)
                     windows.append({"document": name, "start": int(start), "length": length,
                                     "mode": mode, "mean_nll": float(nll.mean())})
-                    if progress:
-                        progress(length, f"{mode} {length}")
         for mode, aggregate in aggregates.items():
             if aggregate.window_means:
                 rows.append({"length": length, "mode": mode, **aggregate.row()})

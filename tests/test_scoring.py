@@ -49,20 +49,29 @@ def test_single_window_is_the_base_model_in_every_mode(scorer, params):
         np.testing.assert_allclose(np.asarray(nll), expected, atol=1e-4, err_msg=mode)
 
 
-def test_modes_score_the_same_positions_of_a_long_window(scorer, params):
+@pytest.mark.parametrize("host_block_chunks", [64, 3])   # 3: the prefix arrives in 3+3+2 chunks
+def test_modes_score_the_same_positions_of_a_long_window(scorer, params, host_block_chunks,
+                                                         monkeypatch):
+    monkeypatch.setattr(scoring, "HOST_BLOCK_CHUNKS", host_block_chunks)
     ids = random_ids(1, 48)
     scored = PROTOCOL.predictions(48)
     assert scored == 11   # min(12 scored, 16 local) - 1
     _, full = scorer.window_nll("full", ids)
     _, local = scorer.window_nll("local", ids)
-    _, with_memory = scorer.window_nll("memlong", ids)
+    seen = []
+    memory_state, with_memory = scorer.window_nll("memlong", ids, progress=seen.append)
+    assert sum(seen) == 48 and len(seen) == 1 + -(-8 // host_block_chunks)
     np.testing.assert_allclose(np.asarray(full), base_nll(params, ids)[:, -scored:], atol=1e-4)
     np.testing.assert_allclose(np.asarray(local), base_nll(params, ids[:, -16:])[:, -scored:],
                                atol=1e-4)
     state = memlong.init_state(MODULE, MCFG, 1)
-    _, direct = memlong.score_sequence(MODULE, MCFG, params, state, jnp.asarray(ids), 16)
+    direct_state, direct = memlong.score_sequence(MODULE, MCFG, params, state,
+                                                  jnp.asarray(ids), 16)
     np.testing.assert_allclose(np.asarray(with_memory), np.asarray(direct)[:, -scored:],
                                atol=1e-5)
+    for a, b in zip(jax.tree_util.tree_leaves(memory_state),
+                    jax.tree_util.tree_leaves(direct_state)):
+        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), atol=1e-5)
     # 32 prefix tokens went through memory, so the memlong scores really differ from local.
     assert np.abs(np.asarray(with_memory) - np.asarray(local)).max() > 1e-3
 
@@ -140,7 +149,7 @@ def test_text_retriever_feeds_chunk_and_segment_embeddings(params):
     for query_mode in ("causal", "segment"):
         mcfg = MCFG.replace(retriever="text", query_mode=query_mode)
         scorer = scoring.Scorer(MODULE, params, mcfg, PROTOCOL, encoder, tokenizer)
-        key_emb, query = scorer.retrieval_inputs(ids)
+        key_emb, query = scorer.retrieval_inputs(ids, segment_query=True)
         assert key_emb.shape == (1, 12, encoder.config.hidden_size)
         np.testing.assert_allclose(np.linalg.norm(np.asarray(key_emb), axis=-1), 1.0, atol=1e-5)
         assert (query is None) == (query_mode == "causal")
