@@ -27,7 +27,6 @@ class Model:
     params: dict
     tokenizer: object | None = None
     dtype: jnp.dtype = jnp.float32
-    path: str | None = None  # the checkpoint directory, when loaded from one
     memlong: MemLongConfig | None = None   # the checkpoint's MemLong settings (None: default)
 
     @property
@@ -76,14 +75,6 @@ class Model:
         from memlong_jax.retrievers.text_encoder import default_encoder_dir, load_text_encoder
         return load_text_encoder(default_encoder_dir())
 
-    @functools.cached_property
-    def memlong_config(self) -> MemLongConfig:
-        """The checkpoint's MemLong settings (`load_for_checkpoint`), else the defaults for
-        this model's shape."""
-        if self.path is not None:
-            return load_for_checkpoint(self.path, self.config)
-        return default_for(self.config).validate(self.config)
-
     def generate(self, prompt_ids, max_new_tokens: int = 128, *, temperature: float = 0.0,
                  top_k: int = 0, top_p: float = 1.0, seed: int = 0, stop_ids=None,
                  window: int = 2048, mcfg: MemLongConfig | None = None, encoder=None,
@@ -98,16 +89,14 @@ class Model:
         the text retriever uses `encoder` (default: the bundled all-MiniLM-L6-v2).
         `on_token(tokens)` streams each step's tokens (an int, or `[B]`) as they are chosen.
         """
-        # Imported here: generation -> retrievers.text_encoder -> api would be a cycle.
-        from memlong_jax import generation
-        from memlong_jax.retrievers.text_encoder import default_encoder_dir, load_text_encoder
+        from memlong_jax import generation  # here: generation -> text encoder -> api cycle
 
         ids = np.asarray(prompt_ids)
         if ids.ndim not in (1, 2):
             raise UserError(f"prompt ids must be [P] or [B, P], got shape {ids.shape}")
         mcfg = mcfg or self.memlong_config
         if mcfg.retriever == "text" and encoder is None:
-            encoder = load_text_encoder(default_encoder_dir())
+            encoder = self._default_encoder
         if stop_ids is None:
             eos = self.config.eos_token_id
             stop_ids = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)

@@ -103,10 +103,12 @@ def blockwise_causal_attention(q, k, v, block_size: int):
     return out[:, :length].astype(v.dtype)
 
 
-def with_memory(k, v, mask, memory: MemoryKV):
+def with_memory(k, v, mask, memory: MemoryKV, q_len: int | None = None):
     """Prepend memory to the local keys: memory keys are not rotated (position 0) and visible to
-    every query; invalid memory slots are masked. Returns keys, values, mask for one softmax."""
-    batch, q_len = k.shape[:2]
+    every query; invalid memory slots are masked. Returns keys, values, mask for one softmax.
+    `q_len`: the number of queries, when it is not the number of local keys (a KV cache)."""
+    batch = k.shape[0]
+    q_len = k.shape[1] if q_len is None else q_len
     mem_mask = jnp.broadcast_to(memory.valid[:, None, :], (batch, q_len, memory.valid.shape[1]))
     local_mask = jnp.broadcast_to(mask, (batch, q_len, k.shape[1]))
     return (jnp.concatenate([memory.keys.astype(k.dtype), k], axis=1),
@@ -152,3 +154,30 @@ class Attention(nn.Module):
                 k, v, mask = with_memory(k, v, mask, memory)
             out = grouped_attention(q, k, v, mask)
         return self.o_proj(out.reshape(batch, length, self.num_heads * self.head_dim))
+
+    def extend(self, x, cache, length, cos, sin, memory: MemoryKV | None = None):
+        """Attention of T new tokens `x` `[B, T, hidden]` appended to a fixed-capacity local cache.
+
+        cache: (pre-RoPE keys, values) `[B, W, KV, D]`, slots `0..length-1` real (`length` may be
+        traced). The new tokens go to slots `length..length+T-1`; slot j has local position j+1
+        and cos/sin `[1, W, D]` are the RoPE tables of positions 1..W. Keys are stored un-rotated
+        and rotated afresh on every call (as upstream's cache does), so dropping the oldest
+        tokens is a plain shift, and the math is that of `__call__` on the same window.
+        Returns (output `[B, T, hidden]`, updated cache).
+        """
+        batch, new, _ = x.shape
+        q = self.q_proj(x).reshape(batch, new, self.num_heads, self.head_dim)
+        put = lambda buf, a: jax.lax.dynamic_update_slice_in_dim(buf, a.astype(buf.dtype),
+                                                                 length, axis=1)
+        k_new, v_new = self.kv(x)
+        keys, values = put(cache[0], k_new), put(cache[1], v_new)
+        at_new = lambda table: jax.lax.dynamic_slice_in_dim(table, length, new, axis=1)
+        q = apply_rope(q, at_new(cos), at_new(sin))
+        k = apply_rope(keys, cos, sin)
+        slots = jnp.arange(keys.shape[1])
+        mask = (slots[None, :] <= length + jnp.arange(new)[:, None])[None]
+        v = values
+        if memory is not None:
+            k, v, mask = with_memory(k, v, mask, memory, new)
+        out = grouped_attention(q, k, v, mask)
+        return self.o_proj(out.reshape(batch, new, self.num_heads * self.head_dim)), (keys, values)

@@ -85,21 +85,22 @@ def lower_stack(module: LlamaForCausalLM, mcfg: MemLongConfig, params, ids):
     return positions, *jax.lax.stop_gradient((h, x, keys, values))
 
 
-def _query(mcfg: MemLongConfig, state: MemLongState, segment_query):
+def retrieval_query(mcfg: MemLongConfig, state: MemLongState, segment_query):
     """The retrieval query and whether each row has one (causal: nothing before the first chunk)."""
     if mcfg.query_mode == "segment":
         return segment_query, jnp.ones(segment_query.shape[:1], bool)
     return state.last_emb, state.has_last
 
 
-def _retrieve(mcfg: MemLongConfig, memory: mem_ops.Memory, query, query_ok):
+def retrieve_chunks(mcfg: MemLongConfig, memory: mem_ops.Memory, query, query_ok):
     """Top-k chunks for `query` from memory written by earlier segments; hits counted."""
     indices, found = retrieve(mcfg.backend, memory.emb, memory.valid, query, mcfg.top_k)
     found = found & query_ok[:, None]
     return mem_ops.count_hits(memory, indices, found), indices, found
 
 
-def _write(mcfg: MemLongConfig, memory: mem_ops.Memory, keys, values, key_emb) -> MemLongState:
+def write_segment(mcfg: MemLongConfig, memory: mem_ops.Memory, keys, values,
+                  key_emb) -> MemLongState:
     """Append the segment's chunks (keys/values `[B, S, kv, hd]`, key_emb `[B, S/tau, d]`)."""
     batch, n = key_emb.shape[:2]
     chunked = lambda a: a.reshape(batch, n, mcfg.chunk_size, *a.shape[2:])
@@ -120,7 +121,8 @@ def segment_step(module: LlamaForCausalLM, mcfg: MemLongConfig, params, state: M
         key_emb = pooled_chunks(x, tau)
     if segment_query is None and mcfg.query_mode == "segment":
         segment_query = pooled_chunks(x, length)[:, 0]
-    memory, indices, found = _retrieve(mcfg, state.memory, *_query(mcfg, state, segment_query))
+    query = retrieval_query(mcfg, state, segment_query)
+    memory, indices, found = retrieve_chunks(mcfg, state.memory, *query)
 
     logits = None
     if full:
@@ -129,7 +131,7 @@ def segment_step(module: LlamaForCausalLM, mcfg: MemLongConfig, params, state: M
         h = apply(h, positions, mcfg.memory_layer, module.config.num_hidden_layers, retrieved,
                   mcfg.retrieval_layers, method=module.run_layers)
         logits = apply(h, method=module.final)
-    return _write(mcfg, memory, keys, values, key_emb), logits
+    return write_segment(mcfg, memory, keys, values, key_emb), logits
 
 
 def ingest_prefix(module: LlamaForCausalLM, mcfg: MemLongConfig, params, state: MemLongState,
@@ -154,8 +156,9 @@ def ingest_prefix(module: LlamaForCausalLM, mcfg: MemLongConfig, params, state: 
 
         def chunk(state, c):
             chunk_keys, chunk_values, emb = c
-            memory, _, _ = _retrieve(mcfg, state.memory, *_query(mcfg, state, emb))
-            return _write(mcfg, memory, chunk_keys, chunk_values, emb[:, None]), None
+            query = retrieval_query(mcfg, state, emb)
+            memory, _, _ = retrieve_chunks(mcfg, state.memory, *query)
+            return write_segment(mcfg, memory, chunk_keys, chunk_values, emb[:, None]), None
 
         state, _ = jax.lax.scan(chunk, state, (per_chunk(keys), per_chunk(values),
                                                jnp.moveaxis(block_emb, 1, 0)))

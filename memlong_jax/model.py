@@ -35,6 +35,14 @@ class DecoderLayer(nn.Module):
         h = h + self.self_attn(self.input_layernorm(h), cos, sin, memory=memory)
         return h + self.mlp(self.post_attention_layernorm(h))
 
+    def extend(self, h, cache, length, cos, sin, memory: MemoryKV | None = None):
+        """`__call__` for new tokens appended to this layer's local KV cache (`Attention.extend`).
+        Returns (h, updated cache)."""
+        out, cache = self.self_attn.extend(self.input_layernorm(h), cache, length, cos, sin,
+                                           memory)
+        h = h + out
+        return h + self.mlp(self.post_attention_layernorm(h)), cache
+
     def memory_kv(self, h):
         """(normed input, pre-RoPE K, V) of this layer for hidden states `h` entering it."""
         x = self.input_layernorm(h)
@@ -73,6 +81,24 @@ class LlamaModel(nn.Module):
             h = self.layers[i](h, cos, sin, memory if i in retrieval_layers else None)
         return h
 
+    def extend_layers(self, h, caches, length, start: int, stop: int,
+                      memory: MemoryKV | None = None, retrieval_layers=()):
+        """`run_layers` for new tokens `h` `[B, T, hidden]` appended at slot `length` of the local
+        KV caches of layers `start..stop-1` (`caches`: one (keys, values) pair per layer, each
+        `[B, W, KV, D]`, pre-RoPE). Cached tokens have local positions 1..W by slot, the new ones
+        `length+1..length+T`. Returns (h, updated caches)."""
+        if not caches:  # an empty range of layers
+            return h, ()
+        window = caches[0][0].shape[1]
+        cos, sin = rope_cos_sin(jnp.arange(1, window + 1)[None], self.config.head_dim,
+                                self.config.rope_theta)
+        updated = []
+        for i, cache in zip(range(start, stop), caches, strict=True):
+            h, cache = self.layers[i].extend(h, cache, length, cos, sin,
+                                             memory if i in retrieval_layers else None)
+            updated.append(cache)
+        return h, tuple(updated)
+
     def attend_embeddings(self, h):
         """Logits through the (tied) input embedding matrix."""
         return self.embed_tokens.attend(h)
@@ -102,6 +128,9 @@ class LlamaForCausalLM(nn.Module):
 
     def run_layers(self, h, positions, start, stop, memory=None, retrieval_layers=()):
         return self.model.run_layers(h, positions, start, stop, memory, retrieval_layers)
+
+    def extend_layers(self, h, caches, length, start, stop, memory=None, retrieval_layers=()):
+        return self.model.extend_layers(h, caches, length, start, stop, memory, retrieval_layers)
 
     def memory_kv(self, h, layer: int):
         return self.model.layers[layer].memory_kv(h)
