@@ -19,6 +19,28 @@ class ConfigError(UserError, ValueError):
     """A config value that cannot describe a model we can build."""
 
 
+BOOL_WORDS = {"1": True, "true": True, "yes": True, "on": True,
+              "0": False, "false": False, "no": False, "off": False}
+
+
+def parse_setting(key: str, current, value: str):
+    """A `--set key=value` string parsed by the type of the setting's current value: bool,
+    int, float, a tuple of ints (`13,17,21`), else the string itself."""
+    if isinstance(current, bool):
+        if value.lower() not in BOOL_WORDS:
+            raise ConfigError(f"{key} needs true or false, got {value!r}")
+        return BOOL_WORDS[value.lower()]
+    kinds = [(tuple, "an integer list", lambda v: tuple(int(x) for x in v.split(",") if x.strip())),
+             (int, "an integer", int), (float, "a number", float)]
+    for kind, words, parse in kinds:
+        if isinstance(current, kind):
+            try:
+                return parse(value)
+            except ValueError:
+                raise ConfigError(f"{key} needs {words}, got {value!r}") from None
+    return value
+
+
 @dataclasses.dataclass(frozen=True)
 class LlamaConfig:
     vocab_size: int

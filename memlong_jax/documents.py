@@ -1,4 +1,4 @@
-"""Reading the documents a user wants scored: text files, JSONL, directories of them, or stdin.
+"""Reading documents for scoring and training: text files, JSONL, directories of them, stdin.
 
 Every problem with the input (a missing path, an empty file, bytes that are not UTF-8, a JSONL
 line without the text field) is a `UserError` naming the file, found before any model work.
@@ -14,6 +14,7 @@ from typing import NamedTuple
 from memlong_jax.errors import UserError
 
 JSONL_SUFFIXES = (".jsonl", ".json")
+TEXT_SUFFIXES = (".txt", ".md", ".rst", ".tex", ".text")   # what a directory walk picks up
 
 
 class Document(NamedTuple):
@@ -21,7 +22,7 @@ class Document(NamedTuple):
     text: str
 
 
-def _decode(data: bytes, name: str) -> str:
+def decode_utf8(data: bytes, name: str) -> str:
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as err:
@@ -37,15 +38,17 @@ def _jsonl_documents(text: str, name: str, field: str) -> list[Document]:
             row = json.loads(line)
         except json.JSONDecodeError as err:
             raise UserError(f"{name}:{number}: not valid JSON ({err.msg})") from None
-        if not isinstance(row, dict) or not isinstance(row.get(field), str):
-            raise UserError(f"{name}:{number}: no string field {field!r}")
-        if row[field].strip():
-            documents.append(Document(f"{name}:{number}", row[field]))
+        text = row.get(field) if isinstance(row, dict) else row
+        if not isinstance(text, str):
+            raise UserError(f"{name}:{number}: expected a JSON string or an object with a "
+                            f"string field {field!r}")
+        if text.strip():
+            documents.append(Document(f"{name}:{number}", text))
     return documents
 
 
 def _file_documents(data: bytes, name: str, jsonl: bool, field: str) -> list[Document]:
-    text = _decode(data, name)
+    text = decode_utf8(data, name)
     if not text.strip():
         raise UserError(f"{name}: empty input")
     if jsonl:
@@ -56,29 +59,38 @@ def _file_documents(data: bytes, name: str, jsonl: bool, field: str) -> list[Doc
     return [Document(name, text)]
 
 
-def _expand(path: str) -> list[str]:
-    if os.path.isdir(path):
-        files = sorted(os.path.join(root, name) for root, _, names in os.walk(path)
-                       for name in names if not name.startswith("."))
-        if not files:
-            raise UserError(f"{path}: directory has no files")
-        return files
-    if not os.path.isfile(path):
-        raise UserError(f"{path}: no such file or directory")
-    return [path]
+def expand_paths(paths: list[str]) -> list[str]:
+    """Files named directly (whatever their suffix), `-` (stdin), and the text and JSONL files
+    found under directories (recursively, sorted)."""
+    files: list[str] = []
+    for path in paths:
+        if path == "-" or os.path.isfile(path):
+            files.append(path)
+        elif os.path.isdir(path):
+            found = sorted(os.path.join(root, name) for root, _, names in os.walk(path)
+                           for name in names if not name.startswith(".")
+                           and name.lower().endswith(TEXT_SUFFIXES + JSONL_SUFFIXES))
+            if not found:
+                raise UserError(f"{path}: directory holds no text files "
+                                f"({', '.join(TEXT_SUFFIXES + JSONL_SUFFIXES)})")
+            files += found
+        else:
+            raise UserError(f"{path}: no such file or directory")
+    return files
+
+
+def file_documents(path: str, text_field: str = "text") -> list[Document]:
+    """The documents of one file (`.jsonl`/`.json`: one per line) or of stdin (`-`, text)."""
+    if path == "-":
+        return _file_documents(sys.stdin.buffer.read(), "<stdin>", False, text_field)
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as err:
+        raise UserError(f"cannot read {path}: {err.strerror}") from None
+    return _file_documents(data, path, path.lower().endswith(JSONL_SUFFIXES), text_field)
 
 
 def read_documents(paths: list[str], text_field: str = "text") -> list[Document]:
-    """`paths`: files (`.jsonl`/`.json` are JSON lines, anything else plain text), directories
-    (read recursively, sorted) or `-` for stdin (plain text). One document per text file or
-    JSONL line."""
-    documents: list[Document] = []
-    for path in paths:
-        if path == "-":
-            documents += _file_documents(sys.stdin.buffer.read(), "<stdin>", False, text_field)
-            continue
-        for file in _expand(path):
-            with open(file, "rb") as f:
-                data = f.read()
-            documents += _file_documents(data, file, file.endswith(JSONL_SUFFIXES), text_field)
-    return documents
+    """All documents of `paths` (see `expand_paths`): one per text file or JSONL line."""
+    return [doc for file in expand_paths(paths) for doc in file_documents(file, text_field)]

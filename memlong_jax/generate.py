@@ -16,7 +16,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-import memlong_jax as ml
+from memlong_jax.cli_options import add_model_options, load_encoder, load_model
+from memlong_jax.documents import decode_utf8
 from memlong_jax.errors import ArgumentParser, UserError, run_cli
 from memlong_jax.generation import DEFAULT_WINDOW, Sampling, check_window
 
@@ -40,12 +41,7 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--window", type=int, default=DEFAULT_WINDOW, metavar="W",
                         help="local KV cache in tokens, a multiple of the chunk size and at "
                              f"least two chunks (default: {DEFAULT_WINDOW})")
-    parser.add_argument("--set", dest="overrides", action="append", default=[],
-                        metavar="KEY=VALUE", help="MemLong setting, e.g. query_mode=segment, "
-                        "retriever=hidden, top_k=4 (repeatable)")
-    parser.add_argument("--encoder", default=None,
-                        help="text retriever directory (default: bundled all-MiniLM-L6-v2)")
-    parser.add_argument("--dtype", default="float32", help="compute dtype (default: float32)")
+    add_model_options(parser)
     return parser
 
 
@@ -55,23 +51,16 @@ def read_prompt(args) -> str:
     elif args.prompt_file is not None:
         try:
             with open(args.prompt_file, "rb") as f:
-                text = utf8(f.read(), args.prompt_file)
+                text = decode_utf8(f.read(), args.prompt_file)
         except OSError as err:
             raise UserError(f"{args.prompt_file}: {err.strerror}") from None
     elif sys.stdin.isatty():
         raise UserError("no prompt: give --prompt, --prompt-file or pipe text on stdin")
     else:
-        text = utf8(sys.stdin.buffer.read(), "stdin")
+        text = decode_utf8(sys.stdin.buffer.read(), "stdin")
     if not text:
         raise UserError("the prompt is empty")
     return text
-
-
-def utf8(data: bytes, name: str) -> str:
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as err:
-        raise UserError(f"{name}: not UTF-8 text ({err.reason} at byte {err.start})") from None
 
 
 class TextStream:
@@ -105,18 +94,12 @@ def main(argv=None) -> None:
         raise UserError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
     prompt = read_prompt(args)
 
-    model = ml.load(args.checkpoint, args.dtype)
-    if model.tokenizer is None:
-        raise UserError(f"{args.checkpoint} has no tokenizer; convert it with its tokenizer")
-    mcfg = model.memlong_config.with_overrides(args.overrides).validate(model.config)
+    model, mcfg = load_model(args)
     check_window(mcfg, args.window)
     ids = model.encode(prompt)
     if not ids.size:
         raise UserError("the prompt encodes to no tokens")
-    encoder = None
-    if mcfg.retriever == "text":
-        from memlong_jax.retrievers.text_encoder import default_encoder_dir, load_text_encoder
-        encoder = load_text_encoder(args.encoder or default_encoder_dir())
+    encoder = load_encoder(mcfg, args.encoder)
 
     stream = TextStream(model.tokenizer)
     model.generate(ids, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,

@@ -6,7 +6,7 @@ import dataclasses
 import json
 import os
 
-from memlong_jax.config import PRESETS, ConfigError, LlamaConfig
+from memlong_jax.config import PRESETS, ConfigError, LlamaConfig, parse_setting
 
 CHOICES = {
     "mem_dtype": ("bfloat16", "float16", "float32"),
@@ -85,7 +85,7 @@ class MemLongConfig:
                                   f"{', '.join(fields)}")
             if key in changes:
                 raise ConfigError(f"setting {key!r} given twice")
-            changes[key] = _parse_field(key, getattr(self, key), value.strip())
+            changes[key] = parse_setting(key, getattr(self, key), value.strip())
         return self.replace(**changes)
 
     def validate(self, model: LlamaConfig) -> "MemLongConfig":
@@ -115,18 +115,6 @@ class MemLongConfig:
             raise ConfigError(f"memory_tokens ({self.memory_tokens}) must hold at least top_k "
                               f"({self.top_k}) chunks of {self.chunk_size} tokens")
         return self
-
-
-def _parse_field(key: str, current, value: str):
-    try:
-        if isinstance(current, tuple):
-            return tuple(int(v) for v in value.split(",") if v.strip())
-        if isinstance(current, int):
-            return int(value)
-    except ValueError:
-        raise ConfigError(f"{key} needs an integer{' list' if isinstance(current, tuple) else ''}"
-                          f", got {value!r}") from None
-    return value
 
 
 MEMLONG_PRESETS: dict[str, MemLongConfig] = {

@@ -27,10 +27,10 @@ import time
 import numpy as np
 
 from memlong_jax import scoring
+from memlong_jax.cli_options import add_model_options, load_encoder, load_model
 from memlong_jax.documents import read_documents
 from memlong_jax.errors import (ArgumentParser, UserError, check_writable, run_cli,
                                 write_atomically)
-from memlong_jax.memlong_config import load_for_checkpoint
 from memlong_jax.score_report import PLOT_FORMATS, table, write_csv, write_plot
 
 SUFFIXES = {"k": 1024, "m": 1024 * 1024}
@@ -77,12 +77,8 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--join", action="store_true",
                         help="join all documents into one, as upstream does for WikiText")
     parser.add_argument("--text-field", default="text", help="JSONL field (default: text)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[],
-                        metavar="KEY=VALUE", help="MemLong setting, e.g. query_mode=segment, "
-                        "eviction=fifo_half, top_k=4, retriever=hidden (repeatable)")
-    parser.add_argument("--encoder", default=None,
-                        help="text retriever directory (default: bundled all-MiniLM-L6-v2)")
-    parser.add_argument("--dtype", default="float32", help="compute dtype (default: float32)")
+    add_model_options(parser, "query_mode=segment, eviction=fifo_half, top_k=4, "
+                              "retriever=hidden")
     parser.add_argument("--json", help="write config, rows and per-window NLL here")
     parser.add_argument("--csv", help="write one row per (length, mode) here")
     parser.add_argument("--plot", help=f"PPL-vs-length plot ({', '.join(PLOT_FORMATS)})")
@@ -131,12 +127,7 @@ def main(argv=None) -> None:
     if inputs == ["-"] and sys.stdin.isatty():
         raise UserError("no input: give files or directories, or pipe text on stdin")
 
-    import memlong_jax as ml
-    model = ml.load(args.checkpoint, args.dtype)
-    if model.tokenizer is None:
-        raise UserError(f"{args.checkpoint} has no tokenizer; convert it with its tokenizer")
-    mcfg = load_for_checkpoint(args.checkpoint, model.config).with_overrides(args.overrides)
-    mcfg = mcfg.validate(model.config)
+    model, mcfg = load_model(args)
     protocol = make_protocol(args, mcfg.chunk_size)
     documents = tokenize(model, read_documents(inputs, args.text_field), args.join)
 
@@ -152,10 +143,7 @@ def main(argv=None) -> None:
                         + (f" or the minimum {protocol.min_doc_tokens}"
                            if protocol.min_doc_tokens else ""))
 
-    encoder = None
-    if "memlong" in modes and mcfg.retriever == "text":
-        from memlong_jax.retrievers.text_encoder import default_encoder_dir, load_text_encoder
-        encoder = load_text_encoder(args.encoder or default_encoder_dir())
+    encoder = load_encoder(mcfg, args.encoder) if "memlong" in modes else None
     scorer = scoring.Scorer(model.module, model.params, mcfg, protocol, encoder, model.tokenizer)
 
     from tqdm import tqdm

@@ -23,7 +23,7 @@ def test_overrides_parse_by_field_type():
     (["nonsense=1"], "bad setting"),
     (["top_k"], "bad setting"),
     (["top_k=2", "top_k=3"], "given twice"),
-    (["top_k=many"], "integer"),
+    (["top_k=many"], "an integer"),
     (["retrieval_layers=1,x"], "integer list"),
 ])
 def test_bad_overrides(assignments, words):

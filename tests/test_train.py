@@ -279,7 +279,7 @@ def test_bad_input_one_line_exit_2(tmp_path, capsys):
     (tmp_path / "file").write_text("")
     common = ["--config", "tiny", "--set", f"cache_dir={tmp_path / 'c'}", "progress=false"]
     cases = [
-        ([f"data={tmp_path / 'empty'}", f"output_dir={tmp_path / 'o1'}"], "no text files"),
+        ([f"data={tmp_path / 'empty'}", f"output_dir={tmp_path / 'o1'}"], "holds no text files"),
         ([f"data={short}", f"output_dir={tmp_path / 'o2'}"], "fewer than one sequence"),
         ([f"output_dir={tmp_path / 'file' / 'sub'}"], "cannot write to output_dir"),
         (["bogus_key=3"], "unknown setting 'bogus_key'"),

@@ -13,7 +13,7 @@ import difflib
 import os
 
 from memlong_jax.config import PRESETS as MODEL_PRESETS
-from memlong_jax.config import ConfigError, LlamaConfig
+from memlong_jax.config import ConfigError, LlamaConfig, parse_setting
 from memlong_jax.memlong_config import MEMLONG_PRESETS, MemLongConfig
 
 MEMLONG_PREFIX = "memlong."
@@ -170,29 +170,6 @@ class Resolved:
                 "memlong": self.memlong.to_dict()}
 
 
-def _parse_bool(key: str, value: str) -> bool:
-    lowered = value.lower()
-    if lowered in ("1", "true", "yes", "on"):
-        return True
-    if lowered in ("0", "false", "no", "off"):
-        return False
-    raise ConfigError(f"{key} needs true or false, got {value!r}")
-
-
-def _parse_value(key: str, current, value: str):
-    if isinstance(current, bool):
-        return _parse_bool(key, value)
-    try:
-        if isinstance(current, int):
-            return int(value)
-        if isinstance(current, float):
-            return float(value)
-    except ValueError:
-        raise ConfigError(f"{key} needs a{'n integer' if isinstance(current, int) else ' number'}"
-                          f", got {value!r}") from None
-    return value
-
-
 def _unknown(key: str, known) -> ConfigError:
     close = difflib.get_close_matches(key, known, n=1)
     hint = f" (did you mean {close[0]}?)" if close else ""
@@ -222,7 +199,7 @@ def resolve(name: str, assignments=()) -> Resolved:
         if key not in fields:
             raise _unknown(key, list(fields) + [MEMLONG_PREFIX + f.name
                                                 for f in dataclasses.fields(MemLongConfig)])
-        changes[key] = _parse_value(key, getattr(base, key), value.strip())
+        changes[key] = parse_setting(key, getattr(base, key), value.strip())
     train = base.replace(**changes)
     if "output_dir" not in changes and train.model != base.model:
         train = train.replace(output_dir=f"out/train/{train.model}")

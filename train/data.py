@@ -20,10 +20,9 @@ import os
 
 import numpy as np
 
+from memlong_jax.documents import expand_paths, file_documents
 from memlong_jax.errors import UserError
 
-TEXT_EXTENSIONS = (".txt", ".md", ".rst", ".tex", ".text")
-JSONL_EXTENSIONS = (".jsonl",)
 PYDOC = "pydoc"
 
 
@@ -89,53 +88,15 @@ def list_sources(spec: str) -> list[str]:
     paths = [p.strip() for p in spec.split(",") if p.strip()]
     if not paths:
         raise UserError("no training data: --set data=PATH (text files, .jsonl, directories)")
-    files: list[str] = []
-    for path in paths:
-        if path == PYDOC:
-            files.append(PYDOC)
-        elif os.path.isdir(path):
-            found = []
-            for root, dirs, names in os.walk(path):
-                dirs.sort()
-                found += [os.path.join(root, n) for n in sorted(names)
-                          if n.lower().endswith(TEXT_EXTENSIONS + JSONL_EXTENSIONS)]
-            if not found:
-                raise UserError(f"data directory {path} holds no text files "
-                                f"({', '.join(TEXT_EXTENSIONS + JSONL_EXTENSIONS)})")
-            files += found
-        elif os.path.isfile(path):
-            files.append(path)
-        else:
-            raise UserError(f"data {path}: no such file or directory")
-    return files
+    return [f for p in paths for f in ([PYDOC] if p == PYDOC else expand_paths([p]))]
 
 
 def iter_documents(path: str):
     """The documents of one source: a text file is one document, a JSONL line another."""
     if path == PYDOC:
         from memlong_jax.demo import pydoc_text
-        yield pydoc_text()
-        return
-    try:
-        if path.lower().endswith(JSONL_EXTENSIONS):
-            with open(path, encoding="utf-8") as f:
-                for n, line in enumerate(f, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        item = json.loads(line)
-                    except json.JSONDecodeError as err:
-                        raise UserError(f"{path}:{n}: not JSON ({err.msg})") from None
-                    text = item.get("text") if isinstance(item, dict) else item
-                    if not isinstance(text, str):
-                        raise UserError(f"{path}:{n}: expected a string or an object with a "
-                                        "'text' string")
-                    yield text
-        else:
-            with open(path, encoding="utf-8", errors="replace") as f:
-                yield f.read()
-    except OSError as err:
-        raise UserError(f"cannot read {path}: {err.strerror}") from None
+        return [pydoc_text()]
+    return [doc.text for doc in file_documents(path)]
 
 
 def _cache_key(files, tokenizer) -> str:

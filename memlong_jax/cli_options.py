@@ -1,0 +1,35 @@
+"""Command-line pieces shared by the commands that run a checkpoint (score, generate, icl)."""
+
+from __future__ import annotations
+
+from memlong_jax.errors import UserError
+
+
+def add_model_options(parser, set_examples: str = "query_mode=segment, retriever=hidden, "
+                                                  "top_k=4") -> None:
+    """--set (MemLong overrides), --encoder (text retriever) and --dtype."""
+    parser.add_argument("--set", dest="overrides", action="append", default=[],
+                        metavar="KEY=VALUE",
+                        help=f"MemLong setting, e.g. {set_examples} (repeatable)")
+    parser.add_argument("--encoder", default=None,
+                        help="text retriever directory (default: bundled all-MiniLM-L6-v2)")
+    parser.add_argument("--dtype", default="float32", help="compute dtype (default: float32)")
+
+
+def load_model(args):
+    """(model, MemLong settings) for `args.checkpoint`: the checkpoint's own settings (or the
+    defaults for its shape) with `--set` applied; a tokenizer is required."""
+    import memlong_jax as ml
+
+    model = ml.load(args.checkpoint, args.dtype)
+    if model.tokenizer is None:
+        raise UserError(f"{args.checkpoint} has no tokenizer; convert it with its tokenizer")
+    return model, model.memlong_config.with_overrides(args.overrides).validate(model.config)
+
+
+def load_encoder(mcfg, encoder_dir: str | None):
+    """The text retriever's encoder when the settings use one, else None."""
+    if mcfg.retriever != "text":
+        return None
+    from memlong_jax.retrievers.text_encoder import default_encoder_dir, load_text_encoder
+    return load_text_encoder(encoder_dir or default_encoder_dir())
