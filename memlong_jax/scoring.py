@@ -96,8 +96,6 @@ class Scorer:
 
     def __init__(self, module: LlamaForCausalLM, params, mcfg: MemLongConfig, protocol: Protocol,
                  encoder=None, tokenizer=None):
-        if mcfg.retriever == "text" and (encoder is None or tokenizer is None):
-            raise UserError("the text retriever needs a text encoder and the LM's tokenizer")
         self.module, self.params, self.mcfg, self.protocol = module, params, mcfg, protocol
         self.encoder, self.tokenizer = encoder, tokenizer
         self._compiled: dict = {}
@@ -140,6 +138,8 @@ class Scorer:
         `segment` mode the query from the text of all of `ids`; None for the in-graph retriever."""
         if self.mcfg.retriever != "text":
             return None, None
+        if self.encoder is None or self.tokenizer is None:
+            raise UserError("the text retriever needs a text encoder and the LM's tokenizer")
         query_window = ids.shape[1] if segment_query and self.mcfg.query_mode == "segment" else None
         key_emb, query = text_embeddings(self.encoder, self.tokenizer, ids, self.mcfg.chunk_size,
                                          query_window)

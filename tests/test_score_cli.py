@@ -107,3 +107,13 @@ def test_missing_checkpoint(tmp_path, capsys):
     (tmp_path / "in.txt").write_text(TEXT)
     code, _, err = run([str(tmp_path / "nope"), str(tmp_path / "in.txt")], capsys)
     assert code == 2 and "no such checkpoint" in err
+
+
+def test_baselines_alone_need_no_text_encoder(tiny_checkpoint, tmp_path, capsys):
+    """`local`/`full` never retrieve: a text-retriever checkpoint scores them without an encoder."""
+    (tmp_path / "in.txt").write_text(TEXT)
+    code, out, err = run([tiny_checkpoint, str(tmp_path / "in.txt"), *FAST, "--modes",
+                          "local,full", "--set", "retriever=text",
+                          "--encoder", str(tmp_path / "no_such_encoder")], capsys)
+    assert code == 0, err
+    assert "PPL full" in out and "PPL memlong" not in out
