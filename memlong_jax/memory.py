@@ -128,12 +128,20 @@ def write_chunk(mem: Memory, keys, values, emb, policy: str = "paper", rows=None
     _check_shape("emb", emb, (batch, mem.emb.shape[2]))
     rows = jnp.ones((batch,), bool) if rows is None else jnp.asarray(rows, bool)
     mem = _evict_rows(mem, policy, rows & mem.valid.all(axis=1))
-    slot = jnp.where(rows, jnp.argmax(~mem.valid, axis=1), mem.capacity)  # capacity: dropped
-    b = jnp.arange(batch)
+    slot = jnp.argmax(~mem.valid, axis=1)
 
     def put(field, value):
-        value = jax.lax.stop_gradient(jnp.asarray(value)).astype(field.dtype)
-        return field.at[b, slot].set(value, mode="drop")
+        """One `dynamic_update_slice` per row (unselected rows get their old chunk back), which
+        XLA performs in place inside `scan`; a batched scatter made it copy the whole memory
+        for every chunk written."""
+        value = jnp.broadcast_to(jax.lax.stop_gradient(jnp.asarray(value)).astype(field.dtype),
+                                 (batch,) + field.shape[2:])
+        for row in range(batch):
+            start = (row, slot[row]) + (0,) * (field.ndim - 2)
+            old = jax.lax.dynamic_slice(field, start, (1, 1) + field.shape[2:])
+            field = jax.lax.dynamic_update_slice(
+                field, jnp.where(rows[row], value[row][None, None], old), start)
+        return field
 
     return mem.replace(keys=put(mem.keys, keys), values=put(mem.values, values),
                        emb=put(mem.emb, emb), valid=put(mem.valid, True),
