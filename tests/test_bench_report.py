@@ -1,0 +1,46 @@
+"""bench/report.py renders tables, ratios and target verdicts from results dicts (fabricated here:
+benchmarks themselves are never run by the tests)."""
+
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "bench"))
+report = pytest.importorskip("report")
+
+
+def _row(mode, length, seconds, rss, ctx=None, **extra):
+    return {"mode": mode, "length": length, "median_s": seconds, "tokens_per_s": length / seconds,
+            "ms_per_token": 1e3 * seconds / length, "peak_rss_mb": rss, "compile_s": 1.0,
+            "context_tokens": ctx or length, "mean_nll": [3.0], **extra}
+
+
+def _results():
+    mem = {"memory_tokens": 32768}
+    rows = [_row("memlong", 16384, 2.5, 1000, memlong=mem), _row("torch", 16384, 8.0, 900, 8192),
+            _row("memlong", 32768, 5.0, 1000, memlong=mem), _row("torch", 32768, 8.0, 900, 8192),
+            _row("memlong", 65536, 10.0, 1010, memlong=mem),
+            _row("memlong", 131072, 20.0, 1050, memlong=mem),
+            {"mode": "full", "length": 32768, "error": "worker exited with -9",
+             "peak_rss_mb": 5.0}]
+    return {"scoring": {"date": "d", "config": {"local_window": 2048, "books": ["b"]},
+                        "results": rows}}
+
+
+def test_scoring_table_has_ratios_and_verdicts():
+    text = report.render(_results())
+    assert "| 16k |" in text and "3.20x" in text and "1.60x" in text  # torch s / memlong s
+    targets = [line for line in text.splitlines() if line.startswith("| memlong scoring")]
+    assert len(targets) == 1 and "**missed**" in targets[0]         # 1.6x at 32k < 3x
+    flat = next(line for line in text.splitlines() if "time per token flat" in line)
+    assert "met" in flat                                             # 0.153 ms/token at 16k..128k
+    rss = next(line for line in text.splitlines() if "peak RSS flat" in line)
+    assert "64k: 1010 MB" in rss and "4.0%" in rss and "met" in rss
+    assert "full 32k: worker exited with -9" in text
+
+
+def test_splice_keeps_hand_written_notes():
+    old = f"intro\n{report.BEGIN}\nold tables\n{report.END}\nnotes by hand\n"
+    new = report.splice(old, "new tables\n")
+    assert new == f"intro\n{report.BEGIN}\nnew tables\n{report.END}\nnotes by hand\n"
