@@ -154,13 +154,13 @@ class Scorer:
         for start in range(0, prefix, block):
             chunk_ids = ids[:, start:min(start + block, prefix)]
             key_emb, _ = self.retrieval_inputs(chunk_ids)
-            state = self._call(("ingest", chunk_ids.shape[1]), self._ingest, self.params, state,
-                               chunk_ids, key_emb)
-            progress(chunk_ids.shape[1])
+            state = jax.block_until_ready(self._call(("ingest", chunk_ids.shape[1]), self._ingest,
+                                                     self.params, state, chunk_ids, key_emb))
+            progress(chunk_ids.shape[1])   # counted once done, not when dispatched
         window = ids[:, prefix:]
         key_emb, query = self.retrieval_inputs(window, segment_query=True)
-        state, nll = self._call(("memlong", final), self._final_window_nll, self.params, state,
-                                window, key_emb, query)
+        state, nll = jax.block_until_ready(self._call(
+            ("memlong", final), self._final_window_nll, self.params, state, window, key_emb, query))
         progress(final)
         return state, nll
 
@@ -176,7 +176,8 @@ class Scorer:
         if mode not in MODES:
             raise UserError(f"unknown mode {mode!r}; choose from {', '.join(MODES)}")
         seen = ids[:, -self.protocol.final_window(ids.shape[1]):] if mode == "local" else ids
-        nll = self._call((mode, seen.shape[1]), self._plain_nll, self.params, seen)
+        nll = jax.block_until_ready(self._call((mode, seen.shape[1]), self._plain_nll,
+                                               self.params, seen))
         progress(ids.shape[1])
         return state, nll
 
