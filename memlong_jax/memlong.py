@@ -61,7 +61,8 @@ def reset_rows(state: MemLongState, rows) -> MemLongState:
 
 
 def pooled_chunks(x, tau: int):
-    """In-graph retriever: mean over each tau-token chunk of `x` `[B, S, D]`, L2-normalised, fp32."""
+    """In-graph retriever: each tau-token chunk of `x` `[B, S, D]` mean-pooled, L2-normalised,
+    in fp32."""
     pooled = x.astype(jnp.float32).reshape(x.shape[0], -1, tau, x.shape[-1]).mean(axis=2)
     return pooled / jnp.maximum(jnp.linalg.norm(pooled, axis=-1, keepdims=True), 1e-12)
 
@@ -109,15 +110,19 @@ def write_segment(mcfg: MemLongConfig, memory: mem_ops.Memory, keys, values,
 
 
 def segment_step(module: LlamaForCausalLM, mcfg: MemLongConfig, params, state: MemLongState,
-                 ids, key_emb=None, segment_query=None, full: bool = True):
+                 ids, key_emb=None, segment_query=None, full: bool = True, head_at=None,
+                 write: bool = True):
     """One retrieve -> forward -> write step for `ids` `[B, S]`, S a multiple of tau.
 
     key_emb `[B, S/tau, d]` and segment_query `[B, d]` come from the text retriever; leave them
     None for the in-graph one. Returns (new state, logits `[B, S, V]`, or None if not `full`).
+    `head_at` int `[B, P]`: run the final norm and LM head only at these positions (logits
+    `[B, P, V]`). With `write=False` the segment is not written to memory (its retrieval still
+    counts hits), and S need not be a multiple of tau.
     """
     tau, length = mcfg.chunk_size, ids.shape[1]
     positions, h, x, keys, values = lower_stack(module, mcfg, params, ids)
-    if key_emb is None:
+    if key_emb is None and write:
         key_emb = pooled_chunks(x, tau)
     if segment_query is None and mcfg.query_mode == "segment":
         segment_query = pooled_chunks(x, length)[:, 0]
@@ -130,12 +135,16 @@ def segment_step(module: LlamaForCausalLM, mcfg: MemLongConfig, params, state: M
         retrieved = MemoryKV(*jax.lax.stop_gradient(mem_ops.gather_chunks(memory, indices, found)))
         h = apply(h, positions, mcfg.memory_layer, module.config.num_hidden_layers, retrieved,
                   mcfg.retrieval_layers, method=module.run_layers)
+        if head_at is not None:
+            h = jnp.take_along_axis(h, head_at[..., None], axis=1)
         logits = apply(h, method=module.final)
+    if not write:
+        return state._replace(memory=memory), logits
     return write_segment(mcfg, memory, keys, values, key_emb), logits
 
 
 def ingest_prefix(module: LlamaForCausalLM, mcfg: MemLongConfig, params, state: MemLongState,
-                  ids, key_emb=None, block_chunks: int = 32) -> MemLongState:
+                  ids, key_emb=None, block_chunks: int = 16) -> MemLongState:
     """Send `ids` `[B, P]` (P a multiple of tau) into memory chunk by chunk, exactly as a loop of
     `segment_step(..., full=False)` over tau-token chunks would, but faster.
 
