@@ -81,7 +81,9 @@ def test_memory_changes_the_output_only_where_valid():
     with_mem = run_attention(module, params, x, MemoryKV(mem_k, mem_v, valid), 1e4)
     without = run_attention(module, params, x, None, 1e4)
     assert np.abs(np.asarray(with_mem[0] - without[0])).max() > 1e-2   # row 0 has memory
-    np.testing.assert_array_equal(np.asarray(with_mem[1]), np.asarray(without[1]))  # row 1: none
+    # Row 1 retrieved nothing: its masked memory terms are exact zeros (exp underflows), so only
+    # the blocking of the fp32 sums can differ (measured 7e-9).
+    np.testing.assert_allclose(np.asarray(with_mem[1]), np.asarray(without[1]), atol=1e-7)
 
 
 def test_permuting_memory_tokens_changes_nothing():
