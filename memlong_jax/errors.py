@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import shutil
 import sys
@@ -66,6 +67,15 @@ def write_atomically(path: str, write) -> None:
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def write_json(path: str, data) -> None:
+    """`data` as indented JSON at `path`, written atomically."""
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(data, f, indent=1)
+            f.write("\n")
+    write_atomically(path, write)
 
 
 def check_writable(path: str) -> None:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import platform
 import sys
@@ -30,7 +29,7 @@ from memlong_jax import scoring
 from memlong_jax.cli_options import add_model_options, load_encoder, load_model
 from memlong_jax.documents import read_documents
 from memlong_jax.errors import (ArgumentParser, UserError, check_writable, run_cli,
-                                write_atomically)
+                                write_atomically, write_json)
 from memlong_jax.score_report import PLOT_FORMATS, table, write_csv, write_plot
 
 SUFFIXES = {"k": 1024, "m": 1024 * 1024}
@@ -169,18 +168,11 @@ def main(argv=None) -> None:
         print(f"warning: {message}", file=sys.stderr)
     print(table(results))
     if args.json:
-        write_atomically(args.json, lambda tmp: _dump_json(results, tmp))
+        write_json(args.json, {key: results[key] for key in ("config", "rows", "windows")})
     if args.csv:
         write_atomically(args.csv, lambda tmp: write_csv(results, tmp))
     if args.plot:
         write_atomically(args.plot, lambda tmp: write_plot(results, tmp))
-
-
-def _dump_json(results: dict, path: str) -> None:
-    with open(path, "w") as f:
-        json.dump({"config": results["config"], "rows": results["rows"],
-                   "windows": results["windows"]}, f, indent=1)
-        f.write("\n")
 
 
 if __name__ == "__main__":

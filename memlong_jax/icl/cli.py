@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import sys
 import time
 
 from memlong_jax.cli_options import add_model_options, load_encoder, load_model
-from memlong_jax.errors import ArgumentParser, UserError, check_writable, write_atomically
+from memlong_jax.errors import (ArgumentParser, UserError, check_writable, write_atomically,
+                                write_json)
 from memlong_jax.icl.tasks import DEFAULT_DATA, ROWS, TASKS, get_task, load_split
 from memlong_jax.icl.prompts import Settings
 from memlong_jax.icl.evaluation import evaluate, table, write_csv
@@ -116,14 +116,7 @@ def main(argv=None) -> None:
           f"{timing['seconds'] - timing['compile_seconds']:.0f} s, compiling "
           f"{timing['compile_seconds']:.0f} s")
     if args.json:
-        write_atomically(args.json, lambda tmp: _dump_json(results, tmp))
+        write_json(args.json, {key: results[key]
+                               for key in ("config", "summary", "runs", "items", "timing")})
     if args.csv:
         write_atomically(args.csv, lambda tmp: write_csv(results, tmp))
-
-
-def _dump_json(results: dict, path: str) -> None:
-    with open(path, "w") as f:
-        json.dump({key: results[key] for key in ("config", "summary", "runs", "items", "timing")},
-                  f, indent=1)
-        f.write("\n")
-
