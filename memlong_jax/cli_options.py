@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import platform
+
 from memlong_jax.errors import UserError
 
 
@@ -33,3 +35,13 @@ def load_encoder(mcfg, encoder_dir: str | None):
         return None
     from memlong_jax.retrievers.text_encoder import default_encoder_dir, load_text_encoder
     return load_text_encoder(encoder_dir or default_encoder_dir())
+
+
+def versions() -> dict:
+    """What a results file records about the software and machine that produced it."""
+    import flax
+    import jax
+    import numpy as np
+    return {"python": platform.python_version(), "jax": jax.__version__,
+            "flax": flax.__version__, "numpy": np.__version__,
+            "device": str(jax.devices()[0].device_kind), "machine": platform.machine()}

@@ -19,14 +19,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import platform
 import sys
 import time
 
-import numpy as np
 
 from memlong_jax import scoring
-from memlong_jax.cli_options import add_model_options, load_encoder, load_model
+from memlong_jax.cli_options import add_model_options, load_encoder, load_model, versions
 from memlong_jax.documents import read_documents
 from memlong_jax.errors import (ArgumentParser, UserError, check_writable, run_cli,
                                 write_atomically, write_json)
@@ -108,14 +106,6 @@ def tokenize(model, documents, join: bool):
         documents = [(f"joined({len(documents)} documents)",
                       "\n\n".join(doc.text for doc in documents))]
     return [(name, model.encode(text)) for name, text in documents]
-
-
-def versions() -> dict:
-    import flax
-    import jax
-    return {"python": platform.python_version(), "jax": jax.__version__,
-            "flax": flax.__version__, "numpy": np.__version__,
-            "device": str(jax.devices()[0].device_kind), "machine": platform.machine()}
 
 
 def main(argv=None) -> None:

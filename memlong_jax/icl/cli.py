@@ -8,7 +8,7 @@ import os
 import sys
 import time
 
-from memlong_jax.cli_options import add_model_options, load_encoder, load_model
+from memlong_jax.cli_options import add_model_options, load_encoder, load_model, versions
 from memlong_jax.errors import (ArgumentParser, UserError, check_writable, write_atomically,
                                 write_json)
 from memlong_jax.icl.tasks import DEFAULT_DATA, ROWS, TASKS, get_task, load_split
@@ -75,7 +75,6 @@ def main(argv=None) -> None:
         load_split(args.data, get_task(name), "train")
         load_split(args.data, get_task(name), "test")
 
-    from memlong_jax.score import versions
     model, mcfg = load_model(args)
     encoder = load_encoder(mcfg, args.encoder)
 
