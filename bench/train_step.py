@@ -50,8 +50,10 @@ def build_parser():
     return p
 
 
-def build(name: str, overrides: list[str]):
-    """Everything `Trainer` builds for a step, minus data, checkpoints and sharding."""
+def build(name: str, overrides: list[str], load_base=None):
+    """Everything `Trainer` builds for a step, minus data, checkpoints and sharding.
+    `load_base(run, model)`: base params in the run's param_dtype, instead of
+    `train.run.load_base` (bench/gpu.py passes random weights built on the device)."""
     import jax
     import jax.numpy as jnp
     from memlong_jax import memlong
@@ -67,7 +69,8 @@ def build(name: str, overrides: list[str]):
     model = cfgmod.model_config(run)
     run = cfgmod.validate(run, model)
     t, m = run.train, run.memlong
-    frozen, trainable = runmod.split_params(run, model, runmod.load_base(run, model))
+    base = (load_base or runmod.load_base)(run, model)
+    frozen, trainable = runmod.split_params(run, model, base)
     module = stepmod.make_module(model, t.dtype, t.remat)
     tx, schedule = stepmod.make_optimizer(t, max(1, t.steps))
     fresh = lambda tree: jax.tree_util.tree_map(lambda x: jnp.array(x, copy=True), tree)

@@ -21,14 +21,11 @@ import functools
 import hashlib
 import os
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before faiss loads OpenMP; see design.md
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-import faiss  # noqa: E402
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-
-from memlong_jax.config import ConfigError  # noqa: E402
+from memlong_jax.config import ConfigError
 
 INDEX_CACHE_SIZE = 8  # approximate indexes kept for reuse (LRU, keyed by content)
 _INDEX_CACHE: collections.OrderedDict = collections.OrderedDict()
@@ -129,6 +126,7 @@ class FaissSearch:
 
     def _new_index(self, dim: int):
         """The empty index with its search params set; a bad factory or params is a ConfigError."""
+        faiss = _faiss()
         try:
             index = faiss.index_factory(dim, self.factory, faiss.METRIC_INNER_PRODUCT)
             if self.params:
@@ -139,6 +137,7 @@ class FaissSearch:
         return index
 
     def _build(self, vectors):
+        faiss = _faiss()
         index = self._new_index(vectors.shape[1])
         ivf = faiss.try_extract_index_ivf(index)
         if ivf is not None and len(vectors) < ivf.nlist * ivf.cp.min_points_per_centroid:
@@ -157,7 +156,21 @@ def _at(a, row):
 
 
 @functools.cache
+def _faiss():
+    """faiss, imported on first use: the device backend (and GPU machines without faiss) never
+    need it."""
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before faiss loads OpenMP; design.md
+    try:
+        import faiss
+    except ImportError:
+        raise ConfigError("the faiss backends need faiss (pip install faiss-cpu, or the gpu "
+                          "extra's faiss-gpu-cu12); backend=device needs nothing") from None
+    return faiss
+
+
+@functools.cache
 def _gpu_resources():
+    faiss = _faiss()
     return faiss.StandardGpuResources() if faiss.get_num_gpus() > 0 else None
 
 

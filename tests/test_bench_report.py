@@ -44,3 +44,19 @@ def test_splice_keeps_hand_written_notes():
     old = f"intro\n{report.BEGIN}\nold tables\n{report.END}\nnotes by hand\n"
     new = report.splice(old, "new tables\n")
     assert new == f"intro\n{report.BEGIN}\nnew tables\n{report.END}\nnotes by hand\n"
+
+
+def test_gpu_section_renders_rows_errors_and_skips():
+    row = {"name": "score:openllama3b:memlong:80k", "kind": "score", "length": 81920,
+           "median_s": 1.5, "tokens_per_s": 54613.0, "tflops": 180.0, "mfu_measured_peak": 0.25,
+           "mfu_nominal_peak": 0.18, "peak_gpu_gib": 12.34, "compile_s": 20.0}
+    data = {"date": "d", "config": {"device_kind": "NVIDIA H200", "local_window": 2048},
+            "results": {"matmul_peak": {"gflops": 720000.0, "dtype": "bfloat16"},
+                        "nominal_peak_tflops": 989.0,
+                        "measurements": [row, {"name": "train:openllama3b", "error": "OOM"},
+                                         {"name": "score:openllama3b:full:80k",
+                                          "skipped": "budget"}]}}
+    text = report.render({"gpu": data})
+    assert "| score:openllama3b:memlong:80k | 80k | 1.500 | 54,613 | 180.0 | 25.0% | 18.0% | " \
+           "12.34 | 20.0 |" in text
+    assert "error: OOM" in text and "skipped: budget" in text and "720.0 TFLOP/s" in text

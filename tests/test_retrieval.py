@@ -1,5 +1,7 @@
 """Retrieval backends: device top-k and exact FAISS pick the same chunks; approximate ones mostly."""
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -186,3 +188,13 @@ def test_bad_arguments(retrieve_jit):
         R.retrieve(R.FaissSearch("NotAnIndex"), emb, valid, query, 2)
     with pytest.raises(ConfigError, match="efSerch"):
         R.retrieve(R.FaissSearch("HNSW8", "efSerch=3"), emb, valid, query, 2)
+
+
+def test_faiss_is_imported_only_by_the_faiss_backends():
+    """GPU machines without faiss run the device backend: nothing else may import it."""
+    import subprocess
+    import sys
+    code = ("import sys, memlong_jax.memlong, memlong_jax.scoring, train.run; "
+            "assert 'faiss' not in sys.modules, 'faiss imported'")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=os.path.dirname(
+        os.path.dirname(os.path.abspath(__file__))))

@@ -20,6 +20,7 @@ from memlong_jax.model import LlamaForCausalLM
 from train import config as cfgmod
 from train import data as datamod
 from train import lora, metrics, step as stepmod
+from train.export import main as export_main
 from train.run import Trainer, export_run, load_base, main as run_main, split_params
 
 
@@ -255,6 +256,21 @@ def test_export_loads_and_converts_to_hf(trained):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+def test_adapter_travels_and_merges_like_the_checkpoint(trained, capsys):
+    tmp_path = trained[0]
+    assert run_cli(export_main, [str(tmp_path / "out"), str(tmp_path / "adapter"), "--adapter"]) == 0
+    export_run(str(tmp_path / "out"), str(tmp_path / "direct"))
+    assert run_cli(export_main, [str(tmp_path / "adapter"), str(tmp_path / "from_adapter")]) == 0
+    direct = ml.load(str(tmp_path / "direct"))
+    merged = ml.load(str(tmp_path / "from_adapter"))
+    for a, b in zip(jax.tree_util.tree_leaves(merged.params), jax.tree_util.tree_leaves(direct.params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert run_cli(export_main, [str(tmp_path / "adapter"), str(tmp_path / "x"), "--adapter",
+                                 "--hf", str(tmp_path / "h")]) == 2
+    assert run_cli(export_main, [str(tmp_path), str(tmp_path / "y")]) == 2
+    assert "neither a training run" in capsys.readouterr().err
+
+
 def test_tensorboard_events_are_valid(trained):
     tmp_path = trained[0]
     assert metrics.crc32c(b"123456789") == 0xE3069283  # the CRC-32C check value
@@ -309,3 +325,36 @@ def test_other_config_checkpoint_is_refused_and_kept(trained, capsys):
     for path, leaf in traverse_util.flatten_dict(
             jax.device_get(trained[3].state["trainable"])).items():
         np.testing.assert_array_equal(np.asarray(restored[path]), np.asarray(leaf))
+
+
+# ---- precomputed retriever keys ----------------------------------------------------------------
+
+def test_key_table_matches_the_encoder_and_spares_it(tmp_path, capsys):
+    from memlong_jax.errors import UserError
+    from train.keys import main as keys_main
+    data = toy_corpus(tmp_path / "toy.txt", seed=11, repeats=30)
+    sets = [f"data={data}", "memlong.retriever=text", f"cache_dir={tmp_path / 'cache'}"]
+    argv = [a for s in sets for a in ("--set", s)]
+    assert run_cli(keys_main, [str(tmp_path / "keys.npz"), "--config", "tiny", "-q", *argv]) == 0
+    assert run_cli(keys_main, [str(tmp_path / "keys16.npz"), "--config", "tiny", "-q",
+                               "--float16", *argv]) == 0
+    run, model = resolve(tmp_path, *sets[:2], "steps=2", f"key_table={tmp_path / 'keys.npz'}")
+    tau = run.memlong.chunk_size
+    tok = datamod.load_tokenizer("auto", "", model.vocab_size)
+    tokens = datamod.token_file(datamod.list_sources(data), tok, str(tmp_path / "cache"))
+    ids = np.asarray(tokens[:8 * tau * 3], np.int32).reshape(2, 3, 4 * tau)  # [accum, B, S]
+    live = datamod.RetrieverEmbeddings("", tok, tau, False)
+    want, _ = live(ids)
+    for name, atol in (("keys.npz", 1e-5), ("keys16.npz", 2e-3)):
+        table = datamod.KeyTable(str(tmp_path / name), tau)
+        got, _ = datamod.RetrieverEmbeddings("", tok, tau, False, table)(ids)
+        assert got.shape == want.shape == (2, 3, 4, 384)
+        np.testing.assert_allclose(got, want, atol=atol)
+    with pytest.raises(UserError, match="missing from the key table"):
+        table(np.full((1, tau), 7, np.int32))
+    with pytest.raises(UserError, match="chunk_size"):
+        datamod.KeyTable(str(tmp_path / "keys.npz"), tau * 2)
+    trainer = Trainer(run, model)
+    trainer.train()
+    assert trainer.retriever.table is not None and trainer.retriever._encoder is None
+    assert len([json.loads(line) for line in open(tmp_path / "out" / "metrics.jsonl")]) >= 1

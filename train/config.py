@@ -74,6 +74,7 @@ class TrainConfig:
     tensorboard: bool = True
     peak_tflops: float = 0.0
     encoder_dir: str = ""
+    key_table: str = ""
     export_dir: str = ""
     export_hf: str = ""
 
@@ -133,6 +134,8 @@ HELP = {
     "progress": "show a progress bar", "tensorboard": "write TensorBoard event files",
     "peak_tflops": "peak TFLOP/s per device for MFU (0: known GPUs only)",
     "encoder_dir": "text retriever directory (empty: bundled all-MiniLM-L6-v2)",
+    "key_table": "precomputed text-retriever keys of the data (python -m train.keys); empty: "
+                 "the encoder embeds every batch's chunks",
     "export_dir": "after training, write the LoRA-merged model here (our checkpoint format)",
     "export_hf": "after training, also write it as an HF directory here",
 }

@@ -212,24 +212,74 @@ def validation_windows(blocks: Blocks, length: int, rows: int, batches: int) -> 
     return tokens[:n * rows * length].astype(np.int32).reshape(n, rows, length)
 
 
+class KeyTable:
+    """Precomputed text-retriever keys: one embedding per distinct `tau`-token chunk of a corpus
+    (written by `python -m train.keys`). Looked up by chunk content, so any block or validation
+    window of that corpus finds its keys and the text encoder never runs during training."""
+
+    def __init__(self, path: str, tau: int):
+        try:
+            with np.load(path) as data:
+                chunks, vectors = data["chunks"], data["vectors"]
+                meta = json.loads(str(data["meta"]))
+        except (OSError, KeyError, ValueError) as err:
+            raise UserError(f"key table {path}: not a train.keys file ({err})") from None
+        if meta.get("tau") != tau:
+            raise UserError(f"key table {path} was built for chunk_size {meta.get('tau')}, "
+                            f"this run uses {tau}")
+        self.meta, self.tau, self.dim = meta, tau, vectors.shape[1]
+        self.vectors = vectors.astype(np.float32)
+        self.rows = {chunk.tobytes(): i for i, chunk in enumerate(chunks.astype(np.uint32))}
+
+    def __call__(self, ids: np.ndarray) -> np.ndarray:
+        """ids `[..., S]` -> keys `[..., S/tau, d]`; a chunk missing from the table is an error."""
+        chunks = np.asarray(ids, np.uint32).reshape(-1, self.tau)
+        try:
+            rows = [self.rows[c.tobytes()] for c in chunks]
+        except KeyError:
+            raise UserError("a training chunk is missing from the key table: it was built from "
+                            "other data or another tokenizer (rebuild it with python -m "
+                            "train.keys)") from None
+        return self.vectors[rows].reshape(*ids.shape[:-1], ids.shape[-1] // self.tau, -1)
+
+
 class RetrieverEmbeddings:
     """Host side of the `text` retriever for training batches: key embeddings of every chunk and
-    (segment mode) the segment query, via `retrievers.text_pipeline.text_embeddings`."""
+    (segment mode) the segment query, via `retrievers.text_pipeline.text_embeddings`, or the keys
+    from a `KeyTable` (the encoder is then loaded only if a segment query needs it)."""
 
-    def __init__(self, encoder_dir: str, tokenizer, tau: int, segment_query: bool):
-        from memlong_jax.retrievers.text_encoder import default_encoder_dir, load_text_encoder
-        self.encoder = load_text_encoder(encoder_dir or default_encoder_dir())
+    def __init__(self, encoder_dir: str, tokenizer, tau: int, segment_query: bool,
+                 table: KeyTable | None = None):
+        self.encoder_dir, self.table = encoder_dir, table
         self.tokenizer, self.tau, self.segment_query = tokenizer, tau, segment_query
-        self.dim = self.encoder.config.hidden_size
+        self._encoder = None
+        if table is not None:
+            self.dim = table.dim
+        else:
+            from memlong_jax.retrievers.text_encoder import default_encoder_dir, read_config
+            self.dim = read_config(encoder_dir or default_encoder_dir()).hidden_size
+
+    @property
+    def encoder(self):
+        if self._encoder is None:
+            from memlong_jax.retrievers.text_encoder import default_encoder_dir, load_text_encoder
+            self._encoder = load_text_encoder(self.encoder_dir or default_encoder_dir())
+        return self._encoder
 
     def __call__(self, ids: np.ndarray, window: int | None = None):
         """ids `[..., B, S]` -> key_emb `[..., B, S/tau, d]`, and in segment mode the query
         `[..., B, d]` of the last `window` (default S) tokens, else None."""
-        from memlong_jax.retrievers.text_pipeline import text_embeddings
+        from memlong_jax.retrievers.text_pipeline import segment_query, text_embeddings
         lead, (batch, length) = ids.shape[:-2], ids.shape[-2:]
         flat = ids.reshape(-1, length)
-        keys, query = text_embeddings(self.encoder, self.tokenizer, flat, self.tau,
-                                      window=(window or length) if self.segment_query else None)
+        window = (window or length) if self.segment_query else None
+        if self.table is not None:
+            keys = self.table(flat)
+            query = None if window is None else segment_query(self.encoder, self.tokenizer, flat,
+                                                              window)
+        else:
+            keys, query = text_embeddings(self.encoder, self.tokenizer, flat, self.tau,
+                                          window=window)
         keys = np.asarray(keys, np.float32).reshape(*lead, batch, length // self.tau, -1)
         if query is not None:
             query = np.asarray(query, np.float32).reshape(*lead, batch, -1)

@@ -1,10 +1,15 @@
 """Export a trained run: LoRA merged into the base weights, written in our converted-checkpoint
-format (so `memlong_jax.load` and `python -m convert.to_hf` read it), optionally also as HF.
+format (so `memlong_jax.load` and `python -m convert.to_hf` read it), optionally also as HF; or
+only the trained parameters, as a small adapter directory that merges later.
 
     python -m train.export OUTPUT_DIR EXPORT_DIR [--hf HF_DIR] [--step N]
+    python -m train.export OUTPUT_DIR ADAPTER_DIR --adapter     # trained parameters only
+    python -m train.export ADAPTER_DIR EXPORT_DIR [--base DIR]  # merge an adapter
 
 OUTPUT_DIR is a `train.run` output directory; the newest checkpoint (or --step) is used, with
-the base weights named by its resolved config (`init_from`, or the seeded random init).
+the base weights named by its resolved config (`init_from`, or the seeded random init; `--base`
+overrides). An adapter (the LoRA factors and trained norms, megabytes rather than the model's
+size) is how a run trained on one machine travels to another that has the base weights.
 """
 
 from __future__ import annotations
@@ -13,6 +18,10 @@ import argparse
 import os
 import shutil
 import sys
+
+import json
+
+import numpy as np
 
 from memlong_jax import checkpoint
 from memlong_jax.errors import UserError, atomic_output_dir, run_cli
@@ -35,6 +44,40 @@ def write_model(out_dir: str, model_cfg, mcfg, params, tokenizer_from: str = "",
         to_hf([out_dir, hf_dir, "--quiet"])
 
 
+ADAPTER_WEIGHTS = "adapter.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+def is_adapter(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, ADAPTER_CONFIG))
+
+
+def write_adapter(out_dir: str, stored: dict, step: int, trainable) -> None:
+    """The trained tree (flattened, '/'-joined names) and the run's config, as `out_dir`."""
+    from flax import traverse_util
+    from safetensors.numpy import save_file
+    flat = {"/".join(k): np.ascontiguousarray(v)
+            for k, v in traverse_util.flatten_dict(trainable).items()}
+    with atomic_output_dir(out_dir) as tmp:
+        save_file(flat, os.path.join(tmp, ADAPTER_WEIGHTS))
+        with open(os.path.join(tmp, ADAPTER_CONFIG), "w") as f:
+            json.dump({"step": step, **stored}, f, indent=1)
+
+
+def read_adapter(path: str):
+    """(stored config, step, trainable tree) of an adapter directory."""
+    from flax import traverse_util
+    from safetensors.numpy import load_file
+    try:
+        with open(os.path.join(path, ADAPTER_CONFIG)) as f:
+            stored = json.load(f)
+        flat = load_file(os.path.join(path, ADAPTER_WEIGHTS))
+    except (OSError, ValueError) as err:
+        raise UserError(f"{path}: not a readable adapter ({err})") from None
+    tree = traverse_util.unflatten_dict({tuple(k.split("/")): v for k, v in flat.items()})
+    return stored, stored.pop("step"), tree
+
+
 def export_merged(frozen, trainable, run, model_cfg, base_dtypes, out_dir: str,
                   hf_dir: str = "") -> None:
     t = run.train
@@ -45,15 +88,23 @@ def export_merged(frozen, trainable, run, model_cfg, base_dtypes, out_dir: str,
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m train.export", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("run_dir", help="train.run output directory")
+    parser.add_argument("source", help="train.run output directory, or an adapter directory")
     parser.add_argument("out", help="export directory (must not exist)")
     parser.add_argument("--hf", default="", help="also write an HF directory here")
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (default newest)")
+    parser.add_argument("--adapter", action="store_true",
+                        help="write only the trained parameters (an adapter directory)")
+    parser.add_argument("--base", default="",
+                        help="base model directory (default: the run's init_from)")
     args = parser.parse_args(argv)
     from train.run import export_run
-    if not os.path.isdir(os.path.join(args.run_dir, "checkpoints")):
-        raise UserError(f"{args.run_dir} holds no training checkpoints")
-    export_run(args.run_dir, args.out, args.hf, args.step)
+    if not is_adapter(args.source) and \
+            not os.path.isdir(os.path.join(args.source, "checkpoints")):
+        raise UserError(f"{args.source} is neither a training run (no checkpoints/) nor an "
+                        "adapter directory")
+    if args.adapter and args.hf:
+        raise UserError("--hf needs a merged export; drop --adapter")
+    export_run(args.source, args.out, args.hf, args.step, args.adapter, args.base)
 
 
 if __name__ == "__main__":

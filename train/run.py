@@ -233,8 +233,10 @@ class Trainer:
         self.total_steps = t.steps or self.streams.steps_per_epoch
         self.retriever = None
         if m.retriever == "text":
+            table = datamod.KeyTable(t.key_table, m.chunk_size) if t.key_table else None
             self.retriever = datamod.RetrieverEmbeddings(t.encoder_dir, self.tokenizer,
-                                                         m.chunk_size, m.query_mode == "segment")
+                                                         m.chunk_size, m.query_mode == "segment",
+                                                         table)
         self.emb_dim = self.retriever.dim if self.retriever else None
 
         # model, trainable split, optimizer, memory
@@ -400,28 +402,44 @@ class Trainer:
         self.log.close()
 
 
-def export_run(run_dir: str, out: str, hf_dir: str = "", step: int | None = None) -> None:
-    """Merge a run's checkpoint (newest, or `step`) into its base model and write it out."""
+def trained_from_checkpoint(run_dir: str, step: int | None = None):
+    """(stored config, step, trainable tree as numpy) of a run's newest checkpoint (or `step`)."""
     ckpt = Checkpoints(os.path.join(run_dir, "checkpoints"), 1000, False)
     step = ckpt.latest_step() if step is None else step
     if step is None:
         raise UserError(f"{run_dir} holds no training checkpoints")
     _, stored = ckpt.read_json(step)
-    run = resolved_from_dict(stored["run"])
-    model = LlamaConfig.from_hf_dict(stored["model"])
-    base = load_base(run, model)
-    dtypes = base_dtypes(base)
-    frozen, trainable = split_params(run, model, base)
     import orbax.checkpoint as ocp
     restored = ckpt.manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore()))["state"]
-    trained = jax.tree_util.tree_map(np.asarray, restored["train"]["trainable"])
-    if jax.tree_util.tree_structure(trained) != jax.tree_util.tree_structure(trainable):
-        raise UserError(f"checkpoint {step} in {run_dir} does not match its config's trainable "
-                        "parameters")
-    from train.export import export_merged
-    export_merged(jax.device_get(frozen), trained, run, model, dtypes, out, hf_dir)
     ckpt.close()
+    return stored, step, jax.tree_util.tree_map(np.asarray, restored["train"]["trainable"])
+
+
+def export_run(source: str, out: str, hf_dir: str = "", step: int | None = None,
+               adapter_only: bool = False, base: str = "") -> None:
+    """Merge a run's checkpoint (newest, or `step`) or an exported adapter into its base model
+    (`base` overrides the recorded `init_from`) and write it out; or, with `adapter_only`, write
+    just the trained parameters."""
+    from train import export
+    if export.is_adapter(source):
+        stored, step, trained = export.read_adapter(source)
+    else:
+        stored, step, trained = trained_from_checkpoint(source, step)
+    if adapter_only:
+        export.write_adapter(out, stored, step, trained)
+        return
+    run = resolved_from_dict(stored["run"])
+    if base:
+        run = cfgmod.Resolved(run.name, run.train.replace(init_from=base), run.memlong)
+    model = LlamaConfig.from_hf_dict(stored["model"])
+    params = load_base(run, model)
+    dtypes = base_dtypes(params)
+    frozen, trainable = split_params(run, model, params)
+    if jax.tree_util.tree_structure(trained) != jax.tree_util.tree_structure(trainable):
+        raise UserError(f"{source} (step {step}) does not match its config's trainable "
+                        "parameters")
+    export.export_merged(jax.device_get(frozen), trained, run, model, dtypes, out, hf_dir)
 
 
 def main(argv=None) -> None:

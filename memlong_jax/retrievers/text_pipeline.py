@@ -28,6 +28,11 @@ def text_embeddings(encoder: TextEncoder, lm_tokenizer, ids, tau: int, window: i
     keys = encoder.encode_texts(flat).reshape(len(texts), len(texts[0]), -1)
     if window is None:
         return keys, None
+    return keys, segment_query(encoder, lm_tokenizer, ids, window)
+
+
+def segment_query(encoder: TextEncoder, lm_tokenizer, ids, window: int):
+    """The `segment`-mode query `[B, d]`: the embedding of the text of the last `window` tokens."""
     tails = lm_tokenizer.decode_batch(np.asarray(ids)[:, -window:].tolist(),
                                       skip_special_tokens=True)
-    return keys, encoder.encode_texts(tails)
+    return encoder.encode_texts(tails)

@@ -1,0 +1,534 @@
+"""GPU path: MemLong scoring of 80k-token windows and the `openllama3b` training step on a CUDA
+machine, in bf16, with MFU and peak GPU memory, in one command under a wall-time budget.
+
+    python bench/gpu.py                         # on the GPU machine -> bench/results/gpu.json
+    python bench/gpu.py --budget-s 300          # more time: local/full modes, more repeats
+    .venv/bin/python bench/gpu.py --quick       # CPU smoke test (tiny shapes) -> out/bench-quick/
+
+Needs only jax (with CUDA), flax, optax and orbax, and the repository on PYTHONPATH: no model or
+text-encoder weights, no faiss, no network. Every model is a seeded random init of the right
+shape built on the device (`openllama3b`: 26 layers, hidden 3200, 32 heads of head_dim 100;
+`smollm2-135m`), in bf16 (compute and storage); speed does not depend on the weights' values.
+MemLong settings are each model's preset with `retriever=hidden` (in-graph mean-pooled
+memory-layer states, no text encoder) and `backend=device` (exact top-k in-graph).
+
+Measurements, in this order (each guarded: an error is recorded and the next one runs):
+
+1. matmul peak: best bf16 square matmul (4096, 8192) on this device (fp32 on CPU).
+2. scoring, openllama3b, memlong, 80k (81920) tokens: `memlong_jax.scoring.Scorer.window_nll`,
+   the path `python -m memlong_jax.score` runs (prefix through `memlong.ingest_prefix` in 8192-
+   token host blocks, then the 2048-token local window scored with retrieval; a fresh memory
+   per window, so the 32k-token memory fills and evicts). Random token ids.
+3. training step, openllama3b: bench/train_step.py's `build` (train.config.resolve with `--set`
+   style overrides, train.run.split_params, train.step.make_train_step jitted with donation),
+   overrides: init_from= (random), dtype/param_dtype bfloat16, memlong.retriever=hidden,
+   memlong.backend=device, seq_len 1024, rows_per_replica 2, grad_accum 2 (`--train-set` adds
+   or replaces; out of device memory, it is retried once with rows_per_replica 1). LoRA rank 64
+   on q/k/v/o of layers 14-25, as the preset. FLOPs: train.metrics.step_flops (frozen-aware).
+4. scoring, smollm2-135m shape, memlong at 8k, 32k and 80k tokens.
+5. scoring, openllama3b, `local` (final 2048-token window alone) and `full` (plain causal over
+   all 80k tokens; blockwise attention) at 80k. `full` starts only when the budget left is at
+   least 60 s and at least its estimate (30 s compile + its FLOPs at the rate `local` reached,
+   a lower bound); its first run (compile excluded) may be its only timing
+   (`timed_from_first_run`).
+
+Timing: compilation is timed apart (AOT for the train step; `Scorer.last_compile_seconds` for
+scoring), then one untimed run, then up to `--repeats` timed runs (at least one; no more once
+the budget is spent); median reported. tokens/s = tokens per window (or step) / median s.
+
+FLOPs (model FLOPs, 2 per multiply-add; what the computation needs, counted as the
+implementation does it). Weights W_layer = q, k, v, o, gate, up, down of one layer
+(train.metrics.layer_params); attention 4 * heads * head_dim per (query, key) pair (QK^T and PV).
+- memlong, window N = P prefix + W local: each prefix token 2 * (m * W_layer + W_k + W_v)
+  (layers below the memory layer m, plus its K/V) + m layers of causal attention inside its
+  128-token chunk ((tau + 1) / 2 keys); each window token 2 * (L * W_layer + W_k + W_v) + the LM
+  head on all W tokens (as score_sequence runs it) + causal attention ((W + 1) / 2 keys) in all L
+  layers plus top_k * tau memory keys in the retrieval layers. Retrieval scores (2 * capacity *
+  hidden per chunk query), norms, RoPE, softmax and memory writes are not counted (the first is
+  reported apart as `retrieval_flops`).
+- local: W tokens, all layers, causal attention; full: N tokens, all layers, causal attention
+  (N (N + 1) / 2 pairs; the blockwise kernel also computes the masked half of diagonal blocks).
+  Both run the LM head only on the scored predictions.
+- training: train.metrics.step_flops (lower layers forward only, upper layers forward + both
+  gradients, memory attention counted).
+MFU = achieved FLOP/s / peak: the matmul peak measured above, and the nominal dense bf16 peak
+(train.metrics.PEAK_TFLOPS: H100/H200 989 TFLOP/s) where the device is known.
+
+Peak GPU memory: `memory_stats()['peak_bytes_in_use']` of the device (None where the backend
+has none, e.g. CPU). It is a process-wide high-water mark that cannot be reset, so each
+measurement records it before and after: `peak_gpu_bytes` is set only when the mark rose
+during that measurement (then it is that measurement's own peak, with every live buffer
+counted); otherwise only the upper bound is known. Models are freed between groups so the
+big measurements (2 and 3) start from an empty device. Each compiled program's own footprint
+(XLA memory_analysis: arguments + outputs - aliased + temporaries) is recorded too.
+
+Budget: `--budget-s` (default 150) is checked before each measurement and between timed
+repeats; measurements that would start after it are recorded as skipped. A running
+measurement is not interrupted (its compile can take a minute), so give the command a hard
+timeout of about budget + 150 s. The JSON is rewritten after every measurement (and names the
+one in progress), so a killed run keeps what it finished.
+
+--quick (CPU smoke test, about 1-2 minutes): the `tiny` shape with head_dim 100 for scoring
+(4096-token windows, so `full` goes blockwise), the `tiny` training preset (seq_len 256), the
+`tiny` shape for the second scoring model; numbers are meaningless.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import statistics
+import sys
+import time
+import traceback
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.92")  # before jax is imported
+
+import numpy as np  # noqa: E402
+
+import common  # noqa: E402
+
+if common.REPO not in sys.path:   # the repository on PYTHONPATH or not: memlong_jax, train
+    sys.path.insert(1, common.REPO)
+
+NAME = "gpu"
+GiB = 2 ** 30
+MODEL_TRAIN_OVERRIDES = ["init_from=", "dtype=bfloat16", "param_dtype=bfloat16",
+                         "memlong.retriever=hidden", "memlong.backend=device"]
+
+
+def build_parser():
+    p = common.parser(__doc__, NAME)
+    p.add_argument("--budget-s", type=float, default=150.0,
+                   help="no measurement starts after this many seconds (default: %(default)s)")
+    p.add_argument("--repeats", type=int, default=None,
+                   help="timed runs per measurement (default: 3 windows, 5 train steps)")
+    p.add_argument("--train-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="train setting for the training step (replaces the default of the same "
+                        "key), e.g. rows_per_replica=1 or remat=full")
+    p.add_argument("--only", default="",
+                   help="comma-separated substrings: run only measurements whose name has one "
+                        "(names: score:openllama3b:memlong:80k, train:openllama3b, ...)")
+    p.add_argument("--seed", type=int, default=0, help="weights and token ids (default: 0)")
+    return p
+
+
+# ---- the plan ---------------------------------------------------------------------------------
+
+def plan(quick: bool) -> dict:
+    """Models, lengths and the ordered measurement groups (models are freed between groups)."""
+    if quick:
+        big, small, n_big = "tiny-hd100", "tiny", 4096
+        window, scored, small_lengths = 256, 256, [512, 1024]
+        train = ("tiny", ["seq_len=256", "rows_per_replica=1", "grad_accum=2"])
+        full_min_left, min_left = 0, 0
+    else:
+        big, small, n_big = "openllama3b", "smollm2-135m", 81920
+        window, scored, small_lengths = 2048, 2048, [8192, 32768, 81920]
+        train = ("openllama3b", ["seq_len=1024", "rows_per_replica=2", "grad_accum=2"])
+        full_min_left, min_left = 60, 15
+    # The smollm2-135m step as docs/results.md's fine-tuning run takes it (16 streams of 1024).
+    small_train = [] if quick else [[("train", small, ["seq_len=1024",
+                                                      "rows_per_replica=16"])]]
+    return {"window": window, "scored": scored, "groups": small_train + [
+        [("score", big, "memlong", n_big, 0)],
+        [("train", *train)],
+        [("score", small, "memlong", n, min_left) for n in small_lengths],
+        [("score", big, "local", n_big, min_left), ("score", big, "full", n_big, full_min_left)],
+    ]}
+
+
+def model_config(name: str):
+    from memlong_jax.config import PRESETS
+    from memlong_jax.memlong_config import MEMLONG_PRESETS
+    if name == "tiny-hd100":   # quick: head_dim 100 as openllama3b, on a 4-layer toy
+        return PRESETS["tiny"].replace(head_dim=100), MEMLONG_PRESETS["tiny"]
+    return PRESETS[name], MEMLONG_PRESETS[name]
+
+
+def measurement_name(item) -> str:
+    if item[0] == "train":
+        return f"train:{item[1]}"
+    _, model, mode, n, _ = item
+    return f"score:{model}:{mode}:{common.fmt_tokens(n)}"
+
+
+# ---- device helpers ---------------------------------------------------------------------------
+
+_RANDOM_INIT = {}
+
+
+def random_params(cfg, dtype, seed: int):
+    """Seeded random weights of `cfg`'s shape, made on the device in `dtype`: N(0, 0.02) for
+    matrices and embeddings, ones for RMSNorm weights (as the model's own init)."""
+    import jax
+    import jax.numpy as jnp
+    from flax import traverse_util
+    from memlong_jax.checkpoint import abstract_params
+
+    # One small jitted initializer per distinct shape: a single jit over all of a 3B model's
+    # tensors took minutes to compile on the H200.
+    flat = traverse_util.flatten_dict(abstract_params(cfg, dtype))
+    rng = jax.random.PRNGKey(seed)
+    out = {}
+    for i, (path, a) in enumerate(flat.items()):
+        if path[-1] == "weight":
+            out[path] = jnp.ones(a.shape, a.dtype)
+            continue
+        key = (a.shape, jnp.dtype(a.dtype).name)
+        if key not in _RANDOM_INIT:
+            _RANDOM_INIT[key] = jax.jit(
+                lambda k, shape=a.shape, dt=a.dtype: 0.02 * jax.random.normal(k, shape, dt))
+        out[path] = _RANDOM_INIT[key](jax.random.fold_in(rng, i))
+    return jax.block_until_ready(traverse_util.unflatten_dict(out))
+
+
+def gpu_memory() -> dict | None:
+    import jax
+    try:
+        stats = jax.local_devices()[0].memory_stats()
+    except Exception:   # backends without allocator statistics
+        return None
+    if not stats:
+        return None
+    return {k: stats.get(k) for k in ("bytes_in_use", "peak_bytes_in_use", "bytes_limit")}
+
+
+def program_bytes(compiled) -> dict | None:
+    """XLA's own footprint of one compiled program (None where unavailable)."""
+    try:
+        m = compiled.memory_analysis()
+    except Exception:
+        return None
+    if m is None:
+        return None
+    total = (m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
+             + m.temp_size_in_bytes)
+    return {"argument": m.argument_size_in_bytes, "output": m.output_size_in_bytes,
+            "alias": m.alias_size_in_bytes, "temp": m.temp_size_in_bytes, "total": total}
+
+
+def memory_fields(before: dict | None, after: dict | None) -> dict:
+    if not after:
+        return {"peak_gpu_bytes": None, "peak_gpu_gib": None, "gpu_memory": None}
+    rose = before is None or after["peak_bytes_in_use"] > before["peak_bytes_in_use"]
+    peak = after["peak_bytes_in_use"] if rose else None
+    return {"peak_gpu_bytes": peak, "peak_gpu_gib": None if peak is None else peak / GiB,
+            "peak_gpu_upper_bound_gib": after["peak_bytes_in_use"] / GiB,
+            "gpu_memory": {"before": before, "after": after, "peak_is_this_measurement": rose}}
+
+
+def efficiency(flops: float, seconds: float, peak: dict | None, nominal: float | None) -> dict:
+    tflops = flops / seconds / 1e12
+    return {"tflops": tflops,
+            "mfu_measured_peak": tflops * 1e3 / peak["gflops"] if peak else None,
+            "mfu_nominal_peak": tflops / nominal if nominal else None}
+
+
+class Budget:
+    def __init__(self, seconds: float, started: float):
+        self.seconds, self.started = seconds, started
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.started
+
+    def left(self) -> float:
+        return self.seconds - self.elapsed()
+
+
+# ---- FLOPs of scoring -------------------------------------------------------------------------
+
+def score_flops(cfg, mcfg, mode: str, n: int, window: int, predictions: int) -> dict:
+    from train.metrics import layer_params
+    p = layer_params(cfg)
+    w_layer, kv = sum(p.values()), p["k_proj"] + p["v_proj"]
+    layers, m, tau = cfg.num_hidden_layers, mcfg.memory_layer, mcfg.chunk_size
+    head = cfg.hidden_size * cfg.vocab_size
+    pair = 4 * cfg.num_attention_heads * cfg.head_dim
+    w = min(window, n)
+    if mode == "memlong":
+        prefix = n - w
+        prefix_matmul = prefix * 2 * (m * w_layer + kv)
+        prefix_attn = prefix * m * pair * (tau + 1) / 2
+        window_matmul = w * 2 * (layers * w_layer + kv + head)
+        mem_keys = mcfg.top_k * tau
+        window_attn = w * pair * sum((w + 1) / 2 + (mem_keys if i in mcfg.retrieval_layers else 0)
+                                     for i in range(layers))
+        total = prefix_matmul + prefix_attn + window_matmul + window_attn
+        retrieval = (prefix // tau + 1) * 2 * mcfg.capacity_chunks * cfg.hidden_size
+        return {"total": total, "prefix_matmul": prefix_matmul, "prefix_attention": prefix_attn,
+                "window_matmul": window_matmul, "window_attention": window_attn,
+                "retrieval_flops": retrieval}
+    seen = w if mode == "local" else n
+    matmul = seen * 2 * layers * w_layer + predictions * 2 * head
+    attn = layers * pair * seen * (seen + 1) / 2
+    return {"total": matmul + attn, "matmul": matmul, "attention": attn}
+
+
+# ---- measurements -----------------------------------------------------------------------------
+
+class Runner:
+    """Holds the models of the current group, the matmul peak and the budget."""
+
+    def __init__(self, args, budget: Budget, layout: dict):
+        import jax
+        from train import metrics
+        self.args, self.budget, self.layout = args, budget, layout
+        self.peak = None
+        self.nominal = metrics.peak_tflops(jax.devices()[0].device_kind, 0.0)
+        self.scorers: dict = {}
+        self.local_tflops: dict = {}   # model -> TFLOP/s of `local`, to estimate `full`
+
+    def release(self) -> None:
+        self.scorers.clear()
+        gc.collect()
+
+    def scorer(self, name: str):
+        import jax.numpy as jnp
+        from memlong_jax import scoring
+        from memlong_jax.model import LlamaForCausalLM
+        if name not in self.scorers:
+            cfg, mcfg = model_config(name)
+            mcfg = mcfg.replace(retriever="hidden", backend="device").validate(cfg)
+            params = random_params(cfg, jnp.bfloat16, self.args.seed)
+            module = LlamaForCausalLM(cfg, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
+            protocol = scoring.Protocol((self.layout["window"],), self.layout["window"],
+                                        self.layout["scored"]).validate(mcfg.chunk_size)
+            # retriever=hidden: no text encoder or tokenizer is needed (Scorer.retrieval_inputs)
+            self.scorers[name] = scoring.Scorer(module, params, mcfg, protocol)
+        return self.scorers[name]
+
+    def timed_runs(self, default: int) -> int:
+        return self.args.repeats or default
+
+    def full_estimate_s(self, model: str, n: int) -> float | None:
+        """Lower bound on compile + one run of `full`: its FLOPs at the rate `local` reached
+        (blockwise attention runs slower than that), plus 30 s of compilation."""
+        if model not in self.local_tflops:
+            return None
+        cfg, mcfg = model_config(model)
+        w = self.layout["window"]
+        flops = score_flops(cfg, mcfg, "full", n, w, min(self.layout["scored"], w) - 1)
+        return 30 + flops["total"] / (self.local_tflops[model] * 1e12)
+
+    def train_with_fallback(self, preset: str, defaults: list[str]) -> dict:
+        """`train`, retried with rows_per_replica=1 when the device runs out of memory."""
+        try:
+            return self.train(preset, defaults)
+        except Exception as err:
+            text = str(err)
+            oom = "RESOURCE_EXHAUSTED" in text or "out of memory" in text.lower()
+            chosen = any(x.startswith("rows_per_replica") for x in self.args.train_set)
+            if not oom or chosen or "rows_per_replica=1" in defaults or self.budget.left() <= 0:
+                raise
+            print(f"train {preset}: out of memory, retrying with rows_per_replica=1",
+                  file=sys.stderr, flush=True)
+            first = f"{type(err).__name__}: {text}"[:1000]
+        self.release()
+        row = self.train(preset, merge_settings(defaults, ["rows_per_replica=1"]))
+        return {**row, "first_attempt_error": first}
+
+    def score(self, model: str, mode: str, n: int) -> dict:
+        scorer = self.scorer(model)
+        cfg, mcfg = scorer.module.config, scorer.mcfg
+        rng = np.random.default_rng(self.args.seed + n)
+        window = lambda: rng.integers(0, cfg.vocab_size, (1, n), dtype=np.int32)
+        before = gpu_memory()
+        known = set(scorer._compiled)
+        start = time.perf_counter()
+        _, nll = scorer.window_nll(mode, window())
+        nll = np.asarray(nll)
+        compile_s = scorer.last_compile_seconds
+        first_s = time.perf_counter() - start - compile_s
+        seconds, means = [], [float(nll.astype(np.float64).mean())]
+        least = 0 if mode == "full" else 1   # full: its first run may be the only one
+        for i in range(self.timed_runs(1 if mode == "full" else 3)):
+            if i >= least and self.budget.left() <= 0:
+                break
+            ids = window()
+            start = time.perf_counter()
+            _, nll = scorer.window_nll(mode, ids)
+            nll = np.asarray(nll)
+            seconds.append(time.perf_counter() - start - scorer.last_compile_seconds)
+            compile_s += scorer.last_compile_seconds
+            means.append(float(nll.astype(np.float64).mean()))
+        after = gpu_memory()
+        from_first = not seconds
+        median = statistics.median(seconds or [first_s])
+        predictions = scorer.protocol.predictions(n)
+        flops = score_flops(cfg, mcfg, mode, n, scorer.protocol.local_window, predictions)
+        programs = {f"{k[0]}:{k[1]}": program_bytes(c) for k, c in scorer._compiled.items()
+                    if k not in known or k[0] == mode or (mode == "memlong" and k[0] == "ingest")}
+        if mode == "local":
+            self.local_tflops[model] = flops["total"] / median / 1e12
+        return {"kind": "score", "model": model, "mode": mode, "length": n,
+                "local_window": scorer.protocol.final_window(n), "predictions": predictions,
+                "dtype": "bfloat16", "memlong": mcfg.to_dict() if mode == "memlong" else None,
+                "compile_s": compile_s, "first_run_s": first_s, "seconds": seconds,
+                "timed_from_first_run": from_first, "median_s": median,
+                "tokens_per_s": n / median,
+                "flops": flops, **efficiency(flops["total"], median, self.peak, self.nominal),
+                **memory_fields(before, after), "programs": programs,
+                "mean_nll": means, "nll_finite": bool(np.isfinite(means).all())}
+
+    def train(self, preset: str, defaults: list[str]) -> dict:
+        import jax
+        import train_step
+        from train import metrics
+        from train import step as stepmod
+        from train.lora import count
+
+        overrides = merge_settings(MODEL_TRAIN_OVERRIDES + defaults, self.args.train_set)
+        load = lambda run, model: random_params(model, stepmod.DTYPES[run.train.param_dtype],
+                                                run.train.seed)
+        before = gpu_memory()
+        start = time.perf_counter()
+        run, model, step, state, frozen, mem, batch = train_step.build(preset, overrides, load)
+        build_s = time.perf_counter() - start
+        t = run.train
+        start = time.perf_counter()
+        compiled = step.lower(state, frozen, mem, batch).compile()
+        compile_s = time.perf_counter() - start
+        start = time.perf_counter()
+        state, mem, out = compiled(state, frozen, mem, batch)
+        jax.block_until_ready(out)
+        first_s = time.perf_counter() - start
+        times = []
+        for i in range(self.timed_runs(5)):
+            if i and self.budget.left() <= 0:   # at least one timed step
+                break
+            start = time.perf_counter()
+            state, mem, out = compiled(state, frozen, mem, batch)
+            jax.block_until_ready(out)
+            times.append(time.perf_counter() - start)
+        after = gpu_memory()
+        flops = metrics.step_flops(model, run.memlong, t)
+        timing = common.summary(times)
+        return {"kind": "train", "preset": preset, "overrides": overrides,
+                "seq_len": t.seq_len, "grad_accum": t.grad_accum, "rows": t.rows_per_replica,
+                "trainable": t.trainable, "dtype": t.dtype, "param_dtype": t.param_dtype,
+                "remat": t.remat, "memlong": run.memlong.to_dict(),
+                "params_trainable": count(state["trainable"]), "params_frozen": count(frozen),
+                "build_s": build_s, "compile_s": compile_s, "first_run_s": first_s,
+                "seconds": times, **timing,
+                "tokens_per_step": flops["tokens_per_replica"],
+                "tokens_per_s": flops["tokens_per_replica"] / timing["median_s"],
+                "flops_per_token": flops["flops_per_token"],
+                "flops": {"total": flops["flops_per_replica_step"]},
+                **efficiency(flops["flops_per_replica_step"], timing["median_s"], self.peak,
+                             self.nominal),
+                **memory_fields(before, after), "programs": {"train_step": program_bytes(compiled)},
+                "final_loss": float(out["loss"]),
+                "nll_finite": bool(np.isfinite(float(out["loss"])))}
+
+
+def merge_settings(defaults: list[str], extra: list[str]) -> list[str]:
+    """key=value lists, later keys replacing earlier ones (train.config.resolve rejects repeats)."""
+    merged: dict = {}
+    for item in [*defaults, *extra]:
+        merged[item.partition("=")[0].strip()] = item
+    return list(merged.values())
+
+
+# ---- output -----------------------------------------------------------------------------------
+
+def pct(x) -> str:
+    return "n/a" if x is None else f"{100 * x:.1f}%"
+
+
+def line(row: dict) -> str:
+    if "error" in row or "skipped" in row:
+        status = f"ERROR: {row['error']}" if "error" in row else f"skipped: {row['skipped']}"
+        return f"{row['name']:<34} {status}"
+    peak = row.get("peak_gpu_gib")
+    memory = (f"peak {peak:.2f} GiB" if peak is not None else
+              f"peak <= {row['peak_gpu_upper_bound_gib']:.2f} GiB"
+              if row.get("peak_gpu_upper_bound_gib") is not None else "peak n/a")
+    return (f"{row['name']:<34} {row['median_s']:8.3f} s  {row['tokens_per_s']:>11,.0f} tok/s  "
+            f"{row['tflops']:8.2f} TFLOP/s  MFU {pct(row['mfu_measured_peak']):>6} measured / "
+            f"{pct(row['mfu_nominal_peak']):>6} nominal  {memory}  "
+            f"compile {row['compile_s']:.1f} s")
+
+
+def main() -> None:
+    args = build_parser().parse_args()
+    started = time.perf_counter()
+    budget = Budget(args.budget_s, started)
+    args.out = args.out or common.default_out(NAME, args.quick)
+    import jax
+
+    layout = plan(args.quick)
+    on_gpu = jax.default_backend() == "gpu"
+    device = jax.devices()[0]
+    config = {"device_kind": device.device_kind, "jax_backend": jax.default_backend(),
+              "device_memory": gpu_memory(), "budget_s": args.budget_s,
+              "local_window": layout["window"], "scored_tokens": layout["scored"],
+              "weights": "seeded random init of each preset's shape, bf16 (no checkpoint)",
+              "retriever": "hidden (in-graph; no text encoder)", "retrieval_backend": "device",
+              "token_ids": "uniform random", "xla_mem_fraction":
+                  os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION"),
+              "xla_flags": os.environ.get("XLA_FLAGS")}
+    data = common.record(NAME, args, config)
+    results = {"matmul_peak": None, "nominal_peak_tflops": None, "measurements": [],
+               "in_progress": None}
+    data["results"] = results
+
+    def save():
+        data["wall_s"] = time.perf_counter() - started
+        common.write_json(args.out, data)
+
+    runner = Runner(args, budget, layout)
+    results["nominal_peak_tflops"] = runner.nominal
+    results["in_progress"] = "matmul_peak"
+    save()
+    try:
+        runner.peak = common.matmul_peak((4096, 8192) if on_gpu else (256, 512),
+                                         dtype="bfloat16" if on_gpu else "float32")
+        results["matmul_peak"] = runner.peak
+        print(f"matmul peak: {runner.peak['gflops'] / 1e3:.1f} TFLOP/s {runner.peak['dtype']} "
+              f"(n = {runner.peak['best_n']}); nominal {runner.nominal} TFLOP/s "
+              f"({device.device_kind})", flush=True)
+    except Exception as err:
+        results["matmul_peak"] = {"error": f"{type(err).__name__}: {err}"}
+    save()
+
+    only = [s.strip() for s in args.only.split(",") if s.strip()]
+    for group in layout["groups"]:
+        for item in group:
+            name = measurement_name(item)
+            if only and not any(s in name for s in only):
+                continue
+            min_left = item[-1] if item[0] == "score" else 0
+            estimate = (runner.full_estimate_s(item[1], item[3])
+                        if item[0] == "score" and item[2] == "full" else None)
+            if budget.left() < max(min_left, estimate or 0) or budget.left() <= 0:
+                need = max(min_left, estimate or 0)
+                row = {"name": name, "skipped": f"budget: {budget.elapsed():.0f} s of "
+                       f"{args.budget_s:.0f} s used" + (f", needs {need:.0f} s left" if need
+                                                        else "") +
+                       (" (estimated from `local`)" if estimate else "")}
+            else:
+                results["in_progress"] = name
+                save()
+                try:
+                    row = {"name": name, "started_at_s": budget.elapsed(),
+                           **(runner.train_with_fallback(item[1], item[2]) if item[0] == "train"
+                              else runner.score(item[1], item[2], item[3]))}
+                except Exception as err:
+                    traceback.print_exc()
+                    row = {"name": name, "error": f"{type(err).__name__}: {err}"[:2000]}
+                    runner.release()
+            results["measurements"].append(row)
+            results["in_progress"] = None
+            save()
+            print(line(row), flush=True)
+        runner.release()
+
+    print(f"\n{NAME} on {device.device_kind} ({jax.default_backend()}), "
+          f"{budget.elapsed():.0f} s; wrote {os.path.relpath(args.out)}", flush=True)
+    for row in results["measurements"]:
+        print(line(row), flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
