@@ -342,13 +342,13 @@ def render(results: dict) -> str:
     return "\n\n".join(parts) + "\n"
 
 
-def splice(old: str | None, generated: str) -> str:
+def splice(old: str | None, generated: str, begin: str = BEGIN, end: str = END) -> str:
     """Put `generated` between the markers of `old`, keeping everything outside them; a file
     without markers keeps its old content below, as hand-written notes."""
-    block = f"{BEGIN}\n{generated}{END}\n"
-    if old and BEGIN in old and END in old:
-        head, rest = old.split(BEGIN, 1)
-        return head + block + rest.split(END, 1)[1].lstrip("\n")
+    block = f"{begin}\n{generated}{end}\n"
+    if old and begin in old and end in old:
+        head, rest = old.split(begin, 1)
+        return head + block + rest.split(end, 1)[1].lstrip("\n")
     if not old:
         return block
     body = old.split("\n", 1)[1] if old.startswith("# ") else old

@@ -258,14 +258,16 @@ def test_export_loads_and_converts_to_hf(trained):
 
 def test_adapter_travels_and_merges_like_the_checkpoint(trained, capsys):
     tmp_path = trained[0]
-    assert run_cli(export_main, [str(tmp_path / "out"), str(tmp_path / "adapter"), "--adapter"]) == 0
+    adapter = str(tmp_path / "adapter")
+    assert run_cli(export_main, [str(tmp_path / "out"), adapter, "--adapter"]) == 0
     export_run(str(tmp_path / "out"), str(tmp_path / "direct"))
-    assert run_cli(export_main, [str(tmp_path / "adapter"), str(tmp_path / "from_adapter")]) == 0
+    assert run_cli(export_main, [adapter, str(tmp_path / "from_adapter")]) == 0
     direct = ml.load(str(tmp_path / "direct"))
     merged = ml.load(str(tmp_path / "from_adapter"))
-    for a, b in zip(jax.tree_util.tree_leaves(merged.params), jax.tree_util.tree_leaves(direct.params)):
+    leaves = jax.tree_util.tree_leaves
+    for a, b in zip(leaves(merged.params), leaves(direct.params)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    assert run_cli(export_main, [str(tmp_path / "adapter"), str(tmp_path / "x"), "--adapter",
+    assert run_cli(export_main, [adapter, str(tmp_path / "x"), "--adapter",
                                  "--hf", str(tmp_path / "h")]) == 2
     assert run_cli(export_main, [str(tmp_path), str(tmp_path / "y")]) == 2
     assert "neither a training run" in capsys.readouterr().err
