@@ -372,7 +372,6 @@ class Runner:
                 "mean_nll": means, "nll_finite": bool(np.isfinite(means).all())}
 
     def train(self, preset: str, defaults: list[str]) -> dict:
-        import jax
         import train_step
         from train import metrics
         from train import step as stepmod
@@ -386,21 +385,10 @@ class Runner:
         run, model, step, state, frozen, mem, batch = train_step.build(preset, overrides, load)
         build_s = time.perf_counter() - start
         t = run.train
-        start = time.perf_counter()
-        compiled = step.lower(state, frozen, mem, batch).compile()
-        compile_s = time.perf_counter() - start
-        start = time.perf_counter()
-        state, mem, out = compiled(state, frozen, mem, batch)
-        jax.block_until_ready(out)
-        first_s = time.perf_counter() - start
-        times = []
-        for i in range(self.timed_runs(5)):
-            if i and self.budget.left() <= 0:   # at least one timed step
-                break
-            start = time.perf_counter()
-            state, mem, out = compiled(state, frozen, mem, batch)
-            jax.block_until_ready(out)
-            times.append(time.perf_counter() - start)
+        timed = train_step.time_steps(step, state, frozen, mem, batch, self.timed_runs(5),
+                                      go_on=lambda i: self.budget.left() > 0)
+        compiled, compile_s, first_s, times, state, out = (timed[k] for k in (
+            "compiled", "compile_s", "first_s", "times", "state", "out"))
         after = gpu_memory()
         flops = metrics.step_flops(model, run.memlong, t)
         timing = common.summary(times)

@@ -92,6 +92,29 @@ def build(name: str, overrides: list[str], load_base=None):
     return run, model, step, state, frozen, mem, batch
 
 
+def time_steps(step, state, frozen, mem, batch, steps: int, go_on=None) -> dict:
+    """Compile `step` (timed apart), run it once, then time up to `steps` steps, the carried
+    state and memory donated as in training; `go_on(i)` may stop before step i > 0."""
+    import jax
+    start = time.perf_counter()
+    compiled = step.lower(state, frozen, mem, batch).compile()
+    compile_s = time.perf_counter() - start
+    start = time.perf_counter()
+    state, mem, out = compiled(state, frozen, mem, batch)
+    jax.block_until_ready(out)
+    first_s = time.perf_counter() - start
+    times = []
+    for i in range(steps):
+        if i and go_on is not None and not go_on(i):
+            break
+        start = time.perf_counter()
+        state, mem, out = compiled(state, frozen, mem, batch)
+        jax.block_until_ready(out)
+        times.append(time.perf_counter() - start)
+    return {"compiled": compiled, "compile_s": compile_s, "first_s": first_s, "times": times,
+            "state": state, "out": out}
+
+
 def measure(name: str, overrides: list[str], steps: int, peak: dict) -> dict:
     import jax
     from train import metrics
@@ -99,19 +122,9 @@ def measure(name: str, overrides: list[str], steps: int, peak: dict) -> dict:
 
     run, model, step, state, frozen, mem, batch = build(name, overrides)
     t = run.train
-    start = time.perf_counter()
-    compiled = step.lower(state, frozen, mem, batch).compile()
-    compile_s = time.perf_counter() - start
-    start = time.perf_counter()
-    state, mem, out = compiled(state, frozen, mem, batch)
-    jax.block_until_ready(out)
-    first = time.perf_counter() - start
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        state, mem, out = compiled(state, frozen, mem, batch)
-        jax.block_until_ready(out)
-        times.append(time.perf_counter() - start)
+    timed = time_steps(step, state, frozen, mem, batch, steps)
+    compile_s, first, times, state, out = (timed[k] for k in (
+        "compile_s", "first_s", "times", "state", "out"))
     flops = metrics.step_flops(model, run.memlong, t)
     timing = common.summary(times)
     tflops = flops["flops_per_replica_step"] / timing["median_s"] / 1e12

@@ -13,7 +13,7 @@ cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 OUT=${OUT:-out/results}             # large outputs: key table, training run, merged model
 RESULTS=${RESULTS:-experiments/results}  # small ones, committed: score JSONs, training metrics
-STEPS=${STEPS:-400}
+STEPS=${STEPS:-415}
 DATA_DIR=../shared/data
 B=$DATA_DIR/pg19_like
 TRAIN_DATA=$B/karamazov_brothers.txt,$B/les_miserables.txt,$B/moby_dick.txt,$B/war_and_peace.txt
