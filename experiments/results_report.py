@@ -58,6 +58,18 @@ def ppl(run: dict | None, length: int, mode: str, keep: set | None = None) -> fl
     return math.exp(sum(nll) / len(nll)) if nll else None
 
 
+def paired_wins(a: dict | None, mode_a: str, b: dict | None, mode_b: str, length: int,
+                keep: set) -> str:
+    """In how many of the `keep` windows run a's `mode_a` has the lower NLL than b's `mode_b`."""
+    if a is None or b is None:
+        return ""
+    nll = lambda run, mode: {(w["document"], w["start"]): w["mean_nll"] for w in run["windows"]
+                             if w["length"] == length and w["mode"] == mode}
+    x, y = nll(a, mode_a), nll(b, mode_b)
+    both = [k for k in keep if k in x and k in y]
+    return f"{sum(x[k] < y[k] for k in both)}/{len(both)}" if both else ""
+
+
 def fmt(x) -> str:
     return "" if x is None else f"{x:.2f}"
 
@@ -78,9 +90,10 @@ def dataset_section(folder: str, key: str, title: str) -> tuple[str, dict]:
         local, trained = values[0], values[3]
         gain = None if local is None or trained is None else f"{100 * (trained / local - 1):+.1f}%"
         scored = runs["base"]["rows"][0]["predictions_per_window"]
-        rows.append([f"{n // 1024}k", len(common), scored, *map(fmt, values), gain or ""])
+        wins = paired_wins(runs["trained"], "memlong", runs["trained"], "local", n, common)
+        rows.append([f"{n // 1024}k", len(common), scored, *map(fmt, values), gain or "", wins])
     head = ["length", "windows", "scored / window", *(label for label, _, _ in SERIES),
-            "trained MemLong vs local"]
+            "trained MemLong vs local (base)", "memory helps the trained model (windows)"]
     return f"### {title}\n\n{table(head, rows)}\n", curves
 
 

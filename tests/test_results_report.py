@@ -28,6 +28,11 @@ def _ppl(run, n, mode, starts):
     return math.exp(sum(nll) / len(nll))
 
 
+def _nll(run, n, mode, start):
+    return next(w["mean_nll"] for w in run["windows"]
+                if w["length"] == n and w["mode"] == mode and w["start"] == start)
+
+
 def test_report_compares_on_common_windows(tmp_path):
     pytest.importorskip("matplotlib")
     rng = random.Random(3)
@@ -55,6 +60,9 @@ def test_report_compares_on_common_windows(tmp_path):
     cells = [c.strip() for c in line.strip("|").split("|")]
     assert cells[1] == "3" and cells[3] == f"{local:.2f}" and cells[6] == f"{mem:.2f}"
     assert cells[8] == f"{100 * (mem / local - 1):+.1f}%"
+    wins = sum(_nll(trained, 32768, "memlong", s) < _nll(trained, 32768, "local", s)
+               for s in (0, 1, 2))
+    assert cells[9] == f"{wins}/3"
     assert f"| segment queries | {_ppl(seg, 16384, 'memlong', {0, 1}):.2f} |" in text
     assert "not run yet" in text   # wiki and proof have no files
     assert "| 10 | 3.000 |" in text and "loss 3.0000, PPL 20.09 at step 10" in text

@@ -49,6 +49,9 @@ def main(argv=None) -> None:
     t, tau = run.train, run.memlong.chunk_size
     if not args.out.endswith(".npz"):
         parser.error("OUT must end in .npz")
+    if run.memlong.retriever != "text":
+        parser.error(f"the run's retriever is {run.memlong.retriever!r}: only the text retriever "
+                     "has keys to precompute (--set memlong.retriever=text)")
 
     tokenizer = datamod.load_tokenizer(t.tokenizer, t.init_from, model.vocab_size)
     tokens = datamod.token_file(datamod.list_sources(t.data), tokenizer, t.cache_dir)
