@@ -97,6 +97,32 @@ def dataset_section(folder: str, key: str, title: str) -> tuple[str, dict]:
     return f"### {title}\n\n{table(head, rows)}\n", curves
 
 
+def nested_section(folder: str) -> str:
+    """The same scored tokens at growing window lengths: windows start at multiples of their
+    length, so the window of length L ending at token E scores the same tokens for every L that
+    divides E. Along a row only the text before the local window grows."""
+    base, trained = load(folder, "jane_base"), load(folder, "jane_trained")
+    if base is None or trained is None:
+        return ""
+    series = (("MemLong trained", trained, "memlong"), ("local (trained)", trained, "local"),
+              ("MemLong untrained", base, "memlong"), ("full (base)", base, "full"))
+    lengths = sorted({w["length"] for w in base["windows"]})
+    ends: dict = {}
+    for w in base["windows"]:
+        ends.setdefault((w["document"], w["start"] + w["length"]), set()).add(w["length"])
+    shared = sorted(key for key, found in ends.items() if len(found) >= 2)
+    parts = ["### The same tokens with more text before them (held-out book)\n",
+             "Each row is one stretch of scored tokens (the 1023 ending at the given token of "
+             "the book); each column scores it in a longer window, so along a row only the text "
+             "before the local window grows. PPL of that stretch alone.\n"]
+    for label, run, mode in series:
+        rows = [[f"{end:,}", *(fmt(ppl(run, n, mode, {(doc, end - n)})) for n in lengths)]
+                for doc, end in shared]
+        head = ["scored tokens end at", *(f"{n // 1024}k window" for n in lengths)]
+        parts.append(f"**{label}**\n\n{table(head, rows)}\n")
+    return "\n".join(parts)
+
+
 def ablation_section(folder: str) -> str:
     rows = []
     for label, name in ABLATIONS:
@@ -137,7 +163,9 @@ def plot(curves_by_dataset: dict, loss: list, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     panels = [(k, t, c) for (k, t), c in curves_by_dataset.items() if c]
-    fig, axes = plt.subplots(1, len(panels) + 1, figsize=(5 * (len(panels) + 1), 4))
+    fig, axes = plt.subplots(1, len(panels) + 1, figsize=(5 * (len(panels) + 1), 4),
+                             squeeze=False)
+    axes = axes[0]
     for ax, (_, title, curves) in zip(axes, panels):
         for label, points in curves.items():
             points = [(n, v) for n, v in points if v is not None]
@@ -149,7 +177,8 @@ def plot(curves_by_dataset: dict, loss: list, path: str) -> None:
         ax.set_ylabel("PPL of the last 1023 tokens")
         ax.set_title(title.split(":")[0], fontsize=10)
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
+    if panels:
+        axes[0].legend(fontsize=8)
     ax = axes[-1]
     if loss:
         ax.plot([s for s, _ in loss], [v for _, v in loss])
@@ -172,6 +201,7 @@ def main() -> None:
     for key, title in DATASETS:
         text, curves[(key, title)] = dataset_section(args.results, key, title)
         sections.append(text)
+    sections.append(nested_section(args.results))
     sections.append(ablation_section(args.results))
     text, loss = training_section(os.path.join(args.results, "metrics.jsonl"))
     sections.append(text)

@@ -1,5 +1,6 @@
-"""experiments/results_report.py: PPL per dataset on the windows both runs scored, the ablation
-table, the training curve, and the hand-written prose kept (inputs fabricated here)."""
+"""experiments/results_report.py: PPL per dataset on the windows both runs scored, the same
+tokens across window lengths, the ablation table, the training curve, and the hand-written prose
+kept (inputs fabricated here)."""
 
 import json
 import math
@@ -11,21 +12,17 @@ import sys
 import pytest
 
 SCRIPT = os.path.join(os.path.dirname(__file__), "..", "experiments", "results_report.py")
+LENGTHS = (2048, 16384, 32768)
 
 
-def _run(modes, starts, rng, lengths=(2048, 16384, 32768)):
-    windows = [{"document": "book", "start": s, "length": n, "mode": m,
+def _run(modes, count, rng, lengths=LENGTHS):
+    """Windows as the scorer cuts them: the i-th window of length n starts at i * n."""
+    windows = [{"document": "book", "start": i * n, "length": n, "mode": m,
                 "mean_nll": rng.uniform(2.0, 4.0)}
-               for n in lengths for s in starts for m in modes]
+               for n in lengths for i in range(count) for m in modes]
     rows = [{"length": n, "mode": m, "predictions_per_window": 1023}
             for n in lengths for m in modes]
     return {"config": {}, "rows": rows, "windows": windows}
-
-
-def _ppl(run, n, mode, starts):
-    nll = [w["mean_nll"] for w in run["windows"]
-           if w["length"] == n and w["mode"] == mode and w["start"] in starts]
-    return math.exp(sum(nll) / len(nll))
 
 
 def _nll(run, n, mode, start):
@@ -33,12 +30,18 @@ def _nll(run, n, mode, start):
                 if w["length"] == n and w["mode"] == mode and w["start"] == start)
 
 
+def _cells(text, first_cell, after=""):
+    text = text.split(after, 1)[1] if after else text
+    line = next(line for line in text.splitlines() if line.startswith(f"| {first_cell} |"))
+    return [c.strip() for c in line.strip("|").split("|")]
+
+
 def test_report_compares_on_common_windows(tmp_path):
     pytest.importorskip("matplotlib")
     rng = random.Random(3)
-    base = _run(("memlong", "local", "full"), (0, 1, 2), rng)
-    trained = _run(("memlong", "local"), (0, 1, 2, 3), rng)   # one window more: not compared
-    seg = _run(("memlong",), (0, 1), rng)
+    base = _run(("memlong", "local", "full"), 3, rng)
+    trained = _run(("memlong", "local"), 4, rng)   # one window more: not compared
+    seg = _run(("memlong",), 2, rng)
     for name, run in (("jane_base", base), ("jane_trained", trained), ("abl_segment", seg)):
         (tmp_path / f"{name}.json").write_text(json.dumps(run))
     (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(
@@ -52,18 +55,25 @@ def test_report_compares_on_common_windows(tmp_path):
     subprocess.run([sys.executable, SCRIPT, str(tmp_path), "--doc", str(doc)], check=True)
     text = doc.read_text()
     assert "hand-written intro" in text and "hand-written discussion" in text
-    assert "STALE-BLOCK" not in text
-    assert (tmp_path / "results.png").stat().st_size > 0
-    local = _ppl(base, 32768, "local", {0, 1, 2})
-    mem = _ppl(trained, 32768, "memlong", {0, 1, 2})
-    line = next(line for line in text.splitlines() if line.startswith("| 32k |"))
-    cells = [c.strip() for c in line.strip("|").split("|")]
+    assert "STALE-BLOCK" not in text and (tmp_path / "results.png").stat().st_size > 0
+
+    starts = [0, 32768, 65536]
+    ppl = lambda run, mode: math.exp(sum(_nll(run, 32768, mode, s) for s in starts) / 3)
+    local, mem = ppl(base, "local"), ppl(trained, "memlong")
+    cells = _cells(text, "32k")
     assert cells[1] == "3" and cells[3] == f"{local:.2f}" and cells[6] == f"{mem:.2f}"
     assert cells[8] == f"{100 * (mem / local - 1):+.1f}%"
     wins = sum(_nll(trained, 32768, "memlong", s) < _nll(trained, 32768, "local", s)
-               for s in (0, 1, 2))
+               for s in starts)
     assert cells[9] == f"{wins}/3"
-    assert f"| segment queries | {_ppl(seg, 16384, 'memlong', {0, 1}):.2f} |" in text
+
+    # Tokens ending at 32768 are scored by the 16k window starting at 16384 and the 32k one at 0.
+    row = _cells(text, "32,768", after="**MemLong trained**")
+    assert row[1:] == ["", f"{math.exp(_nll(trained, 16384, 'memlong', 16384)):.2f}",
+                       f"{math.exp(_nll(trained, 32768, 'memlong', 0)):.2f}"]
+
+    seg16 = math.exp(sum(_nll(seg, 16384, "memlong", s) for s in (0, 16384)) / 2)
+    assert f"| segment queries | {seg16:.2f} |" in text
     assert "not run yet" in text   # wiki and proof have no files
     assert "| 10 | 3.000 |" in text and "loss 3.0000, PPL 20.09 at step 10" in text
     # Regenerating keeps the prose and replaces the generated block.
