@@ -2,7 +2,8 @@
 # docs/results.md end to end: fine-tune SmolLM2-135M with the MemLong recipe on four pg19_like
 # books, then score the held-out book, WikiText and proof_pile-like LaTeX at 2k..32k tokens.
 #
-#   experiments/smollm2_pg19.sh [keys|train|export|eval|report]...   (default: all, in order)
+#   experiments/smollm2_pg19.sh [keys|train|export|eval|ablations|report]...  (default: all but
+#   ablations, which eval runs last)
 #
 # Needs `make demo` first (the converted SmolLM2 in demo_out/) and ../shared/data. Every stage
 # skips work whose output exists, so a killed run resumes (train.run resumes from its checkpoint).
@@ -51,21 +52,24 @@ score() {  # NAME CKPT MODES INPUT... [extra flags after --]
     "${SCORE[@]}" "$@" --json "$RESULTS/$name.json"
 }
 
-eval_all() {  # the held-out book (4 windows per length), its ablations, then WikiText and LaTeX
+eval_all() {  # the held-out book (4 windows per length), WikiText and LaTeX, then the ablations
   local book=(--max-windows 4) wiki=("$DATA_DIR/wikitext/wikitext2_raw_test.txt" --join
     --max-windows 2) proof=("$DATA_DIR/proofpile_like" --max-windows 1)
   score jane_base "$BASE" memlong,local,full "$HELD_OUT" "${book[@]}"
   score jane_trained "$TRAINED" memlong,local "$HELD_OUT" "${book[@]}"
-  # Ablations on the held-out book, trained model, 16k and 32k: one setting changed each.
-  local ab=("$HELD_OUT" "${book[@]}" --lengths 16k,32k)
-  score abl_segment "$TRAINED" memlong "${ab[@]}" --set query_mode=segment
-  score abl_hidden "$TRAINED" memlong "${ab[@]}" --set retriever=hidden
-  score abl_paper_8k "$TRAINED" memlong "${ab[@]}" --set memory_tokens=8192
-  score abl_fifo_8k "$TRAINED" memlong "${ab[@]}" --set memory_tokens=8192 --set eviction=fifo_half
   score wiki_base "$BASE" memlong,local,full "${wiki[@]}"
   score wiki_trained "$TRAINED" memlong,local "${wiki[@]}"
   score proof_base "$BASE" memlong,local,full "${proof[@]}"
   score proof_trained "$TRAINED" memlong,local "${proof[@]}"
+  ablations
+}
+
+ablations() {  # held-out book, trained model, 16k and 32k: one setting changed each
+  local ab=("$HELD_OUT" --max-windows 4 --lengths 16k,32k)
+  score abl_segment "$TRAINED" memlong "${ab[@]}" --set query_mode=segment
+  score abl_hidden "$TRAINED" memlong "${ab[@]}" --set retriever=hidden
+  score abl_paper_8k "$TRAINED" memlong "${ab[@]}" --set memory_tokens=8192
+  score abl_fifo_8k "$TRAINED" memlong "${ab[@]}" --set memory_tokens=8192 --set eviction=fifo_half
 }
 
 report() { $PY experiments/results_report.py "$RESULTS" --doc docs/results.md; }
@@ -73,7 +77,8 @@ report() { $PY experiments/results_report.py "$RESULTS" --doc docs/results.md; }
 stages=("$@"); [ ${#stages[@]} -gt 0 ] || stages=(keys train export eval report)
 for stage in "${stages[@]}"; do
   case $stage in
-    keys) keys ;; train) train ;; export) export_model ;; eval) eval_all ;; report) report ;;
-    *) echo "unknown stage $stage (keys, train, export, eval, report)" >&2; exit 2 ;;
+    keys) keys ;; train) train ;; export) export_model ;; eval) eval_all ;;
+    ablations) ablations ;; report) report ;;
+    *) echo "unknown stage $stage (keys, train, export, eval, ablations, report)" >&2; exit 2 ;;
   esac
 done

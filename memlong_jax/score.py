@@ -109,7 +109,7 @@ def tokenize(model, documents, join: bool):
 
 
 def main(argv=None) -> None:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_intermixed_args(argv)
     modes = parse_modes(args.modes)
     check_outputs(args)
     inputs = args.inputs or ["-"]

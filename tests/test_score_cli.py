@@ -117,3 +117,18 @@ def test_baselines_alone_need_no_text_encoder(tiny_checkpoint, tmp_path, capsys)
                           "--encoder", str(tmp_path / "no_such_encoder")], capsys)
     assert code == 0, err
     assert "PPL full" in out and "PPL memlong" not in out
+
+
+def test_inputs_may_follow_options(tiny_checkpoint, tmp_path, capsys):
+    """`score CKPT --lengths 2k FILE --set k=v`: files after options, as users (and
+    experiments/smollm2_pg19.sh) write them, score the same as files first."""
+    (tmp_path / "in.txt").write_text(TEXT)
+    outputs = []
+    text = str(tmp_path / "in.txt")
+    for i, argv in enumerate(([text, *FAST], [*FAST, text])):
+        path = tmp_path / f"r{i}.json"
+        code, _, err = run([tiny_checkpoint, *argv, "--modes", "local", "--json", str(path)],
+                           capsys)
+        assert code == 0, err
+        outputs.append(json.loads(path.read_text())["windows"])
+    assert outputs[0] == outputs[1] and len(outputs[0]) > 0
