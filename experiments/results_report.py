@@ -131,9 +131,9 @@ def ablation_section(folder: str) -> str:
             rows.append([label, "not run", ""])
             continue
         rows.append([label, *(fmt(ppl(run, n, "memlong")) for n in (16384, 32768))])
-    local = load(folder, "jane_base")
-    rows.append(["local (base), for reference",
-                 *(fmt(ppl(local, n, "local")) for n in (16384, 32768))])
+    for label, name in (("local (trained), for reference", "jane_trained"),
+                        ("local (base), for reference", "jane_base")):
+        rows.append([label, *(fmt(ppl(load(folder, name), n, "local")) for n in (16384, 32768))])
     return ("### Ablations (held-out book, trained model, memlong mode)\n\n"
             + table(["setting", "PPL 16k", "PPL 32k"], rows) + "\n")
 
