@@ -167,12 +167,24 @@ def plot(curves_by_dataset: dict, loss: list, path: str) -> None:
                              squeeze=False)
     axes = axes[0]
     for ax, (_, title, curves) in zip(axes, panels):
+        # `full` past the model's 8k context is off any useful scale: drawn at the top edge,
+        # its value written beside it, so the small differences between the others stay visible.
+        finite = [v for label, pts in curves.items() if not label.startswith("full")
+                  for _, v in pts if v is not None]
+        top = 1.25 * max(finite)
         for label, points in curves.items():
             points = [(n, v) for n, v in points if v is not None]
-            if points:
-                ax.plot([n for n, _ in points], [v for _, v in points], marker="o", label=label)
+            if not points:
+                continue
+            line, = ax.plot([n for n, _ in points], [min(v, top) for _, v in points],
+                            marker="o", label=label)
+            for n, v in points:
+                if v > top:
+                    ax.annotate(f"{v:,.0f}", (n, top), textcoords="offset points",
+                                xytext=(-4, -12), ha="right", fontsize=7, color=line.get_color())
+        lowest = min(v for pts in curves.values() for _, v in pts if v is not None)
+        ax.set_ylim(0.9 * lowest, top * 1.02)
         ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
         ax.set_xlabel("window length (tokens)")
         ax.set_ylabel("PPL of the last 1023 tokens")
         ax.set_title(title.split(":")[0], fontsize=10)
