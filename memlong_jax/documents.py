@@ -29,15 +29,20 @@ def decode_utf8(data: bytes, name: str) -> str:
         raise UserError(f"{name}: not UTF-8 text (invalid byte at offset {err.start})") from None
 
 
-def _jsonl_documents(text: str, name: str, field: str) -> list[Document]:
-    documents = []
+def jsonl_rows(text: str, name: str):
+    """(line number, parsed value) of each non-blank line; bad JSON is a one-line UserError."""
     for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
-            row = json.loads(line)
+            yield number, json.loads(line)
         except json.JSONDecodeError as err:
             raise UserError(f"{name}:{number}: not valid JSON ({err.msg})") from None
+
+
+def _jsonl_documents(text: str, name: str, field: str) -> list[Document]:
+    documents = []
+    for number, row in jsonl_rows(text, name):
         text = row.get(field) if isinstance(row, dict) else row
         if not isinstance(text, str):
             raise UserError(f"{name}:{number}: expected a JSON string or an object with a "

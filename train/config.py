@@ -250,8 +250,6 @@ def validate(run: Resolved, model: LlamaConfig) -> Resolved:
     if t.mesh_fsdp <= 0 or t.mesh_data == 0 or t.mesh_data < -1:
         raise ConfigError(f"mesh_data ({t.mesh_data}) must be -1 or positive and mesh_fsdp "
                           f"({t.mesh_fsdp}) positive")
-    if m.query_mode == "segment" and m.retriever == "hidden":
-        pass  # segment query from pooled hidden states: supported by segment_step
     return Resolved(run.name, t, m)
 
 

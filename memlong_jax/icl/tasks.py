@@ -4,13 +4,13 @@ context demonstrations, memory demonstrations and test items."""
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import zlib
 from typing import NamedTuple
 
 import numpy as np
 
+from memlong_jax.documents import decode_utf8, jsonl_rows
 from memlong_jax.errors import UserError
 
 
@@ -73,18 +73,8 @@ def load_split(data_dir: str, task: Task, split: str) -> list[Example]:
                         f"see --data)")
     examples = []
     with open(path, "rb") as f:
-        data = f.read()
-    try:
-        lines = data.decode("utf-8").splitlines()
-    except UnicodeDecodeError as err:
-        raise UserError(f"{path}: not UTF-8 text (invalid byte at offset {err.start})") from None
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise UserError(f"{path}:{number}: not valid JSON ({err.msg})") from None
+        text = decode_utf8(f.read(), path)
+    for number, row in jsonl_rows(text, path):
         if not (isinstance(row, dict) and isinstance(row.get("text"), str)
                 and isinstance(row.get("label"), str)):
             raise UserError(f"{path}:{number}: expected an object with string 'text' and 'label'")
