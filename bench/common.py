@@ -70,9 +70,9 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def machine() -> dict:
-    """CPU model, cores this process may use, RAM, and the JAX devices."""
-    import jax
+def machine(devices: dict | None = None) -> dict:
+    """CPU model, cores this process may use, RAM, and the JAX devices (`devices`, when given,
+    replaces asking JAX: a parent process that must leave the GPU to its workers)."""
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:
@@ -84,7 +84,12 @@ def machine() -> dict:
     return {"cpu": cpu_model(), "cores": cores, "cpu_count": os.cpu_count(),
             "memory_gib": mem_gib, "platform": platform.platform(),
             "load_average": os.getloadavg(), "hostname": platform.node(),
-            "jax_backend": jax.default_backend(),
+            **(devices or jax_devices())}
+
+
+def jax_devices() -> dict:
+    import jax
+    return {"jax_backend": jax.default_backend(),
             "devices": [f"{d.platform}:{d.device_kind}" for d in jax.devices()]}
 
 
@@ -107,8 +112,9 @@ def git_commit() -> dict:
             "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
 
 
-def record(name: str, args: argparse.Namespace, config: dict | None = None) -> dict:
-    """The header every result file starts with."""
+def record(name: str, args: argparse.Namespace, config: dict | None = None,
+           devices: dict | None = None) -> dict:
+    """The header every result file starts with (`devices`: see `machine`)."""
     return {"benchmark": name,
             "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
             "command": " ".join([os.path.relpath(sys.executable, REPO)
@@ -116,7 +122,7 @@ def record(name: str, args: argparse.Namespace, config: dict | None = None) -> d
                                  os.path.relpath(os.path.abspath(sys.argv[0]), REPO),
                                  *sys.argv[1:]]),
             "args": vars(args), "quick": bool(getattr(args, "quick", False)),
-            "git": git_commit(), "machine": machine(), "versions": versions(),
+            "git": git_commit(), "machine": machine(devices), "versions": versions(),
             "config": config or {}}
 
 

@@ -54,19 +54,24 @@ implementation does it). Weights W_layer = q, k, v, o, gate, up, down of one lay
 MFU = achieved FLOP/s / peak: the matmul peak measured above, and the nominal dense bf16 peak
 (train.metrics.PEAK_TFLOPS: H100/H200 989 TFLOP/s) where the device is known.
 
-Peak GPU memory: `memory_stats()['peak_bytes_in_use']` of the device (None where the backend
-has none, e.g. CPU). It is a process-wide high-water mark that cannot be reset, so each
-measurement records it before and after: `peak_gpu_bytes` is set only when the mark rose
-during that measurement (then it is that measurement's own peak, with every live buffer
-counted); otherwise only the upper bound is known. Models are freed between groups so the
-big measurements (2 and 3) start from an empty device. Each compiled program's own footprint
-(XLA memory_analysis: arguments + outputs - aliased + temporaries) is recorded too.
+Peak GPU memory is `None` where the backend keeps no allocator statistics (CPU).
+
+Processes: every measurement group (the list above, groups split where models change) runs in
+its own worker process (`common.run_worker`); the parent never touches the device. So each
+worker has the whole device, and its own peak-memory mark, which matters because
+`memory_stats()['peak_bytes_in_use']` is a process-wide high-water mark that cannot be reset.
+Within a group each measurement records the mark before and after: `peak_gpu_bytes` is set when
+the mark rose during that measurement (then it is that measurement's own peak, with every live
+buffer counted, weights and memory included); otherwise only the upper bound is known. The first
+measurement of a group always has its own peak. Each compiled program's own footprint (XLA
+memory_analysis: arguments + outputs - aliased + temporaries) is recorded too.
 
 Budget: `--budget-s` (default 150) is checked before each measurement and between timed
 repeats; measurements that would start after it are recorded as skipped. A running
-measurement is not interrupted (its compile can take a minute), so give the command a hard
-timeout of about budget + 150 s. The JSON is rewritten after every measurement (and names the
-one in progress), so a killed run keeps what it finished.
+measurement is not interrupted (its compile can take a minute); a worker still running
+`--timeout` seconds past the budget is killed and its group recorded as an error. Give the
+command a hard timeout of about budget + 200 s. The JSON is rewritten after every group (and
+names the group in progress), so a killed run keeps what it finished.
 
 --quick (CPU smoke test, about 1-2 minutes): the `tiny` shape with head_dim 100 for scoring
 (4096-token windows, so `full` goes blockwise), the `tiny` training preset (seq_len 256), the
@@ -75,6 +80,7 @@ one in progress), so a killed run keeps what it finished.
 
 from __future__ import annotations
 
+import argparse
 import gc
 import os
 import statistics
@@ -110,6 +116,9 @@ def build_parser():
                    help="comma-separated substrings: run only measurements whose name has one "
                         "(names: score:openllama3b:memlong:80k, train:openllama3b, ...)")
     p.add_argument("--seed", type=int, default=0, help="weights and token ids (default: 0)")
+    p.add_argument("--timeout", type=float, default=300.0,
+                   help="seconds a worker may run past the budget before it is killed "
+                        "(default: %(default)s)")
     return p
 
 
@@ -268,16 +277,14 @@ def score_flops(cfg, mcfg, mode: str, n: int, window: int, predictions: int) -> 
 # ---- measurements -----------------------------------------------------------------------------
 
 class Runner:
-    """Holds the models of the current group, the matmul peak and the budget."""
+    """Runs one group's measurements in a worker process: holds its models, the matmul peak
+    and the budget."""
 
-    def __init__(self, args, budget: Budget, layout: dict):
-        import jax
-        from train import metrics
+    def __init__(self, args, budget: Budget, layout: dict, peak: dict | None,
+                 nominal: float | None):
         self.args, self.budget, self.layout = args, budget, layout
-        self.peak = None
-        self.nominal = metrics.peak_tflops(jax.devices()[0].device_kind, 0.0)
+        self.peak, self.nominal = peak, nominal
         self.scorers: dict = {}
-        self.local_tflops: dict = {}   # model -> TFLOP/s of `local`, to estimate `full`
 
     def release(self) -> None:
         self.scorers.clear()
@@ -300,16 +307,6 @@ class Runner:
 
     def timed_runs(self, default: int) -> int:
         return self.args.repeats or default
-
-    def full_estimate_s(self, model: str, n: int) -> float | None:
-        """Lower bound on compile + one run of `full`: its FLOPs at the rate `local` reached
-        (blockwise attention runs slower than that), plus 30 s of compilation."""
-        if model not in self.local_tflops:
-            return None
-        cfg, mcfg = model_config(model)
-        w = self.layout["window"]
-        flops = score_flops(cfg, mcfg, "full", n, w, min(self.layout["scored"], w) - 1)
-        return 30 + flops["total"] / (self.local_tflops[model] * 1e12)
 
     def train_with_fallback(self, preset: str, defaults: list[str]) -> dict:
         """`train`, retried with rows_per_replica=1 when the device runs out of memory."""
@@ -359,8 +356,6 @@ class Runner:
         flops = score_flops(cfg, mcfg, mode, n, scorer.protocol.local_window, predictions)
         programs = {f"{k[0]}:{k[1]}": program_bytes(c) for k, c in scorer._compiled.items()
                     if k not in known or k[0] == mode or (mode == "memlong" and k[0] == "ingest")}
-        if mode == "local":
-            self.local_tflops[model] = flops["total"] / median / 1e12
         return {"kind": "score", "model": model, "mode": mode, "length": n,
                 "local_window": scorer.protocol.final_window(n), "predictions": predictions,
                 "dtype": "bfloat16", "memlong": mcfg.to_dict() if mode == "memlong" else None,
@@ -438,26 +433,101 @@ def line(row: dict) -> str:
             f"compile {row['compile_s']:.1f} s")
 
 
+def measure_peak(quick: bool) -> dict:
+    """Worker: this device, its memory and its matmul peak (bf16 on a GPU, fp32 on a CPU)."""
+    import jax
+    from train import metrics
+    on_gpu = jax.default_backend() == "gpu"
+    kind = jax.devices()[0].device_kind
+    reply = {"devices": common.jax_devices(), "device_kind": kind,
+             "device_memory": gpu_memory(), "nominal_peak_tflops": metrics.peak_tflops(kind, 0.0)}
+    try:
+        reply["matmul_peak"] = common.matmul_peak((4096, 8192) if on_gpu else (256, 512),
+                                                  dtype="bfloat16" if on_gpu else "float32")
+    except Exception as err:
+        reply["matmul_peak"] = {"error": f"{type(err).__name__}: {err}"}
+    return reply
+
+
+def run_group(job: dict) -> dict:
+    """Worker: one group's measurements in order, each skipped once the budget is spent.
+    A failed measurement is recorded as an error and the next one runs."""
+    args = argparse.Namespace(**job["args"])
+    budget = Budget(job["budget_left_s"], time.perf_counter())
+    peak = job["peak"] if job["peak"] and "error" not in job["peak"] else None
+    runner = Runner(args, budget, plan(args.quick), peak, job["nominal"])
+    local_tflops: dict = {}   # model -> TFLOP/s of `local`, to estimate `full`
+    rows = []
+    for item in job["group"]:
+        name = measurement_name(item)
+        min_left = item[-1] if item[0] == "score" else 0
+        estimate = (full_estimate_s(item[1], item[3], runner.layout, local_tflops)
+                    if item[0] == "score" and item[2] == "full" else None)
+        need = max(min_left, estimate or 0)
+        if budget.left() < need or budget.left() <= 0:
+            row = {"name": name, "skipped": f"budget: {job['budget_s'] - budget.left():.0f} s "
+                   f"of {job['budget_s']:.0f} s used" + (f", needs {need:.0f} s left" if need
+                                                         else "") +
+                   (" (estimated from `local`)" if estimate else "")}
+        else:
+            try:
+                row = {"name": name,
+                       "started_at_s": job["budget_s"] - budget.left(),
+                       **(runner.train_with_fallback(item[1], item[2]) if item[0] == "train"
+                          else runner.score(item[1], item[2], item[3]))}
+            except Exception as err:
+                traceback.print_exc()
+                row = {"name": name, "error": f"{type(err).__name__}: {err}"[:2000]}
+                runner.release()
+        if row.get("mode") == "local":
+            local_tflops[row["model"]] = row["tflops"]
+        rows.append(row)
+        print(line(row), file=sys.stderr, flush=True)
+    return {"rows": rows}
+
+
+def full_estimate_s(model: str, n: int, layout: dict, local_tflops: dict) -> float | None:
+    """Lower bound on compile + one run of `full`: its FLOPs at the rate `local` reached
+    (blockwise attention runs slower than that), plus 30 s of compilation."""
+    if model not in local_tflops:
+        return None
+    cfg, mcfg = model_config(model)
+    w = layout["window"]
+    flops = score_flops(cfg, mcfg, "full", n, w, min(layout["scored"], w) - 1)
+    return 30 + flops["total"] / (local_tflops[model] * 1e12)
+
+
 def main() -> None:
+    job = common.worker_job()
+    if job is not None:
+        common.worker_reply(measure_peak(job["quick"]) if job.get("peak_only")
+                            else run_group(job))
+        return
     args = build_parser().parse_args()
     started = time.perf_counter()
     budget = Budget(args.budget_s, started)
     args.out = args.out or common.default_out(NAME, args.quick)
-    import jax
-
+    script = os.path.abspath(__file__)
     layout = plan(args.quick)
-    on_gpu = jax.default_backend() == "gpu"
-    device = jax.devices()[0]
-    config = {"device_kind": device.device_kind, "jax_backend": jax.default_backend(),
-              "device_memory": gpu_memory(), "budget_s": args.budget_s,
+
+    # This process never touches the device: each worker gets the whole of it, and its own
+    # peak-memory mark (`memory_stats()` peaks cannot be reset within a process).
+    device = common.run_worker(script, {"peak_only": True, "quick": args.quick},
+                               timeout=args.timeout)
+    if "devices" not in device:
+        sys.exit(f"{NAME}: the device probe failed: {device.get('error')}")
+    config = {"device_kind": device["device_kind"],
+              "jax_backend": device["devices"]["jax_backend"],
+              "device_memory": device["device_memory"], "budget_s": args.budget_s,
               "local_window": layout["window"], "scored_tokens": layout["scored"],
               "weights": "seeded random init of each preset's shape, bf16 (no checkpoint)",
               "retriever": "hidden (in-graph; no text encoder)", "retrieval_backend": "device",
-              "token_ids": "uniform random", "xla_mem_fraction":
+              "token_ids": "uniform random", "process_per_group": True, "xla_mem_fraction":
                   os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION"),
               "xla_flags": os.environ.get("XLA_FLAGS")}
-    data = common.record(NAME, args, config)
-    results = {"matmul_peak": None, "nominal_peak_tflops": None, "measurements": [],
+    data = common.record(NAME, args, config, devices=device["devices"])
+    results = {"matmul_peak": device["matmul_peak"],
+               "nominal_peak_tflops": device["nominal_peak_tflops"], "measurements": [],
                "in_progress": None}
     data["results"] = results
 
@@ -465,54 +535,35 @@ def main() -> None:
         data["wall_s"] = time.perf_counter() - started
         common.write_json(args.out, data)
 
-    runner = Runner(args, budget, layout)
-    results["nominal_peak_tflops"] = runner.nominal
-    results["in_progress"] = "matmul_peak"
-    save()
-    try:
-        runner.peak = common.matmul_peak((4096, 8192) if on_gpu else (256, 512),
-                                         dtype="bfloat16" if on_gpu else "float32")
-        results["matmul_peak"] = runner.peak
-        print(f"matmul peak: {runner.peak['gflops'] / 1e3:.1f} TFLOP/s {runner.peak['dtype']} "
-              f"(n = {runner.peak['best_n']}); nominal {runner.nominal} TFLOP/s "
-              f"({device.device_kind})", flush=True)
-    except Exception as err:
-        results["matmul_peak"] = {"error": f"{type(err).__name__}: {err}"}
+    peak = device["matmul_peak"]
+    if "error" not in peak:
+        print(f"matmul peak: {peak['gflops'] / 1e3:.1f} TFLOP/s {peak['dtype']} "
+              f"(n = {peak['best_n']}); nominal {device['nominal_peak_tflops']} TFLOP/s "
+              f"({device['device_kind']})", flush=True)
     save()
 
     only = [s.strip() for s in args.only.split(",") if s.strip()]
     for group in layout["groups"]:
-        for item in group:
-            name = measurement_name(item)
-            if only and not any(s in name for s in only):
-                continue
-            min_left = item[-1] if item[0] == "score" else 0
-            estimate = (runner.full_estimate_s(item[1], item[3])
-                        if item[0] == "score" and item[2] == "full" else None)
-            if budget.left() < max(min_left, estimate or 0) or budget.left() <= 0:
-                need = max(min_left, estimate or 0)
-                row = {"name": name, "skipped": f"budget: {budget.elapsed():.0f} s of "
-                       f"{args.budget_s:.0f} s used" + (f", needs {need:.0f} s left" if need
-                                                        else "") +
-                       (" (estimated from `local`)" if estimate else "")}
-            else:
-                results["in_progress"] = name
-                save()
-                try:
-                    row = {"name": name, "started_at_s": budget.elapsed(),
-                           **(runner.train_with_fallback(item[1], item[2]) if item[0] == "train"
-                              else runner.score(item[1], item[2], item[3]))}
-                except Exception as err:
-                    traceback.print_exc()
-                    row = {"name": name, "error": f"{type(err).__name__}: {err}"[:2000]}
-                    runner.release()
-            results["measurements"].append(row)
-            results["in_progress"] = None
-            save()
-            print(line(row), flush=True)
-        runner.release()
+        chosen = [item for item in group
+                  if not only or any(s in measurement_name(item) for s in only)]
+        if not chosen:
+            continue
+        names = [measurement_name(item) for item in chosen]
+        results["in_progress"] = names
+        save()
+        reply = common.run_worker(script, {
+            "args": vars(args), "group": chosen, "budget_s": args.budget_s,
+            "budget_left_s": budget.left(), "peak": peak,
+            "nominal": device["nominal_peak_tflops"]},
+            timeout=max(budget.left(), 0) + args.timeout)
+        rows = reply.get("rows") or [{"name": n, "error": reply.get("error")} for n in names]
+        for row in rows:
+            row["worker_peak_rss_mb"] = reply["peak_rss_mb"]
+        results["measurements"].extend(rows)
+        results["in_progress"] = None
+        save()
 
-    print(f"\n{NAME} on {device.device_kind} ({jax.default_backend()}), "
+    print(f"\n{NAME} on {device['device_kind']} ({config['jax_backend']}), "
           f"{budget.elapsed():.0f} s; wrote {os.path.relpath(args.out)}", flush=True)
     for row in results["measurements"]:
         print(line(row), flush=True)

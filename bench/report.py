@@ -29,7 +29,7 @@ COMMANDS = {
     "train_step": ("bench/train_step.py", "8-12 min"),
     "retrieval": ("bench/retrieval.py", "15-25 min"),
     "chunk_step": ("bench/chunk_step.py", "1-2 min"),
-    "gpu": ("bench/gpu.py", "GPU only: --budget-s (150 s) + compile"),
+    "gpu": ("bench/gpu.py", "GPU only: about --budget-s (150 s) + 1-2 min"),
 }
 TARGETS = {"speedup": 3.0, "flat_time": 0.10, "flat_rss": 0.10, "peak_fraction": 0.5,
            "retrieval_share": 0.05}
@@ -246,8 +246,9 @@ def gpu_section(data: dict) -> str:
         f"{num(peak.get('gflops', 0) / 1e3, 1)} TFLOP/s ({peak.get('dtype', '?')}); nominal "
         f"{num(res.get('nominal_peak_tflops'))} TFLOP/s. Model FLOPs (forward only for scoring; "
         "frozen-aware for training) as counted in the script's docstring; peak GPU memory is "
-        "the device's peak_bytes_in_use during the measurement (`<=`: an earlier measurement "
-        "set the process-wide mark).",
+        "the device's peak_bytes_in_use during the measurement, weights included; each group "
+        "of measurements runs in its own process, so the first of a group always has its own "
+        "(`<=`: an earlier measurement of the same process set the mark higher).",
         table(["measurement", "tokens / rows x accum x seq", "s (median)", "tok/s", "TFLOP/s",
                "MFU (measured)", "MFU (nominal)", "peak GPU GiB", "compile s"], rows)])
 
