@@ -113,8 +113,9 @@ def git_commit() -> dict:
 
 
 def record(name: str, args: argparse.Namespace, config: dict | None = None,
-           devices: dict | None = None) -> dict:
-    """The header every result file starts with (`devices`: see `machine`)."""
+           devices: dict | None = None, git: dict | None = None) -> dict:
+    """The header every result file starts with (`devices`: see `machine`; `git`: the commit
+    taken when a long run started, as the tree may change while it runs)."""
     return {"benchmark": name,
             "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
             "command": " ".join([os.path.relpath(sys.executable, REPO)
@@ -122,7 +123,7 @@ def record(name: str, args: argparse.Namespace, config: dict | None = None,
                                  os.path.relpath(os.path.abspath(sys.argv[0]), REPO),
                                  *sys.argv[1:]]),
             "args": vars(args), "quick": bool(getattr(args, "quick", False)),
-            "git": git_commit(), "machine": machine(devices), "versions": versions(),
+            "git": git or git_commit(), "machine": machine(devices), "versions": versions(),
             "config": config or {}}
 
 
@@ -148,9 +149,10 @@ def _jsonable(x):
     return str(x)
 
 
-def finish(name: str, args, config: dict, results, started: float) -> str:
+def finish(name: str, args, config: dict, results, started: float,
+           git: dict | None = None) -> str:
     """Write `record + results` to the output file and say where."""
-    data = record(name, args, config)
+    data = record(name, args, config, git=git)
     data["results"] = results
     data["wall_s"] = time.perf_counter() - started
     path = write_json(args.out or default_out(name, args.quick), data)

@@ -78,7 +78,17 @@ def provenance(data: dict) -> str:
             f"{', '.join(m.get('devices', []))}), load average "
             f"{', '.join(f'{x:.1f}' for x in m.get('load_average', []))}; {libs}; "
             f"commit {commit}; `{data.get('command', '?')}`; {data.get('wall_s', 0):.0f} s._"
-            f"{quick}")
+            f"{quick}" + "".join(rerun_note(i, r) for i, r in
+                                 enumerate(data.get("reruns", []), 1)))
+
+
+def rerun_note(index: int, rerun: dict) -> str:
+    """One merged rerun (bench/scoring.py --merge): which rows it replaced, when and how."""
+    load = ", ".join(f"{x:.1f}" for x in rerun.get("machine", {}).get("load_average", []))
+    commit = (rerun.get("git", {}).get("commit") or "?")[:10]
+    return (f" _Rerun {index} replaced {', '.join(rerun.get('rows', []))}: "
+            f"{rerun.get('date', '?')}, load average {load}, commit {commit}; "
+            f"`{rerun.get('command', '?')}`._")
 
 
 # ---- scoring ----------------------------------------------------------------------------------

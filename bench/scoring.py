@@ -39,6 +39,7 @@ about 1.3M tokens through ingestion and the host text encoder, and full at 16k-3
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import sys
 import time
@@ -73,6 +74,10 @@ def build_parser():
                    help="MemLong setting for memlong mode, e.g. retriever=hidden (repeatable)")
     p.add_argument("--checkpoint", default=common.SMOLLM2_CKPT)
     p.add_argument("--timeout", type=float, default=3600, help="seconds per worker process")
+    p.add_argument("--merge", action="store_true",
+                   help="rerun some (mode, length) pairs into an existing --out: its other rows "
+                        "are kept, the rerun's replace theirs, and the file lists the rerun "
+                        "under `reruns` (settings must match)")
     return p
 
 
@@ -224,7 +229,7 @@ def main() -> None:
     args = build_parser().parse_args()
     if args.quick:
         args = quick_args(args)
-    started = time.perf_counter()
+    started, git = time.perf_counter(), common.git_commit()
     checkpoint = common.require_checkpoint(args.checkpoint)
     jobs = plan(args)
     needed = max(j["starts"][-1] + j["length"] for j in jobs)
@@ -250,7 +255,45 @@ def main() -> None:
     config = {"checkpoint": os.path.relpath(checkpoint, common.REPO), "books": list(BOOKS),
               "tokens_file": os.path.relpath(tokens, common.REPO),
               **{k: v for k, v in shared.items() if k not in ("tokens", "checkpoint")}}
-    common.finish(NAME, args, config, rows, started)
+    if args.merge:
+        merge_into(args.out or common.default_out(NAME, args.quick), args, config, rows, started,
+                   git)
+    else:
+        common.finish(NAME, args, config, rows, started, git)
+
+
+def merged(old: dict, rerun: dict) -> dict:
+    """`old` with `rerun`'s rows replacing the rows of the same (mode, length), every row
+    tagged with the rerun that measured it, and `rerun`'s header appended to `reruns`."""
+    comparable = ("local_window", "scored_tokens", "torch_context", "dtype", "overrides",
+                  "books", "checkpoint")
+    differ = [k for k in comparable if old["config"].get(k) != rerun["config"].get(k)]
+    if differ:
+        raise ValueError(f"settings differ from the existing results: {', '.join(differ)}")
+    replaced = {(r["mode"], r["length"]) for r in rerun["results"]}
+    index = len(old.get("reruns", [])) + 1
+    rows = [r for r in old["results"] if (r["mode"], r["length"]) not in replaced]
+    rows += [{**r, "rerun": index} for r in rerun["results"]]
+    order = {m: i for i, m in enumerate(MODES)}
+    rows.sort(key=lambda r: (r["length"], order.get(r["mode"], len(order))))
+    header = {k: v for k, v in rerun.items() if k != "results"}
+    header["rows"] = [f"{r['mode']} {common.fmt_tokens(r['length'])}" for r in rerun["results"]]
+    return {**old, "results": rows, "reruns": [*old.get("reruns", []), header]}
+
+
+def merge_into(path: str, args, config: dict, rows: list, started: float, git: dict) -> None:
+    if not os.path.isfile(path):
+        sys.exit(f"--merge: no results to merge into at {path}")
+    with open(path) as f:
+        old = json.load(f)
+    rerun = {**common.record(NAME, args, config, git=git), "results": rows,
+             "wall_s": time.perf_counter() - started}
+    try:
+        data = merged(old, rerun)
+    except ValueError as err:
+        sys.exit(f"--merge: {err}")
+    common.write_json(path, data)
+    print(f"{NAME}: merged {len(rows)} rows into {os.path.relpath(path)}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -60,3 +60,23 @@ def test_gpu_section_renders_rows_errors_and_skips():
     assert "| score:openllama3b:memlong:80k | 80k | 1.500 | 54,613 | 180.0 | 25.0% | 18.0% | " \
            "12.34 | 20.0 |" in text
     assert "error: OOM" in text and "skipped: budget" in text and "720.0 TFLOP/s" in text
+
+
+def test_scoring_merge_replaces_only_rerun_rows_and_is_reported():
+    scoring = pytest.importorskip("scoring")
+    old = _results()["scoring"]
+    rerun = {"date": "r", "command": "bench/scoring.py --lengths 16k --modes memlong --merge",
+             "machine": {"load_average": [0.5, 0.6, 0.7]}, "git": {"commit": "abc"},
+             "config": dict(old["config"]),
+             "results": [_row("memlong", 16384, 2.0, 990, memlong={"memory_tokens": 32768})]}
+    data = scoring.merged(old, rerun)
+    idx = {(r["mode"], r["length"]): r for r in data["results"]}
+    assert idx[("memlong", 16384)]["median_s"] == 2.0 and idx[("memlong", 16384)]["rerun"] == 1
+    assert idx[("torch", 16384)]["median_s"] == 8.0 and "rerun" not in idx[("torch", 16384)]
+    assert len(data["results"]) == len(old["results"])
+    assert data["reruns"][0]["rows"] == ["memlong 16k"] and "results" not in data["reruns"][0]
+    text = report.render({"scoring": data})
+    assert "4.00x" in text                       # torch 8.0 s / rerun memlong 2.0 s at 16k
+    assert "Rerun 1 replaced memlong 16k: r, load average 0.5, 0.6, 0.7" in text
+    with pytest.raises(ValueError, match="local_window"):
+        scoring.merged(old, {**rerun, "config": {**old["config"], "local_window": 1024}})
