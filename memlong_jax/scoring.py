@@ -8,7 +8,7 @@ inside the final local window of `min(local_window, N)` tokens. Modes:
 - `memlong`: the N - local_window prefix tokens go through memory chunk by chunk, then the local
   window is scored with retrieval-causal attention (`memlong.score_sequence`);
 - `local`: the local window alone, plain causal attention, no memory;
-- `full`: plain causal attention over the whole window (blockwise past 4k tokens, so 32k fits).
+- `full`: plain causal attention over the whole window (blockwise when long, so 32k fits).
 
 Upstream scores 2048 predictions per window, the first of them made by the last *prefix* chunk;
 here the first token of the local window is not scored, so every scored token has the same

@@ -76,6 +76,21 @@ def test_modes_score_the_same_positions_of_a_long_window(scorer, params, host_bl
     assert np.abs(np.asarray(with_memory) - np.asarray(local)).max() > 1e-3
 
 
+def test_blockwise_attention_with_memory_scores_as_the_dense_path(params, monkeypatch):
+    """The final window's retrieval-causal attention goes blockwise when long (from 1024 tokens
+    on the CPU); forced on here at 8 tokens in 4-token tiles, every mode scores as before."""
+    from memlong_jax import attention
+    ids = random_ids(4, 48)
+    protocol = PROTOCOL.validate(MCFG.chunk_size)
+    dense = {m: np.asarray(scoring.Scorer(MODULE, params, MCFG, protocol).window_nll(m, ids)[1])
+             for m in scoring.MODES}
+    monkeypatch.setattr(attention, "BLOCKWISE", {jax.default_backend(): (8, 4)})
+    for mode in scoring.MODES:
+        _, nll = scoring.Scorer(MODULE, params, MCFG, protocol).window_nll(mode, ids)
+        np.testing.assert_allclose(np.asarray(nll), dense[mode], atol=1e-5, err_msg=mode)
+    assert np.abs(dense["memlong"] - dense["local"]).max() > 1e-3
+
+
 @settings(max_examples=60, deadline=None)
 @given(n_tokens=st.integers(0, 500), length=st.integers(1, 64),
        max_windows=st.one_of(st.none(), st.integers(1, 5)), min_doc=st.integers(0, 300))
