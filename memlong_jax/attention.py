@@ -15,11 +15,11 @@ from memlong_jax.layers import apply_rope, dense
 
 # Causal attention over at least `min_length` tokens goes blockwise, in tiles of `block` queries
 # x keys; shorter sequences keep the dense path (and its exact numbers). backend -> (min_length,
-# block), measured: on the 2-core CPU the dense fp32 [T, S] scores fall out of cache from 1024
-# tokens (SmolLM2 shape: dense 2.5 ms at 512 tokens, 42.6 ms at 1024, blockwise 13.7 ms; at 2048
-# 157 ms vs 51 ms with 256-token tiles). On the H200, `full` at 80k took 35.5 s with 512-token
-# tiles and 18.7 s with 2048 (docs/benchmarks.md); its dense path below 4096 was measured at
-# 62% MFU, so the GPU stays dense there.
+# block), measured (bench/attention.py, docs/benchmarks.md): on the 2-core CPU the dense fp32
+# [T, S] scores fall out of cache from 1024 tokens (SmolLM2 shape, 256-token tiles: 2.1x faster
+# at 1024, 3.0x at 2048; at 512 dense is faster). On the H200, `full` at 80k took 35.5 s with
+# 512-token tiles and 18.7 s with 2048; the dense path below 4096 was measured at 62% MFU
+# there, so the GPU stays dense below 4096.
 BLOCKWISE = {"cpu": (1024, 256)}
 BLOCKWISE_DEFAULT = (4096, 2048)
 

@@ -80,3 +80,14 @@ def test_scoring_merge_replaces_only_rerun_rows_and_is_reported():
     assert "Rerun 1 replaced memlong 16k: r, load average 0.5, 0.6, 0.7" in text
     with pytest.raises(ValueError, match="local_window"):
         scoring.merged(old, {**rerun, "config": {**old["config"], "local_window": 1024}})
+
+
+def test_attention_section_compares_each_path_with_dense():
+    timing = lambda f, g: {"forward": {"min_s": f}, "grad": {"min_s": g}}
+    rows = [{"length": 2048, "memory_slots": 1024, "path": "dense", "block": None,
+             **timing(0.2, 0.6), "max_abs_diff_vs_dense": 0.0},
+            {"length": 2048, "memory_slots": 1024, "path": "blockwise", "block": 256,
+             **timing(0.1, 0.4), "max_abs_diff_vs_dense": 2.5e-7}]
+    data = {"date": "d", "config": {"preset": "smollm2-135m", "heads": 9}, "results": rows}
+    text = report.render({"attention": data})
+    assert "| 2k | 1024 | blockwise | 256 | 100.0 | 400.0 | 2.00x | 1.50x | 2.5e-07 |" in text
