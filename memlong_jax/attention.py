@@ -71,7 +71,7 @@ def grouped_attention(q, k, v, mask):
 def blockwise_causal_attention(q, k, v, block_size: int, memory: MemoryKV | None = None):
     """Exact causal `grouped_attention` in `block_size` tiles with an online (running max/sum)
     fp32 softmax: memory is O(block_size^2) per head instead of O(T^2), and each score tile
-    stays in cache (on the CPU this is 3x faster than the dense path from 1024 tokens).
+    stays in cache (on the CPU, 2x faster than the dense path at 1024 tokens, 3x at 2048).
 
     q: `[B, T, H, D]`; k, v: `[B, T, KV, D]` (GQA, K/V not repeated). T need not be a multiple
     of `block_size`: the sequence is zero-padded to one, and padded keys are never seen by real
@@ -107,6 +107,11 @@ def blockwise_causal_attention(q, k, v, block_size: int, memory: MemoryKV | None
                         preferred_element_type=jnp.float32)
         return m_new, l * scale + p.sum(-1), acc * scale[..., None] + pv
 
+    # The memory tile, made once: every query block starts its softmax with it.
+    memory_tile = None if memory is None else (
+        memory.keys.astype(k.dtype), memory.values.astype(v.dtype),
+        memory.valid[:, None, None, None, :])
+
     def query_block(_, xs):
         i, q_blk = xs
 
@@ -118,9 +123,8 @@ def blockwise_causal_attention(q, k, v, block_size: int, memory: MemoryKV | None
 
         stats = q_blk.shape[:1] + q_blk.shape[2:4] + (block,)  # [B, KV, G, block]
         init = (jnp.full(stats, neg), jnp.zeros(stats), jnp.zeros((*stats, head_dim)))
-        if memory is not None:
-            init = attend(init, q_blk, memory.keys.astype(k.dtype), memory.values.astype(v.dtype),
-                          memory.valid[:, None, None, None, :])
+        if memory_tile is not None:
+            init = attend(init, q_blk, *memory_tile)
         (_, l, acc), _ = jax.lax.scan(key_block, init, (jnp.arange(n_blocks), k_blocks, v_blocks))
         return None, jnp.einsum("bkgqd->bqkgd", acc / l[..., None])
 
