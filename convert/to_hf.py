@@ -22,6 +22,7 @@ from convert.safetensors_writer import write_safetensors
 from memlong_jax.hf_sources import TOKENIZER_FILES
 from memlong_jax import checkpoint
 from memlong_jax.errors import atomic_output_dir, run_cli
+from memlong_jax.safe_paths import contained_file, refuse_overwrite
 
 
 def export(params, config, out_dir: str, progress: bool = True) -> None:
@@ -55,12 +56,14 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
 
     config = checkpoint.load_config(args.ckpt)
+    refuse_overwrite([args.out], directories=[args.ckpt])
     params = checkpoint.load_params(args.ckpt, config)
     with atomic_output_dir(args.out) as tmp:
         export(params, config, tmp, progress=not args.quiet)
         for name in [*TOKENIZER_FILES, "chat_template.jinja"]:
-            if os.path.isfile(os.path.join(args.ckpt, name)):
-                shutil.copyfile(os.path.join(args.ckpt, name), os.path.join(tmp, name))
+            src = contained_file(args.ckpt, name, "tokenizer file")
+            if src:
+                shutil.copyfile(src, os.path.join(tmp, name))
     if not args.quiet:
         print(f"wrote {args.out}", file=sys.stderr)
 

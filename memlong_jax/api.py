@@ -15,6 +15,7 @@ from memlong_jax.config import LlamaConfig
 from memlong_jax.errors import UserError
 from memlong_jax.memlong_config import MemLongConfig, default_for, load_for_checkpoint
 from memlong_jax.model import LlamaForCausalLM
+from memlong_jax.safe_paths import contained_file
 
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -126,11 +127,14 @@ def _check_ids(ids) -> jax.Array:
 
 
 def load_tokenizer(path: str):
-    tokenizer_file = os.path.join(path, "tokenizer.json")
-    if not os.path.isfile(tokenizer_file):
+    tokenizer_file = contained_file(path, "tokenizer.json", "tokenizer file")
+    if tokenizer_file is None:
         return None
     from tokenizers import Tokenizer
-    return Tokenizer.from_file(tokenizer_file)
+    try:
+        return Tokenizer.from_file(tokenizer_file)
+    except Exception as err:  # tokenizers raises a bare Exception on bad files
+        raise UserError(f"{tokenizer_file}: not a valid tokenizer.json ({err})") from None
 
 
 def load(path: str, dtype: str = "float32") -> Model:

@@ -33,14 +33,16 @@ from memlong_jax.memlong_config import MemLongConfig
 from memlong_jax.model import LlamaForCausalLM
 from train import config as cfgmod
 from train import data as datamod
-from train import lora, metrics, sharding, step as stepmod
+from memlong_jax import interrupts
+from train import lora, metrics, resume, sharding, step as stepmod
+from train.run_lock import RunLock
 from train.checkpointing import Checkpoints, abstract_like, state_to_tree, tree_to_state
 
 # Settings that may change when a run is resumed (they do not change the computation).
 OPERATIONAL = {"log_every", "checkpoint_every", "keep_checkpoints", "async_checkpoint",
                "progress", "tensorboard", "peak_tflops", "export_dir", "export_hf",
                "eval_every", "eval_batches", "output_dir", "cache_dir", "init_from",
-               "mesh_data", "mesh_fsdp", "encoder_dir"}
+               "mesh_data", "mesh_fsdp", "encoder_dir", "allow_data_change"}
 
 CONVERT_HINT = {
     "openllama3b": "convert them first: python -m convert.from_hf "
@@ -227,7 +229,8 @@ class Trainer:
         # data
         self.tokenizer = datamod.load_tokenizer(t.tokenizer, t.init_from, model.vocab_size)
         files = datamod.list_sources(t.data)
-        tokens = datamod.token_file(files, self.tokenizer, t.cache_dir)
+        self.fingerprint = datamod.fingerprint(files, self.tokenizer)
+        tokens = datamod.token_file(files, self.tokenizer, t.cache_dir, key=self.fingerprint)
         self.blocks = datamod.Blocks(tokens, t.seq_len, t.val_fraction)
         self.streams = datamod.Streams(self.blocks, self.n_streams, t.grad_accum)
         self.total_steps = t.steps or self.streams.steps_per_epoch
@@ -265,23 +268,12 @@ class Trainer:
 
         # checkpoints: resume when present (the output directory is created only now)
         ensure_writable(t.output_dir)
-        self.ckpt = Checkpoints(os.path.join(t.output_dir, "checkpoints"), t.keep_checkpoints,
-                                t.async_checkpoint)
-        self.start = 0
-        latest = self.ckpt.latest_step()
-        if latest is not None:
-            cursor, stored = self.ckpt.read_json(latest)
-            check_compatible(stored, run, model, t.output_dir)
-            if cursor != self.streams.cursor(latest):
-                raise UserError(f"checkpoint {latest} in {t.output_dir} has data cursor {cursor}, "
-                                f"but this data gives {self.streams.cursor(latest)}; the data "
-                                "changed since it was written")
-            target = {"train": state, "memory": state_to_tree(mem)}
-            target_sh = {"train": self.state_sh, "memory": state_to_tree(self.mem_sh)}
-            restored = self.ckpt.restore_state(latest, abstract_like(target, target_sh))
-            state, mem = restored["train"], tree_to_state(restored["memory"])
-            self.start = latest
-        self.state, self.mem = state, mem
+        self.lock = RunLock(t.output_dir) if self.main else None
+        try:
+            self.state, self.mem, self.start = self._resume(state, mem)
+        except BaseException:
+            self.release()
+            raise
 
         step_fn = stepmod.make_train_step(self.module, m, t, self.tx, self.schedule)
         self.step_fn = jax.jit(step_fn, donate_argnums=(0, 2),
@@ -291,6 +283,32 @@ class Trainer:
         self.log = metrics.MetricsLog(t.output_dir, t.tensorboard, enabled=self.main)
         self._eval_fn = None
         self.compile_s = None
+
+    def _resume(self, state, mem):
+        """(state, memory, step) from the newest checkpoint that restores, else the fresh ones."""
+        t = self.t
+        self.ckpt = Checkpoints(os.path.join(t.output_dir, "checkpoints"), t.keep_checkpoints,
+                                t.async_checkpoint)
+
+        def check(step, cursor, stored):
+            check_compatible(stored, self.run, self.model, t.output_dir)
+            resume.check_data(step, cursor, self.streams.cursor(step), self.fingerprint,
+                              t.allow_data_change, t.output_dir)
+
+        target = {"train": state, "memory": state_to_tree(mem)}
+        target_sh = {"train": self.state_sh, "memory": state_to_tree(self.mem_sh)}
+        found = resume.restore_newest(self.ckpt, abstract_like(target, target_sh), check)
+        start = 0
+        if found:
+            start, _, restored = found
+            state, mem = restored["train"], tree_to_state(restored["memory"])
+        if self.main:
+            resume.drop_metrics_after(t.output_dir, start)
+        return state, mem, start
+
+    def release(self) -> None:
+        if self.lock:
+            self.lock.release()
 
     # -- batches
 
@@ -314,7 +332,8 @@ class Trainer:
 
     def save(self, step: int) -> None:
         tree = {"train": self.state, "memory": state_to_tree(self.mem)}
-        self.ckpt.save(step, tree, self.streams.cursor(step), self.config_json())
+        cursor = {**self.streams.cursor(step), resume.FINGERPRINT: self.fingerprint}
+        self.ckpt.save(step, tree, cursor, self.config_json())
 
     # -- validation (memlong_reference.md section 6: last `eval_window` tokens of each window)
 
@@ -345,6 +364,15 @@ class Trainer:
     # -- loop
 
     def train(self) -> None:
+        """Run to `total_steps`. SIGINT/SIGTERM/SIGHUP end the step in flight, then save a
+        checkpoint and raise `Interrupted` (one line, exit 128 + signal; the rerun resumes)."""
+        try:
+            with interrupts.deferred() as flag:
+                self._loop(flag)
+        finally:
+            self.release()
+
+    def _loop(self, flag) -> None:
         t = self.t
         from tqdm import tqdm
         bar = tqdm(total=self.total_steps, initial=self.start, unit="step", dynamic_ncols=True,
@@ -390,6 +418,14 @@ class Trainer:
                               f"val_ppl {result['val_ppl']:.2f}")
                 window_t0, window_steps = time.perf_counter(), 0
             bar.update(1)
+            if flag.signum is not None and not last:
+                bar.close()
+                if done % t.checkpoint_every:
+                    self.save(done)
+                self.ckpt.wait()
+                raise interrupts.Interrupted(
+                    flag.signum, f"checkpoint {done} saved in {self.ckpt.directory}; run the "
+                                 "same command to resume")
         bar.close()
         self.ckpt.wait()
         if t.export_dir and self.main:
