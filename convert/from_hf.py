@@ -11,6 +11,7 @@ and shape is checked against the model before anything is written.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
@@ -23,6 +24,7 @@ from memlong_jax.hf_sources import open_source
 from memlong_jax import checkpoint
 from memlong_jax.config import LlamaConfig
 from memlong_jax.errors import UserError, atomic_output_dir, run_cli
+from memlong_jax.safe_paths import refuse_overwrite
 
 DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
 
@@ -84,6 +86,8 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
 
     start = time.perf_counter()
+    if os.path.isdir(args.src):
+        refuse_overwrite([args.out], directories=[args.src])
     source = open_source(args.src)
     config = LlamaConfig.from_hf_dict(source.hf_config)
     with atomic_output_dir(args.out) as tmp:

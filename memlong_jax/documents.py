@@ -12,6 +12,7 @@ import sys
 from typing import NamedTuple
 
 from memlong_jax.errors import UserError
+from memlong_jax.safe_paths import regular_file
 
 JSONL_SUFFIXES = (".jsonl", ".json")
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".tex", ".text")   # what a directory walk picks up
@@ -71,6 +72,8 @@ def expand_paths(paths: list[str]) -> list[str]:
     for path in paths:
         if path == "-" or os.path.isfile(path):
             files.append(path)
+        elif os.path.exists(path) and not os.path.isdir(path):
+            regular_file(path, "input")
         elif os.path.isdir(path):
             found = sorted(os.path.join(root, name) for root, _, names in os.walk(path)
                            for name in names if not name.startswith(".")
@@ -78,7 +81,7 @@ def expand_paths(paths: list[str]) -> list[str]:
             if not found:
                 raise UserError(f"{path}: directory holds no text files "
                                 f"({', '.join(TEXT_SUFFIXES + JSONL_SUFFIXES)})")
-            files += found
+            files += [regular_file(f, "input") for f in found]
         else:
             raise UserError(f"{path}: no such file or directory")
     return files

@@ -22,6 +22,7 @@ import numpy as np
 
 from memlong_jax.documents import JSONL_SUFFIXES, expand_paths, file_documents
 from memlong_jax.errors import UserError
+from memlong_jax.safe_paths import contained_file, regular_file
 
 PYDOC = "pydoc"
 
@@ -44,7 +45,12 @@ class HFTokenizer:
 
     def __init__(self, path: str):
         from tokenizers import Tokenizer
-        self._tok = Tokenizer.from_file(path)
+        try:
+            self._tok = Tokenizer.from_file(regular_file(path, "tokenizer file"))
+        except Exception as err:  # tokenizers raises a bare Exception on bad files
+            if isinstance(err, UserError):
+                raise
+            raise UserError(f"{path}: not a valid tokenizer.json ({err})") from None
         self._tok.no_padding()
         self._tok.no_truncation()
         with open(path, "rb") as f:
@@ -64,8 +70,8 @@ def load_tokenizer(spec: str, init_from: str, vocab_size: int):
     if spec == "byte":
         tok = ByteTokenizer()
     elif spec == "auto":
-        path = os.path.join(init_from, "tokenizer.json") if init_from else ""
-        if path and os.path.isfile(path):
+        path = contained_file(init_from, "tokenizer.json", "tokenizer file") if init_from else None
+        if path:
             tok = HFTokenizer(path)
         elif vocab_size >= 256:
             tok = ByteTokenizer()

@@ -31,6 +31,7 @@ from memlong_jax.config import LlamaConfig
 from memlong_jax.errors import ArgumentParser, UserError, run_cli
 from memlong_jax.memlong_config import MemLongConfig
 from memlong_jax.model import LlamaForCausalLM
+from memlong_jax.safe_paths import refuse_overwrite
 from train import config as cfgmod
 from train import data as datamod
 from memlong_jax import interrupts
@@ -229,6 +230,9 @@ class Trainer:
         # data
         self.tokenizer = datamod.load_tokenizer(t.tokenizer, t.init_from, model.vocab_size)
         files = datamod.list_sources(t.data)
+        data_dirs = [p for p in t.data.split(",") if os.path.isdir(p.strip())]
+        refuse_overwrite([t.output_dir, t.export_dir, t.export_hf], files,
+                         [t.init_from, *data_dirs])
         self.fingerprint = datamod.fingerprint(files, self.tokenizer)
         tokens = datamod.token_file(files, self.tokenizer, t.cache_dir, key=self.fingerprint)
         self.blocks = datamod.Blocks(tokens, t.seq_len, t.val_fraction)
