@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
 
 import numpy as np
@@ -19,10 +18,10 @@ from tqdm import tqdm
 
 from convert.layout import get_path, tensor_slots
 from convert.safetensors_writer import write_safetensors
-from memlong_jax.hf_sources import TOKENIZER_FILES
+from memlong_jax.hf_sources import TOKENIZER_FILES, copy_tokenizer_files
 from memlong_jax import checkpoint
 from memlong_jax.errors import atomic_output_dir, run_cli
-from memlong_jax.safe_paths import contained_file, refuse_overwrite
+from memlong_jax.safe_paths import refuse_overwrite
 
 
 def export(params, config, out_dir: str, progress: bool = True) -> None:
@@ -60,10 +59,7 @@ def main(argv=None) -> None:
     params = checkpoint.load_params(args.ckpt, config)
     with atomic_output_dir(args.out) as tmp:
         export(params, config, tmp, progress=not args.quiet)
-        for name in [*TOKENIZER_FILES, "chat_template.jinja"]:
-            src = contained_file(args.ckpt, name, "tokenizer file")
-            if src:
-                shutil.copyfile(src, os.path.join(tmp, name))
+        copy_tokenizer_files(args.ckpt, tmp, [*TOKENIZER_FILES, "chat_template.jinja"])
     if not args.quiet:
         print(f"wrote {args.out}", file=sys.stderr)
 

@@ -44,8 +44,11 @@ def write_config(directory: str, config: LlamaConfig, **extra) -> None:
 
 
 def save_params(directory: str, params) -> None:
-    """Write the params tree (numpy or jax arrays, any dtype) under `directory/params`."""
-    checkpointer = ocp.StandardCheckpointer()
+    """Write the params tree (numpy or jax arrays, any dtype) under `directory/params`, from
+    this process alone (in a multi-host run only one host exports)."""
+    me = jax.process_index()
+    alone = ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me})
+    checkpointer = ocp.StandardCheckpointer(multiprocessing_options=alone)
     checkpointer.save(os.path.join(os.path.abspath(directory), PARAMS_DIR), params)
     checkpointer.wait_until_finished()
 

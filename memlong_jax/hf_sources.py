@@ -102,13 +102,18 @@ class HFDirectorySource:
             raise UserError(f"{file}: cannot read tensor {name} ({err})") from None
 
     def save_tokenizer(self, out_dir: str) -> list[str]:
-        copied = []
-        for name in TOKENIZER_FILES:
-            src = contained_file(self.directory, name, "tokenizer file")
-            if src:
-                shutil.copyfile(src, os.path.join(out_dir, name))
-                copied.append(name)
-        return copied
+        return copy_tokenizer_files(self.directory, out_dir)
+
+
+def copy_tokenizer_files(directory: str, out_dir: str, names=TOKENIZER_FILES) -> list[str]:
+    """Copy the tokenizer files `directory` has; each must be a regular file inside it."""
+    copied = []
+    for name in names:
+        src = contained_file(directory, name, "tokenizer file")
+        if src:
+            shutil.copyfile(src, os.path.join(out_dir, name))
+            copied.append(name)
+    return copied
 
 
 class _SafetensorsFile:

@@ -268,12 +268,17 @@ def test_fifo_in_an_input_directory_is_refused(tmp_path, tiny_checkpoint, capsys
     docs.mkdir()
     (docs / "a.txt").write_text(TEXT)
     os.mkfifo(docs / "b.txt")
-    signal.alarm(60)  # a regression would block on open(); fail instead of hanging the suite
+    def hung(signum, frame):
+        raise TimeoutError("blocked reading the FIFO")
+
+    previous = signal.signal(signal.SIGALRM, hung)  # a regression blocks on open(): fail
+    signal.alarm(60)
     try:
         code, _, err = cli(capsys, score.main, tiny_checkpoint, docs, *FAST,
                            "--set", "retriever=hidden")
     finally:
         signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
     assert_one_line(code, err, "not a regular file")
 
 

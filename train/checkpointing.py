@@ -46,12 +46,14 @@ class Checkpoints:
         return list(self.manager.all_steps())
 
     def set_aside(self, step: int, directory: str) -> str:
-        """Move checkpoint `step` out of the manager's sight into `directory`; returns where."""
-        os.makedirs(directory, exist_ok=True)
+        """Move checkpoint `step` out of the manager's sight into `directory` (the first host
+        moves it, the others only forget it); returns where."""
         target, n = os.path.join(directory, str(step)), 1
         while os.path.exists(target):
             target, n = os.path.join(directory, f"{step}.{n}"), n + 1
-        os.rename(os.path.join(self.directory, str(step)), target)
+        if jax.process_index() == 0:
+            os.makedirs(directory, exist_ok=True)
+            os.rename(os.path.join(self.directory, str(step)), target)
         self.manager.reload()
         return target
 

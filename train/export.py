@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import sys
 
 import json
@@ -25,7 +24,7 @@ import numpy as np
 
 from memlong_jax import checkpoint
 from memlong_jax.errors import UserError, atomic_output_dir, run_cli
-from memlong_jax.hf_sources import TOKENIZER_FILES
+from memlong_jax.hf_sources import TOKENIZER_FILES, copy_tokenizer_files
 from train import lora
 
 
@@ -35,10 +34,8 @@ def write_model(out_dir: str, model_cfg, mcfg, params, tokenizer_from: str = "",
     with atomic_output_dir(out_dir) as tmp:
         checkpoint.write_config(tmp, model_cfg, memlong=mcfg.to_dict())
         checkpoint.save_params(tmp, params)
-        for name in [*TOKENIZER_FILES, "chat_template.jinja"]:
-            src = os.path.join(tokenizer_from, name) if tokenizer_from else ""
-            if src and os.path.isfile(src):
-                shutil.copyfile(src, os.path.join(tmp, name))
+        if tokenizer_from:
+            copy_tokenizer_files(tokenizer_from, tmp, [*TOKENIZER_FILES, "chat_template.jinja"])
     if hf_dir:
         from convert.to_hf import main as to_hf
         to_hf([out_dir, hf_dir, "--quiet"])

@@ -22,7 +22,8 @@ DAMAGED_DIR = "checkpoints-damaged"
 FINGERPRINT = "data_fingerprint"
 
 
-def _reason(err: Exception) -> str:
+def reason(err: Exception) -> str:
+    """An exception as a short single-line phrase."""
     lines = str(err).strip().splitlines()
     text = f"{type(err).__name__}: {lines[0] if lines else ''}"
     return text if len(text) <= 200 else text[:197] + "..."
@@ -44,7 +45,7 @@ def restore_newest(ckpt, target, check, warn=None):
         except Exception as err:  # whatever orbax, tensorstore or json raise on damaged files
             moved = ckpt.set_aside(step, os.path.join(os.path.dirname(ckpt.directory),
                                                       DAMAGED_DIR))
-            warn(f"warning: skipped checkpoint {step} ({_reason(err)}); moved it to {moved}")
+            warn(f"warning: skipped checkpoint {step} ({reason(err)}); moved it to {moved}")
     return None
 
 

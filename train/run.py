@@ -18,6 +18,7 @@ import argparse
 import json
 import math
 import os
+import signal
 import sys
 import tempfile
 import time
@@ -26,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from memlong_jax import checkpoint, memlong
+from memlong_jax import checkpoint, interrupts, memlong
 from memlong_jax.config import LlamaConfig
 from memlong_jax.errors import ArgumentParser, UserError, run_cli
 from memlong_jax.memlong_config import MemLongConfig
@@ -34,7 +35,6 @@ from memlong_jax.model import LlamaForCausalLM
 from memlong_jax.safe_paths import refuse_overwrite
 from train import config as cfgmod
 from train import data as datamod
-from memlong_jax import interrupts
 from train import lora, metrics, resume, sharding, step as stepmod
 from train.run_lock import RunLock
 from train.checkpointing import Checkpoints, abstract_like, state_to_tree, tree_to_state
@@ -64,7 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="print parameter counts, bytes per device and FLOPs per step "
                              "(jax.eval_shape only, nothing allocated) and exit")
     parser.add_argument("--coordinator", default=None,
-                        help="multi-host: coordinator address HOST:PORT")
+                        help="multi-host: coordinator address HOST:PORT, or `auto` on a TPU pod "
+                             "slice or under SLURM (jax detects hosts and ranks)")
     parser.add_argument("--num-processes", type=int, default=None, help="multi-host: hosts")
     parser.add_argument("--process-id", type=int, default=None, help="multi-host: this host")
     return parser
@@ -226,6 +227,7 @@ class Trainer:
         check_writable(t.output_dir)
         self.mesh = sharding.make_mesh(t.mesh_data, t.mesh_fsdp)
         self.n_streams = self.mesh.size * t.rows_per_replica
+        self.local_rows = sharding.local_rows(self.mesh, self.n_streams)
 
         # data
         self.tokenizer = datamod.load_tokenizer(t.tokenizer, t.init_from, model.vocab_size)
@@ -320,14 +322,21 @@ class Trainer:
         return sharding.put(array, sharding.rows_sharding(self.mesh, array.ndim, axis))
 
     def batch(self, step: int) -> dict:
-        ids = self.streams.batch(step)
+        rows = self.local_rows
+        ids = self.streams.batch(step, rows)  # zeros in the rows other hosts feed
         out = {"ids": self._global(ids, 1)}
         if self.retriever is not None:
-            keys, query = self.retriever(ids)
-            out["key_emb"] = self._global(keys, 1)
+            keys, query = self.retriever(ids[:, rows])  # this host's rows only
+            out["key_emb"] = self._global(self._all_rows(keys), 1)
             if query is not None:
-                out["query"] = self._global(query, 1)
+                out["query"] = self._global(self._all_rows(query), 1)
         return out
+
+    def _all_rows(self, local: np.ndarray) -> np.ndarray:
+        """`[A, len(local_rows), ...]` -> `[A, n_streams, ...]`, zeros in other hosts' rows."""
+        full = np.zeros((local.shape[0], self.n_streams, *local.shape[2:]), local.dtype)
+        full[:, self.local_rows] = local
+        return full
 
     def config_json(self) -> dict:
         return {"run": self.run.to_dict(), "model": self.model.to_hf_dict(),
@@ -422,22 +431,23 @@ class Trainer:
                               f"val_ppl {result['val_ppl']:.2f}")
                 window_t0, window_steps = time.perf_counter(), 0
             bar.update(1)
-            if flag.signum is not None and not last:
+            # Every host stops after the same step (the save is collective).
+            if not last and sharding.any_process(flag.signum is not None):
                 bar.close()
                 if done % t.checkpoint_every:
                     self.save(done)
                 self.ckpt.wait()
                 raise interrupts.Interrupted(
-                    flag.signum, f"checkpoint {done} saved in {self.ckpt.directory}; run the "
-                                 "same command to resume")
+                    flag.signum or signal.SIGTERM, f"checkpoint {done} saved in "
+                    f"{self.ckpt.directory}; run the same command to resume")
         bar.close()
         self.ckpt.wait()
-        if t.export_dir and self.main:
+        if t.export_dir:
             from train.export import export_merged
-            frozen = jax.device_get(self.frozen)
-            trainable = jax.device_get(self.state["trainable"])
-            export_merged(frozen, trainable, self.run, self.model, self.base_dtypes,
-                          t.export_dir, t.export_hf)
+            frozen, trainable = sharding.gather((self.frozen, self.state["trainable"]))
+            if self.main:
+                export_merged(frozen, trainable, self.run, self.model, self.base_dtypes,
+                              t.export_dir, t.export_hf)
         self.ckpt.close()
         self.log.close()
 
@@ -448,11 +458,14 @@ def trained_from_checkpoint(run_dir: str, step: int | None = None):
     step = ckpt.latest_step() if step is None else step
     if step is None:
         raise UserError(f"{run_dir} holds no training checkpoints")
-    _, stored = ckpt.read_json(step)
-    import orbax.checkpoint as ocp
-    restored = ckpt.manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore()))["state"]
-    ckpt.close()
+    try:
+        _, stored = ckpt.read_json(step)
+        restored = ckpt.restore_state(step, None)
+    except Exception as err:  # a damaged checkpoint: name it, another may be chosen
+        raise UserError(f"checkpoint {step} in {run_dir} does not restore "
+                        f"({resume.reason(err)}); choose another with --step") from None
+    finally:
+        ckpt.close()
     return stored, step, jax.tree_util.tree_map(np.asarray, restored["train"]["trainable"])
 
 
@@ -462,7 +475,10 @@ def export_run(source: str, out: str, hf_dir: str = "", step: int | None = None,
     (`base` overrides the recorded `init_from`) and write it out; or, with `adapter_only`, write
     just the trained parameters."""
     from train import export
-    if export.is_adapter(source):
+    adapter = export.is_adapter(source)
+    refuse_overwrite([out, hf_dir], directories=[
+        source if adapter else os.path.join(source, "checkpoints"), base])
+    if adapter:
         stored, step, trained = export.read_adapter(source)
     else:
         stored, step, trained = trained_from_checkpoint(source, step)
@@ -486,7 +502,9 @@ def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
     assignments = [item for group in args.set for item in group]
     run = cfgmod.resolve(args.config, assignments)
-    if args.coordinator or args.num_processes:
+    if args.coordinator == "auto":
+        jax.distributed.initialize()
+    elif args.coordinator or args.num_processes:
         jax.distributed.initialize(coordinator_address=args.coordinator,
                                    num_processes=args.num_processes, process_id=args.process_id)
     model = cfgmod.model_config(run)
