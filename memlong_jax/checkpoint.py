@@ -49,7 +49,9 @@ def save_params(directory: str, params) -> None:
     me = jax.process_index()
     alone = ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me})
     checkpointer = ocp.StandardCheckpointer(multiprocessing_options=alone)
-    checkpointer.save(os.path.join(os.path.abspath(directory), PARAMS_DIR), params)
+    # Host arrays: orbax refuses single-device jax arrays in a multi-host run.
+    checkpointer.save(os.path.join(os.path.abspath(directory), PARAMS_DIR),
+                      jax.device_get(params))
     checkpointer.wait_until_finished()
 
 

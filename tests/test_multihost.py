@@ -15,11 +15,11 @@ import sys
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 from memlong_jax import checkpoint
 from tests.test_train import toy_corpus
-from tests.test_train_scale import _final_state
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 4
@@ -49,6 +49,21 @@ def _two_hosts(args, root):
     for p, err in zip(procs, errs):
         assert p.returncode == 0, err[-3000:]
     return errs[0]
+
+
+def _final_state(out):
+    """The newest checkpoint's state, restored onto this process's one device (it was saved
+    sharded over two)."""
+    manager = ocp.CheckpointManager(os.path.join(out, "checkpoints"))
+    step = manager.latest_step()
+    manager.close()
+    path = os.path.join(out, "checkpoints", str(step), "state")
+    metadata = ocp.StandardCheckpointer().metadata(path)
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = jax.tree_util.tree_map(
+        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+        getattr(metadata, "item_metadata", metadata))
+    return step, ocp.StandardCheckpointer().restore(path, target)
 
 
 def _losses(out):
