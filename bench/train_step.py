@@ -1,8 +1,8 @@
 """Training step time, tokens/s, TFLOP/s and MFU (frozen-aware FLOPs) for the train presets, with
 compilation timed apart.
 
-    .venv/bin/python bench/train_step.py              # full run -> bench/results/train_step.json
-    .venv/bin/python bench/train_step.py --quick      # smoke test (tiny only) -> out/bench-quick/
+    .venv/bin/python -m bench.train_step              # full run -> bench/results/train_step.json
+    .venv/bin/python -m bench.train_step --quick      # smoke test (tiny only) -> out/bench-quick/
 
 Why: `python -m train.run` logs step time and MFU only on GPUs it knows; this measures the same
 step on any machine against a matmul peak measured in the same run, so training efficiency is a
@@ -34,7 +34,7 @@ import time
 
 import numpy as np
 
-import common
+from bench import common
 
 NAME = "train_step"
 BENCH_OVERRIDES = {"tiny": [], "smollm2-135m": ["grad_accum=2"]}
@@ -56,7 +56,7 @@ def build(name: str, overrides: list[str], load_base=None):
     `train.run.load_base` (bench/gpu.py passes random weights built on the device)."""
     import jax
     import jax.numpy as jnp
-    from memlong_jax import memlong
+    from memlong_jax.memlong import scan
     from train import config as cfgmod
     from train import run as runmod
     from train import step as stepmod
@@ -77,7 +77,7 @@ def build(name: str, overrides: list[str], load_base=None):
     state = fresh({"step": jnp.int32(0), "trainable": trainable, "opt_state": tx.init(trainable),
                    "rng": jax.random.PRNGKey(t.seed)})
     emb_dim = runmod.emb_dim_for(run, model)
-    mem = fresh(memlong.init_state(module, m, t.rows_per_replica, emb_dim))
+    mem = fresh(scan.init_state(module, m, t.rows_per_replica, emb_dim))
     rng = np.random.default_rng(0)
     shape = (t.grad_accum, t.rows_per_replica)
     batch = {"ids": jnp.asarray(rng.integers(0, model.vocab_size, shape + (t.seq_len,),
