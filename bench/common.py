@@ -232,12 +232,14 @@ WORKER_FLAG = "--worker"
 
 
 def run_worker(script: str, job: dict, timeout: float | None = None) -> dict:
-    """Run `python script --worker JSON` and return the JSON object it prints last on stdout,
+    """Run the benchmark `script` (a bench/ file) as `python -m bench.NAME --worker JSON` and
+    return the JSON object it prints last on stdout,
     plus `peak_rss_mb` (the child's own maxrss via wait4) and `process_wall_s`. stderr passes
     through. A failed worker gives {"error": ...} instead of raising, so one configuration that
     runs out of memory or time does not lose the others."""
     start = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, script, WORKER_FLAG, json.dumps(job)],
+    module = "bench." + os.path.splitext(os.path.basename(script))[0]
+    proc = subprocess.Popen([sys.executable, "-m", module, WORKER_FLAG, json.dumps(job)],
                             stdout=subprocess.PIPE, text=True, cwd=REPO)
     timer = None
     if timeout:

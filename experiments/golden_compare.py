@@ -52,6 +52,8 @@ def main() -> int:
         path = os.path.join(before, name)
         if not os.path.isfile(path) or name.startswith("."):
             continue
+        if name.endswith(".txt") and os.path.isfile(path[:-4] + ".json"):
+            continue   # a printed table of the JSON's rows, with timings in its columns
         other = os.path.join(after, name)
         if not os.path.isfile(other):
             print(f"{name}: missing in {after}")

@@ -15,8 +15,8 @@ from memlong_jax.io.documents import decode_utf8, jsonl_rows
 
 
 ROWS = ("memlong", "local", "full")
-# The repository's sibling ../shared/data/icl (this file is memlong_jax/icl/tasks.py).
-DEFAULT_DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "..",
+# The repository's sibling ../shared/data/icl (this file is memlong_jax/eval/icl/tasks.py).
+DEFAULT_DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "..", "..",
                             "shared", "data", "icl")
 
 
