@@ -313,3 +313,10 @@ def test_shared_icl_data_loads():
         train, test = icl.load_split(root, task, "train"), icl.load_split(root, task, "test")
         assert (len(train), len(test)) == (n_train, n_test)
         assert {e.label for e in test} == set(task.labels)
+
+
+def test_default_data_is_the_shared_icl_directory():
+    """`--data`'s default finds ../shared/data/icl from wherever the package sits."""
+    if not os.path.isdir(os.path.join(SHARED_DATA, "icl")):
+        pytest.skip(f"{SHARED_DATA}/icl is absent")
+    assert os.path.samefile(icl.DEFAULT_DATA, os.path.join(SHARED_DATA, "icl"))
