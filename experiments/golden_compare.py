@@ -14,7 +14,7 @@ import os
 import re
 import sys
 
-IGNORED_KEY = re.compile(r"seconds|date|time|per_s|_path|versions|tflops|mfu|elapsed|wall|"
+IGNORED_KEY = re.compile(r"seconds|date|time|per_s|_s$|_path|versions|tflops|mfu|elapsed|wall|"
                          r"^inputs$|^output_dir$|^cache_dir$|^data$")
 TIMING_TEXT = re.compile(r"\d+(\.\d+)?\s*(s|ms|it/s|tok/s)\b|\(.*?incl\..*?\)")
 
@@ -33,7 +33,8 @@ def load(path: str):
             return [strip(json.loads(line)) for line in f if line.strip()]
         if path.endswith(".json"):
             return strip(json.load(f))
-        return TIMING_TEXT.sub("<t>", f.read())
+        text = f.read().replace(os.path.dirname(os.path.abspath(path)), "<out>")
+        return TIMING_TEXT.sub("<t>", text)
 
 
 def diff(a, b, where="") -> list[str]:
