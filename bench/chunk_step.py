@@ -18,7 +18,6 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from memlong_jax.llama.config import PRESETS
 from memlong_jax.llama.model import LlamaForCausalLM

@@ -20,7 +20,7 @@ Measurements, in this order (each guarded: an error is recorded and the next one
    token host blocks, then the 2048-token local window scored with retrieval; a fresh memory
    per window, so the 32k-token memory fills and evicts). Random token ids.
 3. training step, openllama3b: bench/train_step.py's `build` (train.config.resolve with `--set`
-   style overrides, train.run.split_params, train.step.make_train_step jitted with donation),
+   style overrides, train.setup.split_params, train.step.make_train_step jitted with donation),
    overrides: init_from= (random), dtype/param_dtype bfloat16, memlong.retriever=hidden,
    memlong.backend=device, seq_len 1024, rows_per_replica 2, grad_accum 2 (`--train-set` adds
    or replaces; out of device memory, it is retried once with rows_per_replica 1). LoRA rank 64

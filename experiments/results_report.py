@@ -15,8 +15,6 @@ import argparse
 import json
 import math
 import os
-import sys
-
 
 from bench.report import splice, table   # the same markdown helpers as the benchmarks
 from memlong_jax.errors import write_atomically

@@ -12,7 +12,7 @@ from helpers import real_text
 from memlong_jax.llama.config import ConfigError, PRESETS
 from memlong_jax.llama.model import LlamaForCausalLM
 from memlong_jax.memlong import scan
-from memlong_jax.memlong.config import MEMLONG_PRESETS, MemLongConfig
+from memlong_jax.memlong.config import MEMLONG_PRESETS
 
 CFG = PRESETS["tiny"]
 MCFG = MEMLONG_PRESETS["tiny"].validate(CFG)

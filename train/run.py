@@ -15,7 +15,6 @@ then spans all hosts' devices.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys

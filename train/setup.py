@@ -17,7 +17,6 @@ from memlong_jax.memlong.config import MemLongConfig
 from memlong_jax.memlong.retrievers.text_encoder import default_encoder_dir, read_config
 from train import config as cfgmod
 from train import lora
-from train import step as stepmod
 
 CONVERT_HINT = {
     "openllama3b": "convert them first: python -m convert.from_hf "

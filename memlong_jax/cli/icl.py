@@ -109,7 +109,7 @@ def main(argv=None) -> None:
     seeds = ",".join(map(str, settings.seeds))
     print(f"label-word accuracy (%), mean ± std over seeds {seeds}; items: {items}")
     print(table(results, "accuracy"))
-    print(f"\nupstream's argmax-next-token accuracy (%)")
+    print("\nupstream's argmax-next-token accuracy (%)")
     print(table(results, "argmax_accuracy"))
     timing = results["timing"]
     print(f"\n{results['config']['total_seconds']:.0f} s in all, scoring "
