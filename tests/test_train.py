@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import flax.linen as nn
 import jax
@@ -351,3 +352,25 @@ def test_key_table_matches_the_encoder_and_spares_it(tmp_path, capsys):
     trainer.train()
     assert trainer.retriever.table is not None and trainer.retriever._encoder is None
     assert len([json.loads(line) for line in open(tmp_path / "out" / "metrics.jsonl")]) >= 1
+
+
+@pytest.mark.parametrize("policy", ["full", "dots"])
+def test_remat_policy_recomputes_and_changes_nothing(policy):
+    """A remat policy puts each decoder layer under jax.checkpoint, and gives the same loss and
+    gradients as none."""
+    config = MODEL_PRESETS["tiny"]
+    ids = jnp.asarray(np.random.default_rng(3).integers(0, config.vocab_size, (2, 16)), jnp.int32)
+    params = LlamaForCausalLM(config).init(jax.random.PRNGKey(0), ids)["params"]
+
+    def loss(module, p):
+        return module.apply({"params": p}, ids).astype(jnp.float32).std()
+
+    plain = LlamaForCausalLM(config)
+    remat = LlamaForCausalLM(config, remat_policy=policy)
+    remats = lambda module: len(re.findall(r"= (?:remat\w*|checkpoint)\[",
+                                           str(jax.make_jaxpr(lambda p: loss(module, p))(params))))
+    assert (remats(remat), remats(plain)) == (config.num_hidden_layers, 0)
+    expected = jax.value_and_grad(lambda p: loss(plain, p))(params)
+    got = jax.value_and_grad(lambda p: loss(remat, p))(params)
+    for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(expected)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)

@@ -12,8 +12,9 @@ import dataclasses
 import difflib
 import os
 
-from memlong_jax.llama.config import ConfigError, LlamaConfig, parse_setting
 from memlong_jax.llama.config import PRESETS as MODEL_PRESETS
+from memlong_jax.llama.config import ConfigError, LlamaConfig, parse_setting
+from memlong_jax.llama.model import REMAT_POLICIES
 from memlong_jax.memlong.config import MEMLONG_PRESETS, MemLongConfig
 
 MEMLONG_PREFIX = "memlong."
@@ -22,7 +23,7 @@ CHOICES = {
     "trainable": ("lora", "upper"),
     "dtype": ("float32", "bfloat16"),
     "param_dtype": ("float32", "bfloat16"),
-    "remat": ("none", "full", "dots", "dots_no_batch"),
+    "remat": tuple(REMAT_POLICIES),
     "warmup_shape": ("linear", "log"),
 }
 
