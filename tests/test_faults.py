@@ -22,10 +22,9 @@ import jax
 import numpy as np
 import pytest
 
+from helpers import random_torch_llama, save_torch_llama, toy_corpus
 from memlong_jax.errors import run_cli
-from tests.conftest import random_torch_llama, save_torch_llama
-from tests.test_train import toy_corpus
-from tests.test_train_scale import _final_state, _logged_steps
+from test_train_scale import _final_state, _logged_steps
 from train import resume
 from train.checkpointing import Checkpoints
 from train.run import main as train_main

@@ -18,8 +18,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from memlong_jax import checkpoint
-from tests.test_train import toy_corpus
+from memlong_jax.io import checkpoint
+from helpers import toy_corpus
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 4

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 
 from convert import from_hf, to_hf
-from memlong_jax import generate, score
+from helpers import LLAMA_SHAPES, random_torch_llama, save_torch_llama
+from memlong_jax.cli import generate, score
 from memlong_jax.errors import UserError, atomic_output_dir, run_cli
-from tests.conftest import LLAMA_SHAPES, random_torch_llama, save_torch_llama
 from train import resume
 from train.run import main as train_main
 from train.run_lock import RunLock
