@@ -1,7 +1,7 @@
 """The reading ladder (issue 14, item 3): why SmolLM2-135M gains nothing from MemLong's memory,
 measured without training.
 
-    .venv/bin/python experiments/recall_diagnosis.py [--windows 3] [--out FILE]
+    .venv/bin/python -m experiments.recall_diagnosis [--windows 3] [--out FILE]
 
 2048-token windows with a 1024-token local window: the 1024-token prefix is 8 chunks and top-8
 retrieves all of it, so retrieval cannot miss; what is left is how the memory is *read*. Two
@@ -21,7 +21,7 @@ For each: NLL of the scored 1023 predictions (and of the repeated copy's 512), t
 local-to-full gap recovered, the per-position NLL difference to `local` (8 bins of 128), and the
 attention mass on memory per retrieval layer and head. The retriever is `hidden` (all 8 chunks
 are retrieved in any case). Writes experiments/results/recall_diagnosis.json; render with
-experiments/recall_diagnosis_report.py.
+`python -m experiments.recall_diagnosis_report`.
 """
 
 from __future__ import annotations
@@ -37,15 +37,13 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "bench"))
-import common  # noqa: E402  (bench/common.py: run record, atomic JSON)
-
-import memlong_jax as ml  # noqa: E402
-from memlong_jax import memlong  # noqa: E402
-from memlong_jax.attention import MemoryKV, causal_mask, grouped_attention, with_memory  # noqa: E402
-from memlong_jax.layers import apply_rope, rope_cos_sin  # noqa: E402
-from memlong_jax.model import layer_memory  # noqa: E402
-from memlong_jax.scoring import Protocol, Scorer  # noqa: E402
+import memlong_jax as ml
+from bench import common   # run record, atomic JSON
+from memlong_jax.eval.scoring import Protocol, Scorer
+from memlong_jax.llama.attention import MemoryKV, causal_mask, grouped_attention, with_memory
+from memlong_jax.llama.layers import apply_rope, rope_cos_sin
+from memlong_jax.llama.model import layer_memory
+from memlong_jax.memlong import scan
 
 CKPT = "/work/main/demo_out/smollm2-135m"
 DATA = os.path.join(common.SHARED_DATA, "pg19_like")
@@ -81,7 +79,7 @@ def texts(tokenizer, windows: int) -> dict[str, list[np.ndarray]]:
 
 @functools.partial(jax.jit, static_argnames=("module", "mcfg"))
 def ingest(module, mcfg, params, state, prefix):
-    return memlong.ingest_prefix(module, mcfg, params, state, prefix, window=LOCAL)
+    return scan.ingest_prefix(module, mcfg, params, state, prefix, window=LOCAL)
 
 
 @functools.partial(jax.jit, static_argnames=("module", "mcfg"))
@@ -91,10 +89,10 @@ def memory_mass(module, mcfg, params, state, ids):
     local ones is that mass (the same `with_memory` + `grouped_attention` the model uses)."""
     cfg = module.config
     apply = functools.partial(module.apply, {"params": params})
-    positions, h, x, _, _ = memlong.lower_stack(module, mcfg, params, ids)
-    memory, indices, found = memlong.retrieve_chunks(
-        mcfg, state.memory, *memlong.retrieval_query(mcfg, state, None))
-    retrieved = memlong.retrieved_kv(memory, indices, found, mcfg.memory_positions == "true")
+    positions, h, x, _, _ = scan.lower_stack(module, mcfg, params, ids)
+    memory, indices, found = scan.retrieve_chunks(
+        mcfg, state.memory, *scan.retrieval_query(mcfg, state, None))
+    retrieved = scan.retrieved_kv(memory, indices, found, mcfg.memory_positions == "true")
     cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta)
     masses = []
     for layer in range(mcfg.memory_layer, max(mcfg.retrieval_layers) + 1):

@@ -9,10 +9,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from memlong_jax import generation, memlong
-from memlong_jax.config import PRESETS
-from memlong_jax.memlong_config import MEMLONG_PRESETS
-from memlong_jax.model import LlamaForCausalLM
+from memlong_jax.eval import generation
+from memlong_jax.llama.config import PRESETS
+from memlong_jax.memlong import scan
+from memlong_jax.memlong.config import MEMLONG_PRESETS
+from memlong_jax.llama.model import LlamaForCausalLM
 
 CFG = PRESETS["tiny"]
 MODULE = LlamaForCausalLM(CFG)
@@ -34,13 +35,13 @@ def random_ids(seed, batch=2, length=40):
 
 @functools.partial(jax.jit, static_argnames=("mcfg", "window"))
 def window_nll(params, ids, mcfg, window):
-    state = memlong.init_state(MODULE, mcfg, ids.shape[0])
-    return memlong.score_sequence(MODULE, mcfg, params, state, ids, window)
+    state = scan.init_state(MODULE, mcfg, ids.shape[0])
+    return scan.score_sequence(MODULE, mcfg, params, state, ids, window)
 
 
 def full_nll(params, ids, window):
     logits = MODULE.apply({"params": params}, ids)
-    return np.asarray(memlong.token_nll(logits[:, :-1], ids[:, 1:]))[:, -(window - 1):]
+    return np.asarray(scan.token_nll(logits[:, :-1], ids[:, 1:]))[:, -(window - 1):]
 
 
 @pytest.mark.parametrize("length,window", [(24, 12), (32, 16), (36, 12)],
@@ -74,7 +75,7 @@ def test_prefix_with_context_stores_the_window_forward_kv(params):
     to read, so a plain forward of its tokens); `chunk` holds each chunk computed alone."""
     mcfg = MEMLONG_PRESETS["tiny"].replace(memory_tokens=64)     # memory layer 1
     ids = random_ids(6, length=24)
-    kv = lambda segment: np.asarray(memlong.lower_stack(MODULE, mcfg, params, segment)[3])
+    kv = lambda segment: np.asarray(scan.lower_stack(MODULE, mcfg, params, segment)[3])
     for context, pieces in (("window", [ids[:, :8]]), ("chunk", [ids[:, :4], ids[:, 4:8]])):
         state, _ = window_nll(params, ids, mcfg.replace(prefix_context=context), 8)
         keys = np.asarray(state.memory.keys)[:, :2].reshape(2, 8, *kv(ids[:, :4]).shape[2:])
@@ -86,11 +87,11 @@ def test_true_positions_follow_the_write_order(params):
     """After 11 chunks through 8 slots (eviction), each retrieved token's position is its place
     in the stream minus the segment's start, computed by hand from the write order."""
     mcfg = MEMLONG_PRESETS["tiny"].replace(top_k=8, eviction="fifo_half")
-    state = memlong.ingest_prefix(MODULE, mcfg, params, memlong.init_state(MODULE, mcfg, 2),
+    state = scan.ingest_prefix(MODULE, mcfg, params, scan.init_state(MODULE, mcfg, 2),
                                   random_ids(7, length=44))
     memory = state.memory
-    indices, found = memlong.select_chunks(mcfg, memory, state.last_emb)
-    got = np.asarray(memlong.retrieved_kv(memory, indices, found, True).positions)
+    indices, found = scan.select_chunks(mcfg, memory, state.last_emb)
+    got = np.asarray(scan.retrieved_kv(memory, indices, found, True).positions)
     stream_start = 44                      # the segment after the prefix starts at token 45
     for b in range(2):
         for i, slot in enumerate(np.asarray(indices[b])):
@@ -112,8 +113,8 @@ def test_generation_equals_scoring(params, settings):
     state, logits = gen_obj.start(params, ids[:, :37])
     for t in ids[:, 37:].T:
         state, logits = gen_obj.step(params, state, t)
-    score_state = memlong.init_state(MODULE, mcfg, 2)
-    score_state, _, window_logits = memlong.score_sequence(
+    score_state = scan.init_state(MODULE, mcfg, 2)
+    score_state, _, window_logits = scan.score_sequence(
         MODULE, mcfg, params, score_state, jnp.asarray(ids), 20, window_logits=True)
     np.testing.assert_allclose(np.asarray(logits), np.asarray(window_logits)[:, -1], atol=1e-4,
                                rtol=0)

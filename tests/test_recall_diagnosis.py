@@ -11,17 +11,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-HERE = os.path.dirname(__file__)
-sys.path.insert(0, os.path.join(HERE, "..", "experiments"))
-import recall_diagnosis  # noqa: E402
-import recall_diagnosis_report  # noqa: E402
+from experiments import recall_diagnosis, recall_diagnosis_report
+from memlong_jax.llama.config import PRESETS
+from memlong_jax.llama.model import LlamaForCausalLM
+from memlong_jax.memlong import scan
+from memlong_jax.memlong.config import MEMLONG_PRESETS
 
-from memlong_jax import memlong  # noqa: E402
-from memlong_jax.config import PRESETS  # noqa: E402
-from memlong_jax.memlong_config import MEMLONG_PRESETS  # noqa: E402
-from memlong_jax.model import LlamaForCausalLM  # noqa: E402
-
-REPORT = os.path.join(HERE, "..", "experiments", "recall_diagnosis_report.py")
+REPO = os.path.join(os.path.dirname(__file__), "..")
 
 
 def test_summary_arithmetic():
@@ -71,13 +67,13 @@ def test_memory_mass_equals_a_slow_softmax():
     params = jax.tree_util.tree_map(lambda x: x * 3.0 if x.ndim == 2 else x, params)
     mcfg = MEMLONG_PRESETS["tiny"].replace(retrieval_layers=(1,), top_k=3)
     ids = jax.random.randint(jax.random.PRNGKey(1), (1, 28), 0, cfg.vocab_size)
-    state = memlong.ingest_prefix(module, mcfg, params, memlong.init_state(module, mcfg, 1),
+    state = scan.ingest_prefix(module, mcfg, params, scan.init_state(module, mcfg, 1),
                                   ids[:, :20])
     got = np.asarray(recall_diagnosis.memory_mass(module, mcfg, params, state, ids[:, 20:]))
-    _, h, _, _, _ = memlong.lower_stack(module, mcfg, params, ids[:, 20:])
-    memory, indices, found = memlong.retrieve_chunks(mcfg, state.memory, state.last_emb,
+    _, h, _, _, _ = scan.lower_stack(module, mcfg, params, ids[:, 20:])
+    memory, indices, found = scan.retrieve_chunks(mcfg, state.memory, state.last_emb,
                                                      state.has_last)
-    kv = memlong.retrieved_kv(memory, indices, found)
+    kv = scan.retrieved_kv(memory, indices, found)
     want = slow_mass(params, h, np.asarray(kv.keys, np.float64), np.asarray(kv.valid), 1, cfg)
     np.testing.assert_allclose(got[0], want, atol=1e-5)
     assert want.min() > 0.01
@@ -112,7 +108,8 @@ def test_report_tables_and_kept_prose(tmp_path):
 
 
 def test_report_missing_input_exits_2(tmp_path):
-    proc = subprocess.run([sys.executable, REPORT, str(tmp_path / "none.json"), "--doc",
-                           str(tmp_path / "d.md")], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-m", "experiments.recall_diagnosis_report",
+                           str(tmp_path / "none.json"), "--doc", str(tmp_path / "d.md")],
+                          capture_output=True, text=True, cwd=REPO)
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "d.md").exists()
