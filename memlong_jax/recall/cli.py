@@ -51,7 +51,7 @@ over everything, up to the model's trained context).""",
     parser.add_argument("checkpoint", help="converted checkpoint (python -m convert.from_hf)")
     parser.add_argument("--tasks", default=",".join(DEFAULTS.tasks),
                         help=f"of {', '.join(prompts.TASKS)} (default: %(default)s)")
-    parser.add_argument("--lengths", default="2k,4k,8k,16k,32k",
+    parser.add_argument("--lengths", default="2k,8k,32k",
                         help="total tokens per item, 2k..1M (default: %(default)s)")
     parser.add_argument("--depths", default="0,50,100",
                         help="depths of the key/needle, percent (default: %(default)s)")

@@ -35,7 +35,7 @@ class Settings:
     (the prompt holds length - budget tokens, so prompt and answer fit in `length`)."""
 
     tasks: tuple[str, ...] = ("passkey", "repeat")
-    lengths: tuple[int, ...] = (2048, 4096, 8192, 16384, 32768)
+    lengths: tuple[int, ...] = (2048, 8192, 32768)
     depths: tuple[float, ...] = (0.0, 0.5, 1.0)
     items: int = 1
     seed: int = 0
