@@ -92,8 +92,8 @@ class Reader:
         mcfg = self.mcfg if query_mode is None else self.mode_config(query_mode)
         scorer = self.scorer(mcfg, scoring.Protocol((self.window,), self.window, self.window))
         if mcfg not in self._ingesters:
-            self._ingesters[mcfg] = jax.jit(functools.partial(memlong.ingest_prefix,
-                                                              self.module, mcfg))
+            self._ingesters[mcfg] = jax.jit(functools.partial(
+                memlong.ingest_prefix, self.module, mcfg, window=self.window))
         ingest = self._ingesters[mcfg]
         state = scorer.empty_state(head_ids.shape[0])
         block = scoring.HOST_BLOCK_CHUNKS * mcfg.chunk_size
