@@ -4,7 +4,6 @@ direct computations; copy gain on SmolLM2 (slow); the command line's outputs and
 import json
 import os
 
-import jax
 import numpy as np
 import pytest
 
@@ -74,22 +73,22 @@ def test_passkey_keys_are_seeded_five_digit_and_depths_exact_in_smollm2_tokens(s
 
 
 def test_needle_sits_at_a_sentence_start_near_the_depth_and_the_question_ends_the_prompt():
-    haystack = recall.Haystack(TOK, [real_text()])
+    sentences = " ".join(f"Sentence number {i} is about nothing at all." for i in range(400))
+    haystack = recall.Haystack(TOK, [sentences])
     for depth in (0.0, 0.5, 1.0):
         item = recall.needle_item(TOK, haystack, 3000, depth, 1, 4096, 0)
         text = text_of(item.ids)
         assert len(item.ids) == 3000
-        fact = next(f.format(value=item.answer) for f, _ in recall.NEEDLES
-                    if f.format(value=item.answer) in text)
-        question = next(q for f, q in recall.NEEDLES if f.format(value=item.answer) == fact)
+        fact, question = next((f.format(value=item.answer), q) for f, q in recall.NEEDLES
+                              if f.format(value=item.answer) in text)
         assert text.endswith("\n\n" + question)
-        assert text_of(item.ids[item.position:]).startswith(" " + fact)
+        assert text_of(item.ids[item.position:]).startswith(
+            " " + fact + ("\nSentence number " if depth == 0 else " Sentence number ")) \
+            or depth == 1.0
         inside = 3000 - len(" " + fact) - len("\n\n" + question)
-        assert item.position <= round(depth * inside) and \
-            round(depth * inside) - item.position < 256
-        before = text[:item.position].rstrip().rstrip("\"')")
-        assert item.position == 0 or before.endswith((".", "!", "?")) or \
-            text[item.position - 1].isspace() or text[item.position].isspace()
+        # moved back to the start of the sentence the depth falls in (sentences are < 50 bytes)
+        assert 0 <= round(depth * inside) - item.position < 50
+        assert item.position == 0 or text[:item.position].endswith(".")
         assert text_of(item.answer_ids) == " " + item.answer and item.answer in recall.VALUES
 
 

@@ -181,6 +181,9 @@ def needle_item(tokenizer, haystack: Haystack, prompt_tokens: int, depth: float,
     text, encoding = haystack.span(rng, text_tokens)
     ids = np.asarray(encoding.ids[:text_tokens], np.int32)
     k = sentence_start(text, encoding.offsets, int(round(depth * text_tokens)))
+    if k == 0:   # the text starts without a space: the fact ends its own line instead
+        fact_ids = encode(tokenizer, " " + fact.format(value=value) + "\n")
+        ids = ids[:prompt_tokens - len(fact_ids) - len(question_ids)]
     return Item("needle", length, depth, index,
                 np.concatenate([ids[:k], fact_ids, ids[k:], question_ids]).astype(np.int32),
                 value, encode(tokenizer, " " + value), k)
