@@ -17,11 +17,11 @@ import sys
 import numpy as np
 from tqdm import tqdm
 
+from memlong_jax.errors import atomic_output_dir, entry_point
+from memlong_jax.io import checkpoint
+from memlong_jax.io.hf_sources import TOKENIZER_FILES
 from convert.layout import get_path, tensor_slots
 from convert.safetensors_writer import write_safetensors
-from memlong_jax.hf_sources import TOKENIZER_FILES
-from memlong_jax import checkpoint
-from memlong_jax.errors import atomic_output_dir, run_cli
 
 
 def export(params, config, out_dir: str, progress: bool = True) -> None:
@@ -65,5 +65,7 @@ def main(argv=None) -> None:
         print(f"wrote {args.out}", file=sys.stderr)
 
 
+cli = entry_point(main)   # the console script
+
 if __name__ == "__main__":
-    sys.exit(run_cli(main))
+    sys.exit(cli())

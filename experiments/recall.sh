@@ -22,7 +22,7 @@ run() {
 }
 
 report() {
-  $PY experiments/recall_report.py
+  $PY -m experiments.recall_report
 }
 
 for stage in ${@:-run report}; do $stage; done

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import os
 import shutil
@@ -33,6 +34,11 @@ def run_cli(main, argv=None) -> int:
         print("error: interrupted", file=sys.stderr)
         return 130
     return 0
+
+
+def entry_point(main):
+    """The console-script form of a command: `run_cli(main)` without arguments."""
+    return functools.partial(run_cli, main)
 
 
 @contextlib.contextmanager
@@ -78,7 +84,7 @@ def write_json(path: str, data) -> None:
     write_atomically(path, write)
 
 
-def check_writable(path: str) -> None:
+def check_writable_file(path: str) -> None:
     """Fail before long work, not after it, when an output file cannot be written."""
     parent = os.path.dirname(os.path.abspath(path))
     if os.path.isdir(path):
@@ -87,3 +93,12 @@ def check_writable(path: str) -> None:
         raise UserError(f"{parent}: no such directory for output {path}")
     if not os.access(parent, os.W_OK):
         raise UserError(f"{parent}: not writable (output {path})")
+
+
+def check_writable_dir(path: str, name: str = "output") -> None:
+    """Fail early, before anything is written, when `path` cannot become a writable directory."""
+    probe = os.path.abspath(path)
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe) or not os.access(probe, os.W_OK | os.X_OK):
+        raise UserError(f"cannot write to {name} {path}: {probe} is not a writable directory")

@@ -10,12 +10,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from memlong_jax import generation, memlong
-from memlong_jax.attention import MemoryKV, blockwise_causal_attention, causal_mask, \
+from memlong_jax.eval import generation
+from memlong_jax.llama.attention import MemoryKV, blockwise_causal_attention, causal_mask, \
     grouped_attention, with_memory
-from memlong_jax.config import PRESETS
-from memlong_jax.memlong_config import MEMLONG_PRESETS
-from memlong_jax.model import LlamaForCausalLM
+from memlong_jax.llama.config import PRESETS
+from memlong_jax.llama.model import LlamaForCausalLM
+from memlong_jax.memlong import scan
+from memlong_jax.memlong.config import MEMLONG_PRESETS
 
 CFG = PRESETS["tiny"]
 MCFG = MEMLONG_PRESETS["tiny"].validate(CFG).replace(query_mode="chunk")  # tau 4, 8 slots, k 2
@@ -36,8 +37,8 @@ def random_ids(seed, batch=2, length=40):
 
 @functools.partial(jax.jit, static_argnames=("mcfg", "window"))
 def score(params, ids, mcfg, window=16):
-    state = memlong.init_state(MODULE, mcfg, ids.shape[0])
-    return memlong.score_sequence(MODULE, mcfg, params, state, ids, window, prefix_nll=True)
+    state = scan.init_state(MODULE, mcfg, ids.shape[0])
+    return scan.score_sequence(MODULE, mcfg, params, state, ids, window, prefix_nll=True)
 
 
 @pytest.mark.parametrize("change", MODES, ids=["chunk", "chunk+continuation",
@@ -92,7 +93,7 @@ def slow_window_nll(params, mcfg, state, window_ids):
     that chunk's tokens only. Returns (nll `[B, S-1]`, hits added per slot)."""
     tau, (batch, length) = mcfg.chunk_size, window_ids.shape
     apply = functools.partial(MODULE.apply, {"params": params})
-    x = np.asarray(memlong.lower_stack(MODULE, mcfg, params, window_ids)[2], np.float64)
+    x = np.asarray(scan.lower_stack(MODULE, mcfg, params, window_ids)[2], np.float64)
     pooled = x.reshape(batch, -1, tau, x.shape[-1]).mean(axis=2)
     pooled /= np.linalg.norm(pooled, axis=-1, keepdims=True)
     mem = jax.device_get(state.memory)
@@ -118,7 +119,7 @@ def slow_window_nll(params, mcfg, state, window_ids):
                           mcfg.retrieval_layers, method=MODULE.extend_layers)
         logits.append(apply(h, method=MODULE.final))
     logits = jnp.concatenate(logits, axis=1)
-    return np.asarray(memlong.token_nll(logits[:, :-1], window_ids[:, 1:])), hits
+    return np.asarray(scan.token_nll(logits[:, :-1], window_ids[:, 1:])), hits
 
 
 @pytest.mark.parametrize("continuation", [False, True])
@@ -127,10 +128,10 @@ def test_equals_a_slow_loop_over_query_chunks(params, continuation):
     window in 4 query chunks."""
     mcfg = MCFG.replace(continuation=continuation, top_k=4, eviction="fifo_half")
     ids = random_ids(11, length=60)
-    state = memlong.ingest_prefix(MODULE, mcfg, params, memlong.init_state(MODULE, mcfg, 2),
+    state = scan.ingest_prefix(MODULE, mcfg, params, scan.init_state(MODULE, mcfg, 2),
                                   ids[:, :44])
     assert not np.asarray(state.memory.valid).all()   # eviction left holes
-    got_state, got = jax.jit(functools.partial(memlong.score_sequence, MODULE, mcfg),
+    got_state, got = jax.jit(functools.partial(scan.score_sequence, MODULE, mcfg),
                              static_argnames="window")(params, state, ids[:, 44:], window=16)
     want, hits = slow_window_nll(params, mcfg, state, ids[:, 44:])
     np.testing.assert_allclose(np.asarray(got), want, atol=1e-4, rtol=0)
@@ -143,12 +144,12 @@ def test_continuation_takes_exactly_the_successors(params):
     slow reference, in order, and some successors are missing (evicted or newest)."""
     mcfg = MCFG.replace(continuation=True, top_k=6, memory_tokens=48)   # 12 slots
     rng = np.random.default_rng(0)
-    state = memlong.init_state(MODULE, mcfg, 3, 8)
+    state = scan.init_state(MODULE, mcfg, 3, 8)
     emb = rng.normal(size=(3, 20, 8)).astype(np.float32)
     zeros = jnp.zeros((3, 20, 4, CFG.num_key_value_heads, CFG.head_dim))
-    memory = memlong.mem_ops.write_chunks(state.memory, zeros, zeros, jnp.asarray(emb), "paper")
+    memory = scan.mem_ops.write_chunks(state.memory, zeros, zeros, jnp.asarray(emb), "paper")
     queries = rng.normal(size=(3, 5, 8)).astype(np.float32)
-    indices, found = jax.jit(jax.vmap(lambda q: memlong.select_chunks(mcfg, memory, q),
+    indices, found = jax.jit(jax.vmap(lambda q: scan.select_chunks(mcfg, memory, q),
                                       in_axes=1, out_axes=1))(jnp.asarray(queries))
     mem, missing = jax.device_get(memory), 0
     for b in range(3):
@@ -205,8 +206,8 @@ def test_decode_equals_scoring(params, continuation):
     for t in ids[:, 37:].T:
         state, logits = gen_obj.step(params, state, t)
         out.append(np.asarray(logits))
-    score_state = memlong.init_state(MODULE, mcfg, 2)
-    score_state, _, window_logits = memlong.score_sequence(
+    score_state = scan.init_state(MODULE, mcfg, 2)
+    score_state, _, window_logits = scan.score_sequence(
         MODULE, mcfg, params, score_state, jnp.asarray(ids), 16, window_logits=True)
     np.testing.assert_allclose(np.stack(out, 1), np.asarray(window_logits)[:, 8:], atol=1e-4,
                                rtol=0)
@@ -226,7 +227,7 @@ def test_generation_refreshes_after_spills(params):
     assert int(state.memlong.memory.clock.max()) > 28 // 4     # spills wrote chunks
     length = int(state.length)
     x = np.asarray(state.mem_x)[:, (length - 1) // 4 * 4 - 4:(length - 1) // 4 * 4]
-    query = memlong.pooled_chunks(jnp.asarray(x), 4)[:, 0]
-    indices, found = memlong.select_chunks(mcfg, state.memlong.memory, query)
-    picked = memlong.retrieved_kv(state.memlong.memory, indices, found)
+    query = scan.pooled_chunks(jnp.asarray(x), 4)[:, 0]
+    indices, found = scan.select_chunks(mcfg, state.memlong.memory, query)
+    picked = scan.retrieved_kv(state.memlong.memory, indices, found)
     np.testing.assert_array_equal(np.asarray(state.retrieved.keys), np.asarray(picked.keys))

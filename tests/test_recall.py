@@ -7,15 +7,16 @@ import os
 import numpy as np
 import pytest
 
+from helpers import SHARED_DATA, byte_tokenizer, real_text
 import memlong_jax as ml
-from memlong_jax import generation, memlong, recall
-from memlong_jax.api import load_tokenizer
+from memlong_jax import recall
+from memlong_jax.cli.recall import main as recall_main
 from memlong_jax.errors import run_cli
-from memlong_jax.memlong_config import CHOICES
-from memlong_jax.recall.cli import main as recall_main
-from memlong_jax.recall.evaluation import Settings
-
-from conftest import SHARED_DATA, byte_tokenizer, real_text
+from memlong_jax.eval import generation
+from memlong_jax.eval.recall import Settings
+from memlong_jax.io.tokenizer import load_tokenizer
+from memlong_jax.memlong import scan
+from memlong_jax.memlong.config import CHOICES
 
 TOK = byte_tokenizer()
 WINDOW, BUDGET = 16, 8
@@ -167,8 +168,8 @@ def test_memlong_answers_equal_the_scoring_path_and_shared_memory_is_exact(model
         reference = np.stack(list(generator.tokens(model.params, prompts, budget)), axis=1)
         assert np.array_equal(greedy, reference), mode
         if mode == "causal":
-            state = memlong.init_state(model.module, reader.mode_config(mode), 2)
-            _, nll = memlong.score_sequence(model.module, reader.mode_config(mode), model.params,
+            state = scan.init_state(model.module, reader.mode_config(mode), 2)
+            _, nll = scan.score_sequence(model.module, reader.mode_config(mode), model.params,
                                             state, np.concatenate([prompts, answers], 1), WINDOW)
             np.testing.assert_allclose(logprob, -np.asarray(nll)[:, -budget:].sum(1),
                                        rtol=1e-4, atol=1e-4)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 
 import flax.linen as nn
 import jax
@@ -13,25 +12,18 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
+from helpers import toy_corpus
 import memlong_jax as ml
-from memlong_jax.config import ConfigError, PRESETS as MODEL_PRESETS
 from memlong_jax.errors import run_cli
-from memlong_jax.model import LlamaForCausalLM
+from memlong_jax.llama.config import ConfigError, PRESETS as MODEL_PRESETS
+from memlong_jax.llama.model import LlamaForCausalLM
 from train import config as cfgmod
 from train import data as datamod
 from train import lora, metrics, step as stepmod
 from train.export import main as export_main
-from train.run import Trainer, export_run, load_base, main as run_main, split_params
-
-
-def toy_corpus(path, seed: int, repeats: int = 200) -> str:
-    """A repetitive text: one random 'sentence' of random words, repeated."""
-    rng = random.Random(seed)
-    words = ["".join(rng.choice("abcdefghij") for _ in range(rng.randint(2, 6)))
-             for _ in range(20)]
-    line = " ".join(rng.choice(words) for _ in range(12)) + ".\n"
-    path.write_text(line * repeats)
-    return str(path)
+from train.export import export_run
+from train.run import Trainer, dry_run_report, main as run_main
+from train.setup import load_base, split_params
 
 
 def resolve(tmp_path, *sets, name="tiny"):
@@ -81,8 +73,7 @@ def test_schedule_warmup_then_linear_decay():
 
 def test_openllama3b_trainable_count_matches_recipe():
     """Dry run: trainable count = 12 layers x 4 LoRA pairs (r=64, d=3200) + their 24 norms +
-    the final norm (memlong_reference.md section 1.2: ~19.7M)."""
-    from train.run import dry_run_report
+    the final norm (the paper's setup: ~19.7M)."""
     run = cfgmod.resolve("openllama3b")
     report = dry_run_report(cfgmod.validate(run, MODEL_PRESETS["openllama3b"]),
                             MODEL_PRESETS["openllama3b"])

@@ -16,18 +16,18 @@ import os
 import jax
 import orbax.checkpoint as ocp
 
-from memlong_jax import memlong
-from memlong_jax.memory import Memory
+from memlong_jax.memlong import scan
+from memlong_jax.memlong.memory import Memory
 
 
-def state_to_tree(mem: memlong.MemLongState) -> dict:
+def state_to_tree(mem: scan.MemLongState) -> dict:
     return {"memory": {f.name: getattr(mem.memory, f.name)
                        for f in dataclasses.fields(Memory)},
             "last_emb": mem.last_emb, "has_last": mem.has_last}
 
 
-def tree_to_state(tree: dict) -> memlong.MemLongState:
-    return memlong.MemLongState(Memory(**tree["memory"]), tree["last_emb"], tree["has_last"])
+def tree_to_state(tree: dict) -> scan.MemLongState:
+    return scan.MemLongState(Memory(**tree["memory"]), tree["last_emb"], tree["has_last"])
 
 
 class Checkpoints:

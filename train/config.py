@@ -2,7 +2,7 @@
 
 A preset fixes every training setting and names the LLaMA architecture and MemLong settings it
 starts from. `--set key=value` overrides a training field; `--set memlong.key=value` overrides a
-MemLong field (`memlong_jax.memlong_config.MemLongConfig`). Unknown keys and keys given twice are
+MemLong field (`memlong_jax.memlong.config.MemLongConfig`). Unknown keys and keys given twice are
 errors. The resolved config (all three parts) is written into every checkpoint.
 """
 
@@ -12,9 +12,9 @@ import dataclasses
 import difflib
 import os
 
-from memlong_jax.config import PRESETS as MODEL_PRESETS
-from memlong_jax.config import ConfigError, LlamaConfig, parse_setting
-from memlong_jax.memlong_config import MEMLONG_PRESETS, MemLongConfig
+from memlong_jax.llama.config import ConfigError, LlamaConfig, parse_setting
+from memlong_jax.llama.config import PRESETS as MODEL_PRESETS
+from memlong_jax.memlong.config import MEMLONG_PRESETS, MemLongConfig
 
 MEMLONG_PREFIX = "memlong."
 
@@ -90,7 +90,7 @@ class TrainConfig:
 
 
 HELP = {
-    "model": "LLaMA architecture preset (memlong_jax.config.PRESETS); init_from's config.json "
+    "model": "LLaMA architecture preset (llama.config.PRESETS); init_from's config.json "
              "wins when given",
     "init_from": "converted checkpoint directory (python -m convert.from_hf SRC DIR); empty: "
                  "random init from seed (tiny only)",
@@ -153,7 +153,7 @@ PRESETS: dict[str, TrainConfig] = {
     "smollm2-135m": TrainConfig(
         model="smollm2-135m", init_from="demo_out/smollm2-135m", output_dir="out/train/smollm2-135m",
         **_PAPER),
-    # The paper (memlong_reference.md section 5): OpenLLaMA-3B-v2, bf16.
+    # The paper's recipe: OpenLLaMA-3B-v2, bf16.
     "openllama3b": TrainConfig(
         model="openllama3b", init_from="checkpoints/open_llama_3b_v2",
         output_dir="out/train/openllama3b", dtype="bfloat16", param_dtype="bfloat16", **_PAPER),

@@ -4,9 +4,9 @@
   `np.memmap`); the hash covers the tokenizer and every source file's path, size and mtime, and
   the file appears atomically (tmp + rename), so an interrupted run never leaves a bad cache.
 * Documents are concatenated in order and cut into `seq_len` blocks, remainder dropped, no
-  separator inserted (memlong_reference.md section 5.1; the tokenizer's own special tokens, e.g.
+  separator inserted (as upstream; the tokenizer's own special tokens, e.g.
   LLaMA's BOS, stay). The last `val_fraction` of blocks is the validation split (no shuffling).
-* Streams (section 5.2): the training blocks are split into `streams` contiguous slices, one per
+* Streams (as upstream): the training blocks are split into `streams` contiguous slices, one per
   batch row (= replica row); micro-step j reads block j of every slice. Consecutive micro-steps
   of a row therefore see consecutive blocks of the same documents, which is what the memory
   carried across steps relies on. The cursor is the number of micro-steps consumed.
@@ -19,9 +19,13 @@ import json
 import os
 
 import numpy as np
+from tokenizers import Tokenizer
 
-from memlong_jax.documents import expand_paths, file_documents
 from memlong_jax.errors import UserError
+from memlong_jax.io.documents import expand_paths, file_documents, pydoc_text
+from memlong_jax.memlong.retrievers.text_encoder import (default_encoder_dir, load_text_encoder,
+                                                          read_config)
+from memlong_jax.memlong.retrievers.text_pipeline import segment_query, text_embeddings
 
 PYDOC = "pydoc"
 
@@ -43,7 +47,6 @@ class HFTokenizer:
     """A `tokenizers.Tokenizer` (tokenizer.json) with the interface the pipeline needs."""
 
     def __init__(self, path: str):
-        from tokenizers import Tokenizer
         self._tok = Tokenizer.from_file(path)
         self._tok.no_padding()
         self._tok.no_truncation()
@@ -94,7 +97,6 @@ def list_sources(spec: str) -> list[str]:
 def iter_documents(path: str):
     """The documents of one source: a text file is one document, a JSONL line another."""
     if path == PYDOC:
-        from memlong_jax.demo import pydoc_text
         return [pydoc_text()]
     return [doc.text for doc in file_documents(path)]
 
@@ -256,20 +258,17 @@ class RetrieverEmbeddings:
         if table is not None:
             self.dim = table.dim
         else:
-            from memlong_jax.retrievers.text_encoder import default_encoder_dir, read_config
             self.dim = read_config(encoder_dir or default_encoder_dir()).hidden_size
 
     @property
     def encoder(self):
         if self._encoder is None:
-            from memlong_jax.retrievers.text_encoder import default_encoder_dir, load_text_encoder
             self._encoder = load_text_encoder(self.encoder_dir or default_encoder_dir())
         return self._encoder
 
     def __call__(self, ids: np.ndarray, window: int | None = None):
         """ids `[..., B, S]` -> key_emb `[..., B, S/tau, d]`, and in segment mode the query
         `[..., B, d]` of the last `window` (default S) tokens, else None."""
-        from memlong_jax.retrievers.text_pipeline import segment_query, text_embeddings
         lead, (batch, length) = ids.shape[:-2], ids.shape[-2:]
         flat = ids.reshape(-1, length)
         window = (window or length) if self.segment_query else None

@@ -14,8 +14,8 @@ import socket
 import struct
 import time
 
-from memlong_jax.config import LlamaConfig
-from memlong_jax.memlong_config import MemLongConfig
+from memlong_jax.llama.config import LlamaConfig
+from memlong_jax.memlong.config import MemLongConfig
 
 # ---- CRC32C (Castagnoli), as TFRecord needs -------------------------------------------------
 

@@ -1,4 +1,4 @@
-"""Train MemLong (memlong_reference.md section 5): frozen lower stack, LoRA (or full) upper layers,
+"""Train MemLong with the paper's recipe: frozen lower stack, LoRA (or full) upper layers,
 memory carried across steps per replica over contiguous data streams.
 
     python -m train.run --config tiny
@@ -15,7 +15,6 @@ then spans all hosts' devices.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -25,15 +24,16 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import traverse_util
+from tqdm import tqdm
 
-from memlong_jax import checkpoint, memlong
-from memlong_jax.config import LlamaConfig
-from memlong_jax.errors import ArgumentParser, UserError, run_cli
-from memlong_jax.memlong_config import MemLongConfig
-from memlong_jax.model import LlamaForCausalLM
+from memlong_jax.errors import ArgumentParser, UserError, check_writable_dir, entry_point
+from memlong_jax.io import checkpoint
+from memlong_jax.llama.config import DTYPES, LlamaConfig
+from memlong_jax.memlong import scan
 from train import config as cfgmod
 from train import data as datamod
-from train import lora, metrics, sharding, step as stepmod
+from train import export, lora, metrics, setup, sharding, step as stepmod
 from train.checkpointing import Checkpoints, abstract_like, state_to_tree, tree_to_state
 
 # Settings that may change when a run is resumed (they do not change the computation).
@@ -42,12 +42,6 @@ OPERATIONAL = {"log_every", "checkpoint_every", "keep_checkpoints", "async_check
                "eval_every", "eval_batches", "output_dir", "cache_dir", "init_from",
                "mesh_data", "mesh_fsdp", "encoder_dir"}
 
-CONVERT_HINT = {
-    "openllama3b": "convert them first: python -m convert.from_hf "
-                   "<open_llama_3b_v2 HF directory> {path} (or --set init_from=DIR)",
-    "smollm2-135m": "create them with `make demo` (python -m convert.from_hf "
-                    "<SmolLM2 GGUF> {path}) or --set init_from=DIR",
-}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -65,49 +59,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num-processes", type=int, default=None, help="multi-host: hosts")
     parser.add_argument("--process-id", type=int, default=None, help="multi-host: this host")
     return parser
-
-
-# ---- setup shared by training, dry-run and export ----------------------------------------------
-
-def emb_dim_for(run: cfgmod.Resolved, model: LlamaConfig) -> int | None:
-    if run.memlong.retriever != "text":
-        return None
-    from memlong_jax.retrievers.text_encoder import default_encoder_dir, read_config
-    return read_config(run.train.encoder_dir or default_encoder_dir()).hidden_size
-
-
-def load_base(run: cfgmod.Resolved, model: LlamaConfig):
-    """Base params cast to param_dtype: init_from's, or a seeded random init when empty."""
-    t = run.train
-    dtype = stepmod.DTYPES[t.param_dtype]
-    if t.init_from:
-        if not os.path.isfile(os.path.join(t.init_from, "config.json")):
-            hint = CONVERT_HINT.get(run.name, "convert a model with python -m convert.from_hf "
-                                              "SRC {path}").format(path=t.init_from)
-            raise UserError(f"no converted weights at {t.init_from}: {hint}")
-        params = checkpoint.load_params(t.init_from, model)
-    else:
-        module = LlamaForCausalLM(model, param_dtype=jnp.float32)
-        params = jax.jit(module.init)(jax.random.PRNGKey(t.seed),
-                                      jnp.zeros((1, 1), jnp.int32))["params"]
-    return jax.jit(lambda p: jax.tree_util.tree_map(lambda x: jnp.asarray(x, dtype), p))(params)
-
-
-def base_dtypes(params) -> dict:
-    from flax import traverse_util
-    return {p: x.dtype for p, x in traverse_util.flatten_dict(params).items()}
-
-
-def split_params(run, model, params):
-    t = run.train
-    spec = lora.plan(params, model, run.memlong, t.trainable, t.lora_target_list, t.train_norms)
-    rng = jax.random.fold_in(jax.random.PRNGKey(t.seed), 1)
-    return jax.jit(lambda p, key: lora.split(p, spec, t.lora_rank, key))(params, rng)
-
-
-def resolved_from_dict(data: dict) -> cfgmod.Resolved:
-    return cfgmod.Resolved(data["preset"], cfgmod.TrainConfig(**data["train"]),
-                           MemLongConfig.from_dict(data["memlong"]))
 
 
 def check_compatible(stored: dict, run: cfgmod.Resolved, model: LlamaConfig, where: str) -> None:
@@ -134,18 +85,8 @@ def check_compatible(stored: dict, run: cfgmod.Resolved, model: LlamaConfig, whe
                         "same settings")
 
 
-def check_writable(path: str) -> None:
-    """Fail early, before anything is written, when `path` cannot become a writable directory."""
-    probe = os.path.abspath(path)
-    while not os.path.exists(probe):
-        probe = os.path.dirname(probe)
-    if not os.path.isdir(probe) or not os.access(probe, os.W_OK | os.X_OK):
-        raise UserError(f"cannot write to output_dir {path}: "
-                        f"{probe} is not a writable directory")
-
-
 def ensure_writable(path: str) -> None:
-    check_writable(path)
+    check_writable_dir(path, "output_dir")
     try:
         os.makedirs(path, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=path, prefix=".probe-"):
@@ -158,7 +99,7 @@ def ensure_writable(path: str) -> None:
 
 def dry_run_report(run: cfgmod.Resolved, model: LlamaConfig) -> str:
     t, m = run.train, run.memlong
-    abstract = checkpoint.abstract_params(model, stepmod.DTYPES[t.param_dtype])
+    abstract = checkpoint.abstract_params(model, DTYPES[t.param_dtype])
     spec = lora.plan(abstract, model, m, t.trainable, t.lora_target_list, t.train_norms)
     frozen, trainable = jax.eval_shape(
         lambda p: lora.split(p, spec, t.lora_rank, jax.random.PRNGKey(0)), abstract)
@@ -167,12 +108,12 @@ def dry_run_report(run: cfgmod.Resolved, model: LlamaConfig) -> str:
     data = 1 if t.mesh_data == -1 else t.mesh_data
     sizes = {"data": data, "fsdp": t.mesh_fsdp}
     try:
-        emb_dim = emb_dim_for(run, model)
+        emb_dim = setup.emb_dim_for(run, model)
         emb_note = ""
     except UserError:
         emb_dim, emb_note = 1024, " (text encoder not installed: assumed 1024-d, bge-m3)"
     module = stepmod.make_module(model, t.dtype, "none")
-    mem = jax.eval_shape(lambda: memlong.init_state(module, m, t.rows_per_replica, emb_dim))
+    mem = jax.eval_shape(lambda: scan.init_state(module, m, t.rows_per_replica, emb_dim))
 
     def per_device(tree, sharded=True):
         return sum(sharding.shard_bytes(x.shape, x.dtype,
@@ -181,7 +122,8 @@ def dry_run_report(run: cfgmod.Resolved, model: LlamaConfig) -> str:
                    for x in jax.tree_util.tree_leaves(tree))
 
     n_frozen_base = lora.count(abstract) - sum(
-        int(np.prod(x.shape)) for p, x in _flat(abstract).items() if spec.get(p) == "full")
+        int(np.prod(x.shape)) for p, x in traverse_util.flatten_dict(abstract).items()
+        if spec.get(p) == "full")
     flops = metrics.step_flops(model, m, t)
     gib = lambda b: f"{b / 2**30:.3f} GiB"
     replicas = data * t.mesh_fsdp
@@ -207,11 +149,6 @@ def dry_run_report(run: cfgmod.Resolved, model: LlamaConfig) -> str:
     return "\n".join(lines)
 
 
-def _flat(tree):
-    from flax import traverse_util
-    return traverse_util.flatten_dict(tree)
-
-
 # ---- training -----------------------------------------------------------------------------------
 
 class Trainer:
@@ -220,7 +157,7 @@ class Trainer:
         t, m = run.train, run.memlong
         self.t, self.m = t, m
         self.main = jax.process_index() == 0
-        check_writable(t.output_dir)
+        check_writable_dir(t.output_dir, "output_dir")
         self.mesh = sharding.make_mesh(t.mesh_data, t.mesh_fsdp)
         self.n_streams = self.mesh.size * t.rows_per_replica
 
@@ -240,16 +177,16 @@ class Trainer:
         self.emb_dim = self.retriever.dim if self.retriever else None
 
         # model, trainable split, optimizer, memory
-        base = load_base(run, model)
-        self.base_dtypes = base_dtypes(base)
-        frozen, trainable = split_params(run, model, base)
+        base = setup.load_base(run, model)
+        self.base_dtypes = setup.base_dtypes(base)
+        frozen, trainable = setup.split_params(run, model, base)
         del base
         self.module = stepmod.make_module(model, t.dtype, t.remat)
         self.tx, self.schedule = stepmod.make_optimizer(t, self.total_steps)
         state = {"step": jnp.int32(0), "trainable": trainable,
                  "opt_state": self.tx.init(trainable),
                  "rng": jax.random.fold_in(jax.random.PRNGKey(t.seed), 2)}
-        mem = memlong.init_state(self.module, m, self.n_streams, self.emb_dim)
+        mem = scan.init_state(self.module, m, self.n_streams, self.emb_dim)
 
         rep = sharding.replicated(self.mesh)
         self.frozen_sh = sharding.param_shardings(frozen, self.mesh)
@@ -316,7 +253,7 @@ class Trainer:
         tree = {"train": self.state, "memory": state_to_tree(self.mem)}
         self.ckpt.save(step, tree, self.streams.cursor(step), self.config_json())
 
-    # -- validation (memlong_reference.md section 6: last `eval_window` tokens of each window)
+    # -- validation (the paper's protocol: last `eval_window` tokens of each window)
 
     def evaluate(self) -> dict | None:
         t = self.t
@@ -346,7 +283,6 @@ class Trainer:
 
     def train(self) -> None:
         t = self.t
-        from tqdm import tqdm
         bar = tqdm(total=self.total_steps, initial=self.start, unit="step", dynamic_ncols=True,
                    disable=not (t.progress and self.main), file=sys.stderr)
         compiled = None
@@ -393,53 +329,12 @@ class Trainer:
         bar.close()
         self.ckpt.wait()
         if t.export_dir and self.main:
-            from train.export import export_merged
             frozen = jax.device_get(self.frozen)
             trainable = jax.device_get(self.state["trainable"])
-            export_merged(frozen, trainable, self.run, self.model, self.base_dtypes,
+            export.export_merged(frozen, trainable, self.run, self.model, self.base_dtypes,
                           t.export_dir, t.export_hf)
         self.ckpt.close()
         self.log.close()
-
-
-def trained_from_checkpoint(run_dir: str, step: int | None = None):
-    """(stored config, step, trainable tree as numpy) of a run's newest checkpoint (or `step`)."""
-    ckpt = Checkpoints(os.path.join(run_dir, "checkpoints"), 1000, False)
-    step = ckpt.latest_step() if step is None else step
-    if step is None:
-        raise UserError(f"{run_dir} holds no training checkpoints")
-    _, stored = ckpt.read_json(step)
-    import orbax.checkpoint as ocp
-    restored = ckpt.manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore()))["state"]
-    ckpt.close()
-    return stored, step, jax.tree_util.tree_map(np.asarray, restored["train"]["trainable"])
-
-
-def export_run(source: str, out: str, hf_dir: str = "", step: int | None = None,
-               adapter_only: bool = False, base: str = "") -> None:
-    """Merge a run's checkpoint (newest, or `step`) or an exported adapter into its base model
-    (`base` overrides the recorded `init_from`) and write it out; or, with `adapter_only`, write
-    just the trained parameters."""
-    from train import export
-    if export.is_adapter(source):
-        stored, step, trained = export.read_adapter(source)
-    else:
-        stored, step, trained = trained_from_checkpoint(source, step)
-    if adapter_only:
-        export.write_adapter(out, stored, step, trained)
-        return
-    run = resolved_from_dict(stored["run"])
-    if base:
-        run = cfgmod.Resolved(run.name, run.train.replace(init_from=base), run.memlong)
-    model = LlamaConfig.from_hf_dict(stored["model"])
-    params = load_base(run, model)
-    dtypes = base_dtypes(params)
-    frozen, trainable = split_params(run, model, params)
-    if jax.tree_util.tree_structure(trained) != jax.tree_util.tree_structure(trainable):
-        raise UserError(f"{source} (step {step}) does not match its config's trainable "
-                        "parameters")
-    export.export_merged(jax.device_get(frozen), trained, run, model, dtypes, out, hf_dir)
 
 
 def main(argv=None) -> None:
@@ -463,5 +358,7 @@ def main(argv=None) -> None:
     trainer.train()
 
 
+cli = entry_point(main)   # the console script
+
 if __name__ == "__main__":
-    sys.exit(run_cli(main))
+    sys.exit(cli())
