@@ -2,11 +2,12 @@
 
     .venv/bin/python -m experiments.recall_report [RESULTS.json ...] [--doc docs/recall.md]
 
-Default input: experiments/results/recall*.json. Each run gets a section: what ran (checkpoint,
-MemLong settings, local window, lengths, depths, items, commit, time and load), passkey
-accuracy and copy gain per row and length, the per-depth passkey table, and the heatmap
-(written beside the doc as recall[-NAME].png). Only the part between the GENERATED markers is
-rewritten; prose outside them is kept.
+Default input: experiments/results/recall*.json, combined into one set of tables (runs of
+different tasks or lengths with the same settings add cells; a cell's items depend only on the
+seed, task, length, depth and index): passkey accuracy and copy gain per row and length, the
+per-depth tables, the heatmaps (beside the doc, named after it) and what each run was (command,
+commit, time and load). Only the part between the GENERATED markers is rewritten; prose
+outside them is kept.
 """
 
 from __future__ import annotations
@@ -43,10 +44,11 @@ def metric_table(run: dict, task: str, metric: str, scale: float, digits: int) -
         return None
     lengths = sorted({n for _, n in values})
     rows = [[row] + [fmt(values.get((row, n)), scale, digits) for n in lengths]
-            for row in run["config"]["rows"] if any((row, n) in values for n in lengths)]
+            for row in run["rows"] if any((row, n) in values for n in lengths)]
     if metric == "copy_gain":
         first = by_length(run["summary"], task, "nll_first")
-        rows.append(["(first copy NLL)"] + [fmt(first.get((run["config"]["rows"][0], n)), 1, 3)
+        reference = next(row for row in run["rows"] if any((row, n) in first for n in lengths))
+        rows.append(["(first copy NLL)"] + [fmt(first.get((reference, n)), 1, 3)
                                             for n in lengths])
     return table(["row"] + [length_label(n) for n in lengths], rows)
 
@@ -60,8 +62,34 @@ def depth_table(run: dict, task: str) -> str | None:
     lookup = {(c["row"], c["length"], c["depth"]): c.get("accuracy") for c in cells}
     header = ["row", "depth"] + [length_label(n) for n in lengths]
     rows = [[row, f"{100 * d:.0f}%"] + [fmt(lookup.get((row, n, d)), 100, 0) for n in lengths]
-            for row in run["config"]["rows"] for d in depths]
+            for row in run["rows"] for d in depths
+            if any((row, n, d) in lookup for n in lengths)]
     return table(header, rows)
+
+
+# Runs combined into one table must agree on everything that decides an item or its score.
+SAME = ("checkpoint", "max_context")
+SAME_SETTINGS = ("seed", "items", "local_window", "passage", "budget")
+
+
+def combine(runs: list[tuple[str, dict]]) -> dict:
+    """One summary from several runs (e.g. tasks or lengths run apart): the items of a cell are
+    fixed by (seed, task, length, depth, index), so runs with the same settings add cells."""
+    first_name, first = runs[0]
+    memlong = {k: v for k, v in first["config"]["memlong"].items() if k != "query_mode"}
+    cells, rows = {}, []
+    for name, run in runs:
+        config = run["config"]
+        differs = [k for k in SAME if config[k] != first["config"][k]] + \
+            [k for k in SAME_SETTINGS if config["settings"][k] != first["config"]["settings"][k]] + \
+            [k for k, v in memlong.items() if config["memlong"].get(k) != v]
+        if differs:
+            sys.exit(f"{name} and {first_name} differ in {', '.join(differs)}: report them apart")
+        for cell in run["summary"]:
+            cells[(cell["task"], cell["row"], cell["length"], cell["depth"])] = cell
+        rows += [row for row in config["rows"] if row not in rows]
+    kind = lambda row: (("memlong", "local", "full").index(row.split(":")[0]), rows.index(row))
+    return {"summary": list(cells.values()), "rows": sorted(rows, key=kind)}
 
 
 def setup(run: dict, name: str) -> str:
@@ -69,35 +97,41 @@ def setup(run: dict, name: str) -> str:
     git = c.get("git") or {}
     load = c.get("load_average")
     return "\n".join([
-        f"- checkpoint `{c['checkpoint']}`; MemLong: memory layer {m['memory_layer']}, retrieval "
-        f"layers {', '.join(map(str, m['retrieval_layers']))}, tau {m['chunk_size']}, "
-        f"top-{m['top_k']}, {m['retriever']} retriever, memory {m['memory_tokens']} tokens, "
-        f"{m['eviction']} eviction; local window {s['local_window']}",
-        f"- tasks {', '.join(s['tasks'])}; lengths "
+        f"- `{name}`: tasks {', '.join(s['tasks'])}; rows {', '.join(c['rows'])}; lengths "
         f"{', '.join(length_label(n) for n in s['lengths'])}; depths "
         f"{', '.join(f'{100 * d:.0f}%' for d in s['depths'])}; {s['items']} item(s) per "
-        f"(task, length, depth); seed {s['seed']}; repeat passage {s['passage']} tokens; "
-        f"`full` up to {c['max_context']} tokens",
-        f"- {c['total_seconds']:.0f} s in all (loading and compilation included), "
+        f"(task, length, depth); seed {s['seed']}; repeat passage {s['passage']} tokens",
+        f"  - {c['total_seconds']:.0f} s in all (loading and compilation included), "
         f"{c['versions'].get('device', '?')}, load average at the end "
         f"{', '.join(f'{x:.1f}' for x in load) if load else 'unknown'}; commit "
         f"`{(git.get('commit') or '?')[:10]}`{' (uncommitted changes)' if git.get('dirty') else ''}"
-        f", {c['date']}; json `{name}`",
-        f"- command: `{c['command']}`"])
+        f", {c['date']}",
+        f"  - `{c['command']}`"])
 
 
-def section(run: dict, name: str, plot_name: str) -> str:
-    parts = [f"### `{name}`", "", setup(run, name), ""]
+def settings_line(run: dict) -> str:
+    c, s, m = run["config"], run["config"]["settings"], run["config"]["memlong"]
+    return (f"Checkpoint `{c['checkpoint']}`; MemLong: memory layer {m['memory_layer']}, retrieval "
+            f"layers {', '.join(map(str, m['retrieval_layers']))}, tau {m['chunk_size']}, "
+            f"top-{m['top_k']}, {m['retriever']} retriever, memory {m['memory_tokens']} tokens, "
+            f"{m['eviction']} eviction; local window {s['local_window']}; answers of up to "
+            f"{s['budget']} tokens; `full` up to {c['max_context']} tokens.")
+
+
+def report(runs: list[tuple[str, dict]], plot_name: str) -> str:
+    combined = combine(runs)
+    parts = [settings_line(runs[0][1]), ""]
     for task, metric, title, scale, digits in METRICS:
-        text = metric_table(run, task, metric, scale, digits)
+        text = metric_table(combined, task, metric, scale, digits)
         if text:
             parts += [f"**{title}**", "", text, ""]
     for task in ("passkey", "needle"):
-        text = depth_table(run, task)
+        text = depth_table(combined, task)
         if text:
             parts += [f"**{task} accuracy (%) by depth**", "", text, ""]
-    parts += [f"![recall heatmaps]({plot_name})", ""]
-    return "\n".join(parts)
+    parts += [f"![recall heatmaps]({plot_name})", "", "Runs:", ""]
+    parts += [setup(run, name) for name, run in runs]
+    return "\n".join(parts) + "\n"
 
 
 def main(argv=None) -> None:
@@ -111,21 +145,20 @@ def main(argv=None) -> None:
                                                           "recall*.json")))
     if not paths:
         sys.exit("no recall results: run python -m memlong_jax.recall ... --json first")
-    sections = []
+    runs = []
     for path in paths:
         with open(path) as f:
-            run = json.load(f)
-        stem = os.path.splitext(os.path.basename(path))[0]
-        plot_name = f"{stem}.png"
-        results = {"summary": run["summary"], "rows": run["config"]["rows"]}
-        write_atomically(os.path.join(os.path.dirname(os.path.abspath(args.doc)), plot_name),
-                         lambda tmp: write_plot(results, tmp))
-        sections.append(section(run, os.path.relpath(path, ROOT), plot_name))
+            runs.append((os.path.relpath(path, ROOT), json.load(f)))
+    plot_name = f"{os.path.splitext(os.path.basename(args.doc))[0]}.png"
+    combined = combine(runs)
+    write_atomically(os.path.join(os.path.dirname(os.path.abspath(args.doc)), plot_name),
+                     lambda tmp: write_plot(combined, tmp))
+    generated = report(runs, plot_name)
     old = None
     if os.path.isfile(args.doc):
         with open(args.doc) as f:
             old = f.read()
-    text = splice(old, "\n".join(sections), BEGIN, END)
+    text = splice(old, generated, BEGIN, END)
 
     def write(tmp):
         with open(tmp, "w") as f:

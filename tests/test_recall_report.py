@@ -39,7 +39,8 @@ def fabricated_run(rng):
             summary.append(cell)
     config = {"checkpoint": "smollm2-135m", "rows": ROWS, "max_context": 8192,
               "settings": {"tasks": ["passkey", "repeat"], "lengths": LENGTHS, "depths": DEPTHS,
-                           "items": 2, "seed": 0, "passage": 512, "local_window": 1024},
+                           "items": 2, "seed": 0, "passage": 512, "local_window": 1024,
+                           "budget": 8},
               "memlong": {"memory_layer": 15, "retrieval_layers": [15, 19], "chunk_size": 128,
                           "top_k": 8, "retriever": "text", "memory_tokens": 32768,
                           "eviction": "paper"},
@@ -55,19 +56,38 @@ def line_cells(text, first, after):
     return [c.strip() for c in line.strip("|").split("|")][1:]
 
 
-def test_report_tables_are_the_summary_means(tmp_path):
-    pytest.importorskip("matplotlib")
-    run = fabricated_run(random.Random(4))
-    results = tmp_path / "recall_x.json"
-    results.write_text(json.dumps(run))
+def write_report(tmp_path, runs):
+    tmp_path.mkdir(exist_ok=True)
+    paths = []
+    for i, run in enumerate(runs):
+        paths.append(tmp_path / f"recall_{i}.json")
+        paths[-1].write_text(json.dumps(run))
     doc = tmp_path / "recall.md"
     doc.write_text(f"# Recall\n\nintro by hand\n\n{BEGIN}\nSTALE\n<!-- END GENERATED -->\n"
                    "discussion by hand\n")
-    subprocess.run([sys.executable, "-m", "experiments.recall_report", str(results), "--doc",
-                    str(doc)], check=True, cwd=ROOT)
-    text = doc.read_text()
+    subprocess.run([sys.executable, "-m", "experiments.recall_report", *map(str, paths),
+                    "--doc", str(doc)], check=True, cwd=ROOT)
+    return doc.read_text()
+
+
+def generated(text):
+    return text.split(BEGIN, 1)[1].split("Runs:", 1)[0]
+
+
+@pytest.mark.parametrize("split", [False, True])
+def test_report_tables_are_the_summary_means(tmp_path, split):
+    """One run, or the same cells from two runs (passkey and repeat run apart): same tables."""
+    pytest.importorskip("matplotlib")
+    run = fabricated_run(random.Random(4))
+    if split:
+        parts = [{**run, "summary": [c for c in run["summary"] if c["task"] == task]}
+                 for task in ("repeat", "passkey")]
+        text = write_report(tmp_path, parts)
+        assert generated(text) == generated(write_report(tmp_path / "one", [run]))
+    else:
+        text = write_report(tmp_path, [run])
     assert "intro by hand" in text and "discussion by hand" in text and "STALE" not in text
-    assert (tmp_path / "recall_x.png").stat().st_size > 0 and "(recall_x.png)" in text
+    assert (tmp_path / "recall.png").stat().st_size > 0 and "(recall.png)" in text
     cells = {(c["task"], c["row"], c["length"], c["depth"]): c for c in run["summary"]}
     for row in ROWS:
         accuracy = line_cells(text, row, "passkey exact-match accuracy")
