@@ -117,7 +117,7 @@ def _retrieve(mcfg: MemLongConfig, gen: GenState, query, query_ok):
     `[B, d]` queries or one per chunk `[B, n, d]`)."""
     memory, indices, found = scan.retrieve_chunks(mcfg, gen.memlong.memory, query, query_ok)
     return (gen._replace(memlong=gen.memlong._replace(memory=memory)),
-            memlong.retrieved_kv(memory, indices, found, mcfg.memory_positions == "true"))
+            scan.retrieved_kv(memory, indices, found, mcfg.memory_positions == "true"))
 
 
 def _retrieve_window(mcfg: MemLongConfig, gen: GenState, x, segment_query) -> GenState:
