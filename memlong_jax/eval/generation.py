@@ -13,7 +13,8 @@ embeddings, sampling keys, stop tokens):
   retrieval, the layers above with the retrieved chunks. Nothing of the tail is written to
   memory: it stays local.
 * `decode`: one token per row attends to the cache (causal) and, in the retrieval layers, to the
-  chunks retrieved at the last `start`/`spill`. No retrieval and no host round trip inside.
+  chunks retrieved at the last `start`/`spill`/`refresh`. No retrieval and no host round trip
+  inside.
 * `spill` (only when the cache is full): its oldest `spill_size` tokens (half, in whole chunks)
   go into memory: the memory layer's pre-RoPE K/V straight from its cache, and embeddings pooled
   from the memory layer's normed inputs kept beside the cache (hidden retriever, as
@@ -36,6 +37,10 @@ Design choices:
 * Retrieval runs once per `start`/`spill`, not per token: the causal query (the most recently
   written chunk, `MemLongState.last_emb`) only changes when memory is written. Hit counters go up
   once per retrieval, as for one segment in scoring.
+* `chunk` query mode: the query is the last *completed* chunk, as in scoring's window: the
+  prompt's tail runs with one top-k per tail chunk (queried by the chunk before it), and
+  `refresh` retrieves again each time a new chunk begins (after a spill, too), with the
+  just-completed chunk as the query.
 * `segment` query mode: the embedding of the local window's contents (the prompt's tail at
   `start`, the kept half after a spill), refreshed only at spills. Upstream queries with all past
   ids truncated to 8192 tokens; the window is what `score_sequence`'s segment mode uses, has a
@@ -56,7 +61,6 @@ import numpy as np
 from memlong_jax.errors import UserError
 from memlong_jax.llama.attention import MemoryKV
 from memlong_jax.llama.model import LlamaForCausalLM
-from memlong_jax.memlong import memory as mem_ops
 from memlong_jax.memlong import scan
 from memlong_jax.memlong.config import MemLongConfig
 from memlong_jax.memlong.retrievers.text_encoder import TextEncoder
@@ -97,33 +101,61 @@ def init_state(module: LlamaForCausalLM, mcfg: MemLongConfig, mstate: scan.MemLo
     cfg = module.config
     batch = mstate.last_emb.shape[0]
     kv = lambda n, dtype: jnp.zeros((batch, n, cfg.num_key_value_heads, cfg.head_dim), dtype)
-    mem = kv(mcfg.top_k * mcfg.chunk_size, jnp.dtype(mcfg.mem_dtype))
-    return GenState(mstate, MemoryKV(mem, mem, jnp.zeros(mem.shape[:2], bool)),
+    mem = jnp.zeros((batch, mcfg.top_k * mcfg.chunk_size, cfg.num_key_value_heads,
+                     cfg.head_dim * len(mcfg.kv_layers)), jnp.dtype(mcfg.mem_dtype))
+    positions = jnp.zeros(mem.shape[:2], jnp.int32) if mcfg.memory_positions == "true" else None
+    return GenState(mstate, MemoryKV(mem, mem, jnp.zeros(mem.shape[:2], bool), positions),
                     tuple((kv(window, module.dtype), kv(window, module.dtype))
                           for _ in range(cfg.num_hidden_layers)),
                     jnp.zeros((batch, window, cfg.hidden_size), module.dtype),
                     jnp.zeros((batch, window), jnp.int32), jnp.zeros((), jnp.int32))
 
 
-def _retrieve(mcfg: MemLongConfig, gen: GenState, x, segment_query) -> GenState:
+def _retrieve(mcfg: MemLongConfig, gen: GenState, query, query_ok):
+    """Pick the top-k chunks for `query` (hits counted): (state, the picks' MemoryKV, shared
+    `[B, d]` queries or one per chunk `[B, n, d]`)."""
+    memory, indices, found = scan.retrieve_chunks(mcfg, gen.memlong.memory, query, query_ok)
+    return (gen._replace(memlong=gen.memlong._replace(memory=memory)),
+            scan.retrieved_kv(memory, indices, found, mcfg.memory_positions == "true"))
+
+
+def _retrieve_window(mcfg: MemLongConfig, gen: GenState, x, segment_query) -> GenState:
     """Pick the top-k chunks for the window whose memory-layer inputs are `x` `[B, S, hidden]`
-    (hits counted) and keep their K/V for decoding; the query as in `scan.segment_step`
-    (segment mode: `segment_query` from the text retriever, else `x` pooled)."""
+    and keep their K/V for decoding; the query as in `scan.segment_step` (segment mode:
+    `segment_query` from the text retriever, else `x` pooled)."""
     if segment_query is None and mcfg.query_mode == "segment":
         segment_query = scan.pooled_chunks(x, x.shape[1])[:, 0]
-    memory, indices, found = scan.retrieve_chunks(
-        mcfg, gen.memlong.memory, *scan.retrieval_query(mcfg, gen.memlong, segment_query))
-    return gen._replace(memlong=gen.memlong._replace(memory=memory),
-                        retrieved=MemoryKV(*mem_ops.gather_chunks(memory, indices, found)))
+    gen, retrieved = _retrieve(mcfg, gen, *scan.retrieval_query(mcfg, gen.memlong,
+                                                                   segment_query))
+    return gen._replace(retrieved=retrieved)
+
+
+def _retrieve_per_chunk(mcfg: MemLongConfig, gen: GenState, x, tail_emb):
+    """`chunk` mode for tokens `x` `[B, L, hidden]` at cache slots 0..L-1: each chunk of slots
+    retrieves with the chunk before it (`scan.chunk_queries`; tail_emb `[B, L // tau, d]`:
+    text embeddings of the complete chunks, else pooled from `x`). Returns (state keeping the
+    last token's chunk's picks for decoding, per-chunk MemoryKV `[B, W/tau, ...]`)."""
+    tau, length = mcfg.chunk_size, x.shape[1]
+    n, complete = gen.ids.shape[1] // tau, length // tau
+    if tail_emb is None:
+        tail_emb = scan.pooled_chunks(x[:, :complete * tau], tau)
+    emb = jnp.zeros((x.shape[0], n, gen.memlong.last_emb.shape[1]), jnp.float32)
+    emb = emb.at[:, :complete].set(tail_emb.astype(jnp.float32))
+    query, ok = scan.chunk_queries(gen.memlong, emb)
+    gen, retrieved = _retrieve(mcfg, gen, query, ok & (jnp.arange(n) <= (length - 1) // tau))
+    last = (length - 1) // tau
+    return gen._replace(retrieved=jax.tree_util.tree_map(lambda a: a[:, last], retrieved)), \
+        retrieved
 
 
 def _extend(module, mcfg: MemLongConfig, params, gen: GenState, ids, refresh: bool = False,
-            segment_query=None):
+            segment_query=None, tail_emb=None):
     """Append `ids` `[B, T]` to the cache; returns (state, logits `[B, V]` of the last token).
 
     Layers below the memory layer (they never see memory), the memory layer's normed input kept
-    for spills, with `refresh` a new retrieval for the window, then the memory layer and above
-    with the retrieved chunks in the retrieval layers.
+    for spills, with `refresh` a new retrieval for the window (in `chunk` mode one per chunk of
+    `ids`, which then start at slot 0), then the memory layer and above with the retrieved
+    chunks in the retrieval layers.
     """
     m, n_layers = mcfg.memory_layer, module.config.num_hidden_layers
     apply = functools.partial(module.apply, {"params": params})
@@ -133,9 +165,13 @@ def _extend(module, mcfg: MemLongConfig, params, gen: GenState, ids, refresh: bo
     put = lambda buf, new: jax.lax.dynamic_update_slice_in_dim(buf, new.astype(buf.dtype),
                                                                gen.length, axis=1)
     mem_x = put(gen.mem_x, x)
-    if refresh:
-        gen = _retrieve(mcfg, gen, x, segment_query)
-    h, upper = apply(h, gen.cache[m:], gen.length, m, n_layers, gen.retrieved,
+    retrieved = gen.retrieved
+    if refresh and mcfg.query_mode == "chunk":
+        gen, retrieved = _retrieve_per_chunk(mcfg, gen, x, tail_emb)
+    elif refresh:
+        gen = _retrieve_window(mcfg, gen, x, segment_query)
+        retrieved = gen.retrieved
+    h, upper = apply(h, gen.cache[m:], gen.length, m, n_layers, retrieved,
                      mcfg.retrieval_layers, method=module.extend_layers)
     logits = apply(h[:, -1:], method=module.final)[:, 0]
     return gen._replace(cache=lower + upper, mem_x=mem_x, ids=put(gen.ids, ids),
@@ -144,18 +180,20 @@ def _extend(module, mcfg: MemLongConfig, params, gen: GenState, ids, refresh: bo
 
 @functools.partial(jax.jit, static_argnames=("module", "mcfg", "window"))
 def start(module, mcfg: MemLongConfig, window: int, params, mstate: scan.MemLongState,
-          prefix_ids, local_ids, key_emb=None, segment_query=None):
+          prefix_ids, local_ids, key_emb=None, segment_query=None, tail_emb=None):
     """Prompt -> (state, logits `[B, V]` for the first new token).
 
     prefix_ids `[B, n*tau]` (maybe empty) go into memory, local_ids `[B, L]` (1 <= L <= window)
-    into the cache. key_emb `[B, n, d]` / segment_query `[B, d]`: text retriever embeddings of
-    the prefix chunks / of the local ids (None for the in-graph retriever).
+    into the cache. key_emb `[B, n, d]` / segment_query `[B, d]` / tail_emb `[B, L // tau, d]`:
+    text retriever embeddings of the prefix chunks / of the local ids / of their complete
+    chunks (`chunk` mode) (None for the in-graph retriever).
     """
     if prefix_ids.shape[1]:
-        mstate = scan.ingest_prefix(module, mcfg, params, mstate, prefix_ids, key_emb)
+        mstate = scan.ingest_prefix(module, mcfg, params, mstate, prefix_ids, key_emb,
+                                       window=window)
     gen = init_state(module, mcfg, mstate, window)
     return _extend(module, mcfg, params, gen, local_ids, refresh=True,
-                   segment_query=segment_query)
+                   segment_query=segment_query, tail_emb=tail_emb)
 
 
 @functools.partial(jax.jit, static_argnames=("module", "mcfg"), donate_argnames=("gen",))
@@ -168,18 +206,35 @@ def decode(module, mcfg: MemLongConfig, params, gen: GenState, tokens):
 @functools.partial(jax.jit, static_argnames=("mcfg",), donate_argnames=("gen",))
 def spill(mcfg: MemLongConfig, gen: GenState, key_emb=None, segment_query=None) -> GenState:
     """Move the oldest `spill_size` tokens of a *full* cache into memory, shift the rest to the
-    front and retrieve for the new window. key_emb `[B, n/tau, d]` / segment_query `[B, d]`:
-    text retriever embeddings of the spilled chunks / of the kept tokens."""
+    front and retrieve for the new window (in `chunk` mode `refresh` follows instead: a new
+    chunk begins). key_emb `[B, n/tau, d]` / segment_query `[B, d]`: text retriever embeddings
+    of the spilled chunks / of the kept tokens."""
     window = gen.ids.shape[1]
     n = spill_size(mcfg, window)
-    keys, values = gen.cache[mcfg.memory_layer]
+    keys, values = (jnp.concatenate(parts, axis=-1) for parts in
+                    zip(*(gen.cache[layer] for layer in mcfg.kv_layers)))
     if key_emb is None:
         key_emb = scan.pooled_chunks(gen.mem_x[:, :n], mcfg.chunk_size)
     mstate = scan.write_segment(mcfg, gen.memlong.memory, keys[:, :n], values[:, :n], key_emb)
     shift = lambda a: jnp.roll(a, -n, axis=1)  # the stale tail lies beyond `length`: masked
     gen = GenState(mstate, gen.retrieved, jax.tree_util.tree_map(shift, gen.cache),
                    shift(gen.mem_x), shift(gen.ids), gen.length - n)
-    return _retrieve(mcfg, gen, gen.mem_x[:, :window - n], segment_query)
+    if mcfg.query_mode == "chunk":
+        return gen
+    return _retrieve_window(mcfg, gen, gen.mem_x[:, :window - n], segment_query)
+
+
+@functools.partial(jax.jit, static_argnames=("mcfg",), donate_argnames=("gen",))
+def refresh(mcfg: MemLongConfig, gen: GenState, query=None) -> GenState:
+    """`chunk` mode, when the next token begins a chunk (`length` a multiple of tau): retrieve
+    with the chunk just completed, slots length-tau..length-1 (`query` `[B, d]`: its text
+    embedding; None: pooled from the cached memory-layer inputs)."""
+    tau = mcfg.chunk_size
+    if query is None:
+        done = jax.lax.dynamic_slice_in_dim(gen.mem_x, gen.length - tau, tau, axis=1)
+        query = scan.pooled_chunks(done, tau)[:, 0]
+    gen, retrieved = _retrieve(mcfg, gen, query, jnp.ones(query.shape[:1], bool))
+    return gen._replace(retrieved=retrieved)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -255,6 +310,10 @@ class Generator:
         texts = self.tokenizer.decode_batch(ids.tolist(), skip_special_tokens=True)
         return self.encoder.encode_texts(texts)
 
+    def _query_embedding(self, ids):
+        """The text retriever's embedding `[B, d]` of one chunk `ids` `[B, tau]`."""
+        return self._chunk_embeddings(ids)[:, 0]
+
     def _chunk_embeddings(self, ids):
         """The text retriever's key embeddings `[B, n, d]` of `ids` `[B, n*tau]` (else None)."""
         if not self._text or not ids.shape[1]:
@@ -274,9 +333,13 @@ class Generator:
         if mstate is None:
             emb_dim = self.encoder.config.hidden_size if self._text else None
             mstate = scan.init_state(self.module, self.mcfg, ids.shape[0], emb_dim)
+        tail = ids[:, prefix:]
+        tail_emb = None
+        if self.mcfg.query_mode == "chunk":
+            tail_emb = self._chunk_embeddings(tail[:, :tail.shape[1] // tau * tau])
         return start(self.module, self.mcfg, self.window, params, mstate, ids[:, :prefix],
-                     ids[:, prefix:], self._chunk_embeddings(ids[:, :prefix]),
-                     self._window_query(ids[:, prefix:]))
+                     tail, self._chunk_embeddings(ids[:, :prefix]), self._window_query(tail),
+                     tail_emb)
 
     def spill(self, gen: GenState) -> GenState:
         """`spill`, with the text retriever's embeddings made from the cached ids."""
@@ -290,6 +353,10 @@ class Generator:
         full. `gen` is consumed (its buffers are donated)."""
         if int(gen.length) == self.window:
             gen = self.spill(gen)
+        length, tau = int(gen.length), self.mcfg.chunk_size
+        if self.mcfg.query_mode == "chunk" and length % tau == 0:
+            done = np.asarray(gen.ids)[:, length - tau:length] if self._text else None
+            gen = refresh(self.mcfg, gen, None if done is None else self._query_embedding(done))
         return decode(self.module, self.mcfg, params, gen, jnp.asarray(tokens, jnp.int32))
 
     def tokens(self, params, prompt_ids, max_new_tokens: int, sampling: Sampling = Sampling(),

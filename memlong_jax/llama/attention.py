@@ -28,11 +28,36 @@ def blockwise_plan() -> tuple[int, int]:
 
 class MemoryKV(NamedTuple):
     """Retrieved memory for one attention call: pre-RoPE keys (= RoPE position 0), values and
-    which slots hold a real token. keys/values `[B, M, KV, D]`, valid `[B, M]` bool."""
+    which slots hold a real token. keys/values `[B, M, KV, D]`, valid `[B, M]` bool: every query
+    sees the same memory. Per query chunk (`query_mode=chunk`): keys/values `[B, n, M, KV, D]`,
+    valid `[B, n, M]`, where the local keys split into n equal chunks and the queries at slots
+    of chunk j see only memory row j."""
 
     keys: jax.Array
     values: jax.Array
     valid: jax.Array
+    positions: jax.Array | None = None  # like `valid`: RoPE positions of the keys (None: 0)
+
+    @property
+    def per_chunk(self) -> bool:
+        return self.valid.ndim == 3
+
+
+def flat_memory(memory: MemoryKV, query_slots, n_keys: int):
+    """Memory as one key list for queries at local slots `query_slots` `[T]` of `n_keys` local
+    keys: keys/values `[B, M', KV, D]` and the visibility mask `[B, T, M']`."""
+    batch = memory.valid.shape[0]
+    if not memory.per_chunk:
+        return memory.keys, memory.values, jnp.broadcast_to(
+            memory.valid[:, None, :], (batch, query_slots.shape[0], memory.valid.shape[1]))
+    n, slots = memory.valid.shape[1:]
+    if n_keys % n:
+        raise ValueError(f"{n_keys} local keys do not split into {n} query chunks")
+    owner = query_slots // (n_keys // n)                          # [T] chunk of each query
+    mine = owner[:, None, None] == jnp.arange(n)[None, :, None]   # [T, n, 1]
+    mask = (mine[None] & memory.valid[:, None]).reshape(batch, -1, n * slots)
+    flat = lambda a: a.reshape(batch, n * slots, *a.shape[3:])
+    return flat(memory.keys), flat(memory.values), mask
 
 
 def causal_mask(q_len: int, k_len: int):
@@ -104,13 +129,17 @@ def blockwise_causal_attention(q, k, v, block_size: int, memory: MemoryKV | None
                         preferred_element_type=jnp.float32)
         return m_new, l * scale + p.sum(-1), acc * scale[..., None] + pv
 
-    # The memory tile, made once: every query block starts its softmax with it.
-    memory_tile = None if memory is None else (
+    # The memory tile, made once: every query block starts its softmax with it (per query
+    # chunk: each block gets the memory of the chunks it covers, see `memory_blocks`).
+    memory_tile = None if memory is None or memory.per_chunk else (
         memory.keys.astype(k.dtype), memory.values.astype(v.dtype),
         memory.valid[:, None, None, None, :])
+    tiles = None if memory is None or not memory.per_chunk else memory_blocks(
+        memory, length, block, n_blocks, k.dtype)
 
     def query_block(_, xs):
-        i, q_blk = xs
+        i, q_blk, tile = xs
+        tile = memory_tile if tile is None else tile
 
         def key_block(carry, xs):
             j, k_blk, v_blk = xs
@@ -120,26 +149,52 @@ def blockwise_causal_attention(q, k, v, block_size: int, memory: MemoryKV | None
 
         stats = q_blk.shape[:1] + q_blk.shape[2:4] + (block,)  # [B, KV, G, block]
         init = (jnp.full(stats, neg), jnp.zeros(stats), jnp.zeros((*stats, head_dim)))
-        if memory_tile is not None:
-            init = attend(init, q_blk, *memory_tile)
+        if tile is not None:
+            init = attend(init, q_blk, *tile)
         (_, l, acc), _ = jax.lax.scan(key_block, init, (jnp.arange(n_blocks), k_blocks, v_blocks))
         return None, jnp.einsum("bkgqd->bqkgd", acc / l[..., None])
 
-    _, out = jax.lax.scan(query_block, None, (jnp.arange(n_blocks), q_blocks))
+    _, out = jax.lax.scan(query_block, None, (jnp.arange(n_blocks), q_blocks, tiles))
     out = jnp.moveaxis(out, 0, 1).reshape(batch, n_blocks * block, heads, head_dim)
     return out[:, :length].astype(v.dtype)
 
 
-def with_memory(k, v, mask, memory: MemoryKV, q_len: int | None = None):
+def memory_blocks(memory: MemoryKV, length: int, block: int, n_blocks: int, dtype):
+    """Per-chunk memory regrouped by query block: keys/values `[n_blocks, B, c*M, KV, D]` (c
+    query chunks per block) and visibility `[n_blocks, B, 1, 1, block, c*M]`."""
+    batch, n, slots = memory.valid.shape
+    tau = length // n
+    if length % n or block % tau:
+        raise ValueError(f"blockwise attention needs query chunks ({length} / {n}) that divide "
+                         f"the block ({block})")
+    per_block = block // tau
+    pad = n_blocks * per_block - n
+    grouped = lambda a: jnp.moveaxis(jnp.pad(a, [(0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 2))
+                                     .reshape(batch, n_blocks, per_block * slots, *a.shape[3:]),
+                                     1, 0)
+    valid = jnp.moveaxis(jnp.pad(memory.valid, [(0, 0), (0, pad), (0, 0)])
+                         .reshape(batch, n_blocks, per_block, slots), 1, 0)
+    mine = (jnp.arange(block)[:, None] // tau) == jnp.arange(per_block)[None, :]  # [block, c]
+    visible = (mine[None, None, :, :, None] & valid[:, :, None, :, :]).reshape(
+        n_blocks, batch, block, per_block * slots)
+    return (grouped(memory.keys).astype(dtype), grouped(memory.values).astype(dtype),
+            visible[:, :, None, None])
+
+
+def with_memory(k, v, mask, memory: MemoryKV, q_len: int | None = None, query_slots=None):
     """Prepend memory to the local keys: memory keys are not rotated (position 0) and visible to
-    every query; invalid memory slots are masked. Returns keys, values, mask for one softmax.
-    `q_len`: the number of queries, when it is not the number of local keys (a KV cache)."""
+    every query (or, per query chunk, to the queries of their chunk); invalid memory slots are
+    masked. Returns keys, values, mask for one softmax. `q_len`: the number of queries, when it
+    is not the number of local keys (a KV cache); `query_slots` `[q_len]`: the queries' local
+    slots (default: the last q_len)."""
     batch = k.shape[0]
     q_len = k.shape[1] if q_len is None else q_len
-    mem_mask = jnp.broadcast_to(memory.valid[:, None, :], (batch, q_len, memory.valid.shape[1]))
+    if query_slots is None:
+        query_slots = jnp.arange(k.shape[1] - q_len, k.shape[1])
+    mem_k, mem_v, mem_mask = flat_memory(memory, query_slots, k.shape[1])
     local_mask = jnp.broadcast_to(mask, (batch, q_len, k.shape[1]))
-    return (jnp.concatenate([memory.keys.astype(k.dtype), k], axis=1),
-            jnp.concatenate([memory.values.astype(v.dtype), v], axis=1),
+    return (jnp.concatenate([mem_k.astype(k.dtype), k], axis=1),
+            jnp.concatenate([mem_v.astype(v.dtype), v], axis=1),
             jnp.concatenate([mem_mask, local_mask], axis=-1))
 
 
@@ -206,6 +261,6 @@ class Attention(nn.Module):
         mask = (slots[None, :] <= length + jnp.arange(new)[:, None])[None]
         v = values
         if memory is not None:
-            k, v, mask = with_memory(k, v, mask, memory, new)
+            k, v, mask = with_memory(k, v, mask, memory, new, length + jnp.arange(new))
         out = grouped_attention(q, k, v, mask)
         return self.o_proj(out.reshape(batch, new, self.num_heads * self.head_dim)), (keys, values)

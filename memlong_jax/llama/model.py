@@ -13,7 +13,7 @@ import jax.numpy as jnp
 
 from memlong_jax.llama.attention import Attention, MemoryKV
 from memlong_jax.llama.config import LlamaConfig
-from memlong_jax.llama.layers import RMSNorm, SwiGLU, rope_cos_sin
+from memlong_jax.llama.layers import RMSNorm, SwiGLU, apply_rope, rope_cos_sin
 
 # Rematerialisation of each decoder layer's forward in the backward pass, by name: what is kept.
 REMAT_POLICIES = {
@@ -58,6 +58,25 @@ class DecoderLayer(nn.Module):
         return (x, *self.self_attn.kv(x))
 
 
+def layer_memory(memory: MemoryKV | None, layer: int, retrieval_layers, head_dim: int,
+                 theta: float):
+    """The memory that `layer` reads: None outside `retrieval_layers`; with keys of
+    len(retrieval_layers) * head_dim (`memory_kv=per_layer`), this layer's slice (layers in
+    ascending order); keys with `positions` rotated there (`memory_positions=true`)."""
+    if memory is None or layer not in retrieval_layers:
+        return None
+    if memory.keys.shape[-1] != head_dim:
+        index = sorted(retrieval_layers).index(layer)
+        part = lambda a: a[..., index * head_dim:(index + 1) * head_dim]
+        memory = memory._replace(keys=part(memory.keys), values=part(memory.values))
+    if memory.positions is None:
+        return memory
+    batch, shape = memory.keys.shape[0], memory.keys.shape
+    cos, sin = rope_cos_sin(memory.positions.reshape(batch, -1), head_dim, theta)
+    keys = apply_rope(memory.keys.reshape(batch, -1, *shape[-2:]).astype(jnp.float32), cos, sin)
+    return memory._replace(keys=keys.reshape(shape), positions=None)
+
+
 class LlamaModel(nn.Module):
     """Embeddings, decoder stack and final norm: token ids -> final hidden states.
     `remat_policy` (a `REMAT_POLICIES` name) recomputes each layer's forward in the backward
@@ -90,9 +109,11 @@ class LlamaModel(nn.Module):
         layers listed in `retrieval_layers` also attend to `memory`."""
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(h.shape[1]), h.shape[:2])
-        cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta)
+        cfg = self.config
+        cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta)
         for i in range(start, stop):
-            h = self.layers[i](h, cos, sin, memory if i in retrieval_layers else None)
+            h = self.layers[i](h, cos, sin, layer_memory(memory, i, retrieval_layers,
+                                                         cfg.head_dim, cfg.rope_theta))
         return h
 
     def extend_layers(self, h, caches, length, start: int, stop: int,
@@ -108,8 +129,8 @@ class LlamaModel(nn.Module):
                                 self.config.rope_theta)
         updated = []
         for i, cache in zip(range(start, stop), caches, strict=True):
-            h, cache = self.layers[i].extend(h, cache, length, cos, sin,
-                                             memory if i in retrieval_layers else None)
+            h, cache = self.layers[i].extend(h, cache, length, cos, sin, layer_memory(
+                memory, i, retrieval_layers, self.config.head_dim, self.config.rope_theta))
             updated.append(cache)
         return h, tuple(updated)
 

@@ -13,7 +13,10 @@ CHOICES = {
     "eviction": ("paper", "fifo_half"),
     "retriever": ("text", "hidden"),
     "backend": ("device", "faiss", "faiss-hnsw"),
-    "query_mode": ("causal", "segment"),
+    "query_mode": ("causal", "segment", "chunk"),
+    "prefix_context": ("chunk", "window"),
+    "memory_positions": ("zero", "true"),
+    "memory_kv": ("shared", "per_layer"),
 }
 
 
@@ -32,8 +35,20 @@ class MemLongConfig:
                       (mean-pooled, normalised memory-layer hidden states, no extra model)
     backend           `device` (exact top-k in-graph), `faiss` (exact IndexFlatIP on the host)
                       or `faiss-hnsw` (approximate)
-    query_mode        `causal` (query built only from earlier tokens) or `segment` (upstream: the
-                      whole current segment, which lets chunk choice see the predicted tokens)
+    query_mode        `causal` (query built only from earlier tokens), `segment` (upstream: the
+                      whole current segment, which lets chunk choice see the predicted tokens) or
+                      `chunk` (each tau-chunk of the segment retrieves its own top-k with the
+                      embedding of the chunk before it, which may lie inside the segment)
+    continuation      retrieve top_k - top_k // 2 chunks and add the chunk written right after
+                      each of the best top_k // 2 (RETRO's neighbour + continuation); off upstream
+    Reading-side settings (upstream: the first value of each; see docs/recall_diagnosis.md):
+    prefix_context    `chunk`: prefix chunks are computed alone (upstream scoring) or `window`:
+                      the prefix runs as segments of the local window, as training writes them
+    memory_positions  `zero`: memory keys unrotated (RoPE position 0) or `true`: rotated at
+                      their original positions relative to the queries'
+    memory_kv         `shared`: every retrieval layer reads the memory layer's K/V or
+                      `per_layer`: each retrieval layer stores and reads its own (the prefix
+                      then runs through the layers up to the last retrieval layer)
     """
 
     memory_layer: int
@@ -46,10 +61,21 @@ class MemLongConfig:
     retriever: str = "text"
     backend: str = "device"
     query_mode: str = "causal"
+    continuation: bool = False
+    prefix_context: str = "chunk"
+    memory_positions: str = "zero"
+    memory_kv: str = "shared"
 
     @property
     def capacity_chunks(self) -> int:
         return self.memory_tokens // self.chunk_size
+
+    @property
+    def kv_layers(self) -> tuple[int, ...]:
+        """The layers whose K/V the memory stores, in storage order (concatenated along the
+        head dimension with `memory_kv=per_layer`)."""
+        return tuple(sorted(self.retrieval_layers)) if self.memory_kv == "per_layer" \
+            else (self.memory_layer,)
 
     def replace(self, **changes) -> "MemLongConfig":
         return dataclasses.replace(self, **changes)
