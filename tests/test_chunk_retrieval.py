@@ -15,6 +15,7 @@ from memlong_jax.llama.attention import MemoryKV, blockwise_causal_attention, ca
     grouped_attention, with_memory
 from memlong_jax.llama.config import PRESETS
 from memlong_jax.llama.model import LlamaForCausalLM
+from memlong_jax.memlong import memory as mem_ops
 from memlong_jax.memlong import scan
 from memlong_jax.memlong.config import MEMLONG_PRESETS
 
@@ -131,11 +132,14 @@ def test_equals_a_slow_loop_over_query_chunks(params, continuation):
     state = scan.ingest_prefix(MODULE, mcfg, params, scan.init_state(MODULE, mcfg, 2),
                                   ids[:, :44])
     assert not np.asarray(state.memory.valid).all()   # eviction left holes
-    got_state, got = jax.jit(functools.partial(scan.score_sequence, MODULE, mcfg),
-                             static_argnames="window")(params, state, ids[:, 44:], window=16)
+    _, got = jax.jit(functools.partial(scan.score_sequence, MODULE, mcfg),
+                     static_argnames="window")(params, state, ids[:, 44:], window=16)
     want, hits = slow_window_nll(params, mcfg, state, ids[:, 44:])
     np.testing.assert_allclose(np.asarray(got), want, atol=1e-4, rtol=0)
-    np.testing.assert_array_equal(np.asarray(got_state.memory.hits - state.memory.hits), hits)
+    # hits before the window's own chunks are written (writing evicts)
+    after, _ = jax.jit(functools.partial(scan.segment_step, MODULE, mcfg, full=False,
+                                         write=False))(params, state, ids[:, 44:])
+    np.testing.assert_array_equal(np.asarray(after.memory.hits - state.memory.hits), hits)
     assert hits.sum() > 2 * 4 * (mcfg.top_k // 2)     # several chunks picked per query chunk
 
 
@@ -147,7 +151,7 @@ def test_continuation_takes_exactly_the_successors(params):
     state = scan.init_state(MODULE, mcfg, 3, 8)
     emb = rng.normal(size=(3, 20, 8)).astype(np.float32)
     zeros = jnp.zeros((3, 20, 4, CFG.num_key_value_heads, CFG.head_dim))
-    memory = scan.mem_ops.write_chunks(state.memory, zeros, zeros, jnp.asarray(emb), "paper")
+    memory = mem_ops.write_chunks(state.memory, zeros, zeros, jnp.asarray(emb), "paper")
     queries = rng.normal(size=(3, 5, 8)).astype(np.float32)
     indices, found = jax.jit(jax.vmap(lambda q: scan.select_chunks(mcfg, memory, q),
                                       in_axes=1, out_axes=1))(jnp.asarray(queries))
@@ -181,13 +185,14 @@ def test_blockwise_per_chunk_memory_equals_a_loop_over_chunks(length, block, tau
     dense = jnp.concatenate([
         grouped_attention(q[:, j * tau:(j + 1) * tau], *with_memory(
             k[:, :(j + 1) * tau], v[:, :(j + 1) * tau], causal_mask(tau, (j + 1) * tau),
-            MemoryKV(*(a[:, j] for a in memory)), tau))
+            jax.tree_util.tree_map(lambda a: a[:, j], memory), tau))
         for j in range(length // tau)], axis=1)
     np.testing.assert_allclose(got, dense, atol=1e-5, rtol=1e-5)
     keys, values, mask = with_memory(k, v, causal_mask(length, length), memory)
     np.testing.assert_allclose(grouped_attention(q, keys, values, mask), dense, atol=1e-5,
                                rtol=1e-5)
-    shared = blockwise_causal_attention(q, k, v, block, MemoryKV(*(a[:, 0] for a in memory)))
+    shared = blockwise_causal_attention(q, k, v, block,
+                                        jax.tree_util.tree_map(lambda a: a[:, 0], memory))
     assert np.abs(np.asarray(shared) - np.asarray(dense)).max() > 1e-2
 
 
@@ -195,21 +200,23 @@ def test_blockwise_per_chunk_memory_equals_a_loop_over_chunks(length, block, tau
 
 @pytest.mark.parametrize("continuation", [False, True])
 def test_decode_equals_scoring(params, continuation):
-    """37-token prompt (28 to memory, 9 in the cache: chunks 0-1 complete, chunk 2 partial),
-    then 7 fed tokens, one of which begins chunk 3 (a refresh): every prediction inside the
-    window equals score_sequence's, and so do the hit counts."""
+    """Memory of 28 tokens (7 chunks), then a 5-token prompt and 11 fed tokens: decoding
+    crosses two chunk boundaries (refreshes at slots 8 and 12), and every prediction of the
+    16-token window equals score_sequence's on the same 44 tokens, hit counts included."""
     mcfg = MCFG.replace(continuation=continuation, top_k=4, memory_tokens=64)
     ids = np.asarray(random_ids(21, length=44), np.int32)
+    memory = scan.ingest_prefix(MODULE, mcfg, params, scan.init_state(MODULE, mcfg, 2),
+                                   jnp.asarray(ids[:, :28]))
     gen_obj = generation.Generator(MODULE, mcfg, 16)
-    state, logits = gen_obj.start(params, ids[:, :37])
+    state, logits = gen_obj.start(params, ids[:, 28:33], memory)
     out = [np.asarray(logits)]
-    for t in ids[:, 37:].T:
+    for t in ids[:, 33:].T:
         state, logits = gen_obj.step(params, state, t)
         out.append(np.asarray(logits))
     score_state = scan.init_state(MODULE, mcfg, 2)
     score_state, _, window_logits = scan.score_sequence(
         MODULE, mcfg, params, score_state, jnp.asarray(ids), 16, window_logits=True)
-    np.testing.assert_allclose(np.stack(out, 1), np.asarray(window_logits)[:, 8:], atol=1e-4,
+    np.testing.assert_allclose(np.stack(out, 1), np.asarray(window_logits)[:, 4:], atol=1e-4,
                                rtol=0)
     np.testing.assert_array_equal(np.asarray(state.memlong.memory.hits),
                                   np.asarray(score_state.memory.hits))

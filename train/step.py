@@ -14,59 +14,18 @@ token mean of the whole step.
 
 from __future__ import annotations
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
 
 from memlong_jax.llama.config import DTYPES, LlamaConfig
-from memlong_jax.llama.layers import RMSNorm
-from memlong_jax.llama.model import DecoderLayer, LlamaForCausalLM, LlamaModel
+from memlong_jax.llama.model import LlamaForCausalLM
 from memlong_jax.memlong import scan
 from memlong_jax.memlong.config import MemLongConfig
 from train import lora
 
-REMAT_POLICIES = {
-    "none": None,
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.dots_saveable,
-    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-}
-
-
-class _RematModel(LlamaModel):
-    """`LlamaModel` whose decoder layers are `nn.remat`-wrapped; same parameter tree."""
-
-    policy_name: str = "full"
-
-    def setup(self):
-        cfg = self.config
-        self.embed_tokens = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=self.dtype,
-                                     param_dtype=self.param_dtype)
-        layer = nn.remat(DecoderLayer, policy=REMAT_POLICIES[self.policy_name])
-        self.layers = [layer(cfg, self.dtype, self.param_dtype)
-                       for _ in range(cfg.num_hidden_layers)]
-        self.norm = RMSNorm(cfg.rms_norm_eps, self.dtype, self.param_dtype)
-
-
-class RematLlamaForCausalLM(LlamaForCausalLM):
-    """`LlamaForCausalLM` with per-layer rematerialisation under a named policy. Only `apply`
-    is used on it (params come from the plain model), so the model files stay untouched."""
-
-    policy_name: str = "full"
-
-    def setup(self):
-        self.model = _RematModel(self.config, self.dtype, self.param_dtype,
-                                 policy_name=self.policy_name)
-        if not self.config.tie_word_embeddings:
-            self.lm_head = nn.Dense(self.config.vocab_size, use_bias=False, dtype=self.dtype,
-                                    param_dtype=self.param_dtype)
-
-
 def make_module(model: LlamaConfig, dtype: str, remat: str) -> LlamaForCausalLM:
-    if remat == "none":
-        return LlamaForCausalLM(model, dtype=DTYPES[dtype])
-    return RematLlamaForCausalLM(model, dtype=DTYPES[dtype], policy_name=remat)
+    return LlamaForCausalLM(model, dtype=DTYPES[dtype], remat_policy=remat)
 
 
 def make_schedule(lr: float, warmup: int, total: int, shape: str = "linear"):

@@ -30,7 +30,8 @@ from memlong_jax.errors import (ArgumentParser, UserError, check_writable_file, 
                                 write_atomically, write_json)
 from memlong_jax.eval import scoring
 from memlong_jax.eval.score_report import PLOT_FORMATS, table, write_csv, write_plot
-from memlong_jax.io.documents import read_documents
+from memlong_jax.io.documents import expand_paths, read_documents
+from memlong_jax.io.safe_paths import refuse_overwrite
 
 SUFFIXES = {"k": 1024, "m": 1024 * 1024}
 
@@ -40,7 +41,7 @@ def parse_length(text: str) -> int:
     text = text.strip().lower()
     scale = SUFFIXES.get(text[-1:], 1)
     digits = text[:-1] if scale > 1 else text
-    if not digits.isdigit() or int(digits) == 0:
+    if not (digits.isascii() and digits.isdigit()) or int(digits) == 0:
         raise UserError(f"bad length {text!r}: use a positive number of tokens, e.g. 4096 or 4k")
     return int(digits) * scale
 
@@ -85,9 +86,11 @@ def build_parser() -> ArgumentParser:
     return parser
 
 
-def check_outputs(args) -> None:
-    for path in filter(None, (args.json, args.csv, args.plot)):
+def check_outputs(args, inputs) -> None:
+    outputs = (args.json, args.csv, args.plot)
+    for path in filter(None, outputs):
         check_writable_file(path)
+    refuse_overwrite(outputs, expand_paths([p for p in inputs if p != "-"]), [args.checkpoint])
     if args.plot and not args.plot.lower().endswith(PLOT_FORMATS):
         raise UserError(f"--plot {args.plot}: use a {', '.join(PLOT_FORMATS)} file name")
 
@@ -113,8 +116,8 @@ def tokenize(model, documents, join: bool):
 def main(argv=None) -> None:
     args = build_parser().parse_intermixed_args(argv)
     modes = parse_modes(args.modes)
-    check_outputs(args)
     inputs = args.inputs or ["-"]
+    check_outputs(args, inputs)
     if inputs == ["-"] and sys.stdin.isatty():
         raise UserError("no input: give files or directories, or pipe text on stdin")
 

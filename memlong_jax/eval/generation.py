@@ -61,7 +61,6 @@ import numpy as np
 from memlong_jax.errors import UserError
 from memlong_jax.llama.attention import MemoryKV
 from memlong_jax.llama.model import LlamaForCausalLM
-from memlong_jax.memlong import memory as mem_ops
 from memlong_jax.memlong import scan
 from memlong_jax.memlong.config import MemLongConfig
 from memlong_jax.memlong.retrievers.text_encoder import TextEncoder

@@ -107,7 +107,7 @@ class Scorer:
 
     def _ingest(self, params, state, ids, key_emb):
         return scan.ingest_prefix(self.module, self.mcfg, params, state, ids, key_emb,
-                                     window=self.protocol.local_window)
+                                  window=self.protocol.local_window)
 
     def _final_window_nll(self, params, state, ids, key_emb, window_query):
         state, nll = scan.score_sequence(self.module, self.mcfg, params, state, ids,

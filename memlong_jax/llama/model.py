@@ -8,11 +8,20 @@ chunk scan is built from these pieces without a second copy of the model.
 from __future__ import annotations
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from memlong_jax.llama.attention import Attention, MemoryKV
 from memlong_jax.llama.config import LlamaConfig
 from memlong_jax.llama.layers import RMSNorm, SwiGLU, apply_rope, rope_cos_sin
+
+# Rematerialisation of each decoder layer's forward in the backward pass, by name: what is kept.
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_saveable,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
 
 
 class DecoderLayer(nn.Module):
@@ -69,18 +78,23 @@ def layer_memory(memory: MemoryKV | None, layer: int, retrieval_layers, head_dim
 
 
 class LlamaModel(nn.Module):
-    """Embeddings, decoder stack and final norm: token ids -> final hidden states."""
+    """Embeddings, decoder stack and final norm: token ids -> final hidden states.
+    `remat_policy` (a `REMAT_POLICIES` name) recomputes each layer's forward in the backward
+    pass; the parameter tree is the same for every policy."""
 
     config: LlamaConfig
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
+    remat_policy: str = "none"
 
     def setup(self):
         cfg = self.config
         self.embed_tokens = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=self.dtype,
                                      param_dtype=self.param_dtype,
                                      embedding_init=nn.initializers.normal(0.02))
-        self.layers = [DecoderLayer(cfg, self.dtype, self.param_dtype)
+        layer = DecoderLayer if self.remat_policy == "none" else \
+            nn.remat(DecoderLayer, policy=REMAT_POLICIES[self.remat_policy])
+        self.layers = [layer(cfg, self.dtype, self.param_dtype)
                        for _ in range(cfg.num_hidden_layers)]
         self.norm = RMSNorm(cfg.rms_norm_eps, self.dtype, self.param_dtype)
 
@@ -131,9 +145,10 @@ class LlamaForCausalLM(nn.Module):
     config: LlamaConfig
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
+    remat_policy: str = "none"
 
     def setup(self):
-        self.model = LlamaModel(self.config, self.dtype, self.param_dtype)
+        self.model = LlamaModel(self.config, self.dtype, self.param_dtype, self.remat_policy)
         if not self.config.tie_word_embeddings:
             self.lm_head = nn.Dense(self.config.vocab_size, use_bias=False, dtype=self.dtype,
                                     param_dtype=self.param_dtype,

@@ -146,18 +146,18 @@ def retrieve_chunks(mcfg: MemLongConfig, memory: mem_ops.Memory, query, query_ok
     return memory, indices, found
 
 
-def retrieved_kv(memory: mem_ops.Memory, indices, found, true_positions: bool = False,
-                 clock=None) -> MemoryKV:
+def retrieved_kv(memory: mem_ops.Memory, indices, found,
+                 true_positions: bool = False) -> MemoryKV:
     """The picked chunks' K/V for attention: one list `[B, k*tau]`, or per query chunk
     (`[B, n, k]` picks) `[B, n, k*tau]`; gradients never flow into memory. With
     `true_positions`, each memory token's RoPE position relative to a segment whose first token
-    is at position 1 and follows the chunk written at time `clock - 1` (default: the newest)."""
+    is at position 1 and follows the newest chunk written (a stream written in order)."""
     batch, tau = indices.shape[0], memory.tau
     flat = indices.reshape(batch, -1)
     kv = mem_ops.gather_chunks(memory, flat, found.reshape(batch, -1))
     if true_positions:
-        clock = memory.clock if clock is None else clock
-        start = (memory.insert_time[jnp.arange(batch)[:, None], flat] - clock[:, None]) * tau
+        start = (memory.insert_time[jnp.arange(batch)[:, None], flat]
+                 - memory.clock[:, None]) * tau
         kv = (*kv, (start[..., None] + jnp.arange(1, tau + 1)).reshape(batch, -1))
     if indices.ndim == 3:
         kv = tuple(a.reshape(batch, indices.shape[1], -1, *a.shape[2:]) for a in kv)
