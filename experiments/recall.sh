@@ -10,8 +10,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 CKPT=${CKPT:-demo_out/smollm2-135m}
-RESULTS=${RESULTS:-experiments/results}
-NAME=${NAME:-recall_smollm2}
+RESULTS=${RESULTS:-experiments/results/recall}
+NAME=${NAME:-smollm2_default}
 [ -f "$CKPT/config.json" ] || { echo "no $CKPT: run make demo first" >&2; exit 2; }
 mkdir -p "$RESULTS"
 

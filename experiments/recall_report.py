@@ -2,7 +2,7 @@
 
     .venv/bin/python -m experiments.recall_report [RESULTS.json ...] [--doc docs/recall.md]
 
-Default input: experiments/results/recall*.json, combined into one set of tables (runs of
+Default input: experiments/results/recall/*.json, combined into one set of tables (runs of
 different tasks or lengths with the same settings add cells; a cell's items depend only on the
 seed, task, length, depth and index): passkey accuracy and copy gain per row and length, the
 per-depth tables, the heatmaps (beside the doc, named after it) and what each run was (command,
@@ -138,11 +138,11 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("results", nargs="*", help="recall JSON files (default: "
-                   "experiments/results/recall*.json)")
+                   "experiments/results/recall/*.json)")
     p.add_argument("--doc", default=os.path.join(ROOT, "docs", "recall.md"))
     args = p.parse_args(argv)
     paths = args.results or sorted(glob.glob(os.path.join(ROOT, "experiments", "results",
-                                                          "recall*.json")))
+                                                          "recall", "*.json")))
     if not paths:
         sys.exit("no recall results: run python -m memlong_jax.recall ... --json first")
     runs = []

@@ -22,6 +22,7 @@ import numpy as np
 
 from memlong_jax.errors import UserError
 from memlong_jax.memlong.config import CHOICES, MemLongConfig
+from memlong_jax.memlong.retrievers.text_encoder import load_text_encoder
 from memlong_jax.eval.recall import prompts
 from memlong_jax.eval.recall.reader import Reader
 
@@ -129,8 +130,7 @@ def evaluate(model, settings: Settings = Settings(), mcfg: MemLongConfig | None 
     max_context = settings.max_context or model.config.max_position_embeddings
     rows = settings.row_names()
     if encoder is None and mcfg.retriever == "text" and "memlong" in settings.rows:
-        from memlong_jax.retrievers.text_encoder import default_encoder_dir, load_text_encoder
-        encoder = load_text_encoder(default_encoder_dir())
+        encoder = load_text_encoder()
     tokenizer = model.tokenizer
     needs_text = any(t in settings.tasks for t in ("needle", "repeat"))
     haystack = prompts.Haystack(tokenizer, haystack_texts) if needs_text else None
