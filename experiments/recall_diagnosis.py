@@ -128,12 +128,17 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--windows", type=int, default=3, help="windows per text (default 3)")
+    p.add_argument("--steps", default=",".join(name for name, _, _ in STEPS),
+                   help="comma-separated ladder steps to run (default: all)")
     p.add_argument("--checkpoint", default=CKPT, help=f"converted SmolLM2 (default {CKPT})")
     p.add_argument("--out", default=os.path.join(common.REPO, "experiments", "results",
                                                   "recall_diagnosis.json"))
     args = p.parse_args(argv)
     if args.windows < 1:
         p.error("--windows must be at least 1")
+    chosen = args.steps.split(",")
+    if not set(chosen) <= {name for name, _, _ in STEPS}:
+        p.error(f"--steps: choose from {', '.join(name for name, _, _ in STEPS)}")
     if not os.path.isdir(DATA) or not os.path.isdir(args.checkpoint):
         print(f"needs {DATA} and {args.checkpoint}", file=sys.stderr)
         return 2
@@ -143,7 +148,7 @@ def main(argv=None):
     protocol = Protocol(lengths=(LENGTH,), local_window=LOCAL, scored_tokens=LOCAL)
     data = texts(model.tokenizer, args.windows)
     rows = [("local", None, "local", {}), ("full", None, "full", {})] + [
-        (name, label, "memlong", change) for name, label, change in STEPS]
+        (name, label, "memlong", change) for name, label, change in STEPS if name in chosen]
     nll = {text: {} for text in data}
     results = {"steps": [], "texts": {}}
     bar = tqdm(total=len(rows) * sum(map(len, data.values())), desc="windows")
