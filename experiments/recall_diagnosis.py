@@ -173,16 +173,16 @@ def main(argv=None):
                                  "memlong": mcfg.to_dict() if mode == "memlong" else None,
                                  "memory_mass": np.mean(masses, axis=0).tolist() if masses
                                  else None})
+        for text, by_row in nll.items():   # written after every row: a killed run keeps them
+            results["texts"][text] = {row: summarise(values, by_row["local"], by_row["full"])
+                                      for row, values in by_row.items()}
+        config = {"checkpoint": args.checkpoint, "length": LENGTH, "local_window": LOCAL,
+                  "passage": PASSAGE, "windows": args.windows, "base": base.to_dict()}
+        data_out = common.record("recall_diagnosis", args, config, git=git)
+        data_out["results"] = results
+        data_out["wall_s"] = time.perf_counter() - started
+        path = common.write_json(args.out, data_out)
     bar.close()
-    for text, by_row in nll.items():
-        results["texts"][text] = {name: summarise(values, by_row["local"], by_row["full"])
-                                  for name, values in by_row.items()}
-    config = {"checkpoint": args.checkpoint, "length": LENGTH, "local_window": LOCAL,
-              "passage": PASSAGE, "windows": args.windows, "base": base.to_dict()}
-    data_out = common.record("recall_diagnosis", args, config, git=git)
-    data_out["results"] = results
-    data_out["wall_s"] = time.perf_counter() - started
-    path = common.write_json(args.out, data_out)
     print(f"recall_diagnosis: wrote {os.path.relpath(path)} ({data_out['wall_s']:.0f} s)",
           file=sys.stderr)
     return 0
