@@ -30,8 +30,9 @@ def blockwise_plan() -> tuple[int, int]:
 
 
 class MemoryKV(NamedTuple):
-    """Retrieved memory for one attention call: pre-RoPE keys (= RoPE position 0), values and
-    which slots hold a real token. keys/values `[B, M, KV, D]`, valid `[B, M]` bool."""
+    """Retrieved memory for one attention call: keys (pre-RoPE for MemLong: position 0), values
+    and which slots hold a real token. keys/values `[B, M, KV, D]`; valid `[B, M]` bool, or
+    `[B, KV, M]` when each KV group retrieved its own slots (block memory)."""
 
     keys: jax.Array
     values: jax.Array
@@ -48,7 +49,8 @@ def grouped_attention(q, k, v, mask):
     """softmax(q k^T / sqrt(d) masked) v with GQA, without repeating K/V per query head.
 
     q: `[B, T, H, D]`; k, v: `[B, S, KV, D]` with H a multiple of KV; mask: bool broadcastable
-    to `[B, T, S]`. Scores and softmax are fp32 whatever the compute dtype.
+    to `[B, T, S]`, or `[B, KV, 1, T, S]` (a mask per KV group). Scores and softmax are fp32
+    whatever the compute dtype.
 
     Layout and order are chosen for speed (measured 2x on CPU at 2k tokens): heads-major
     operands make both products plain batched matmuls; the 1/sqrt(d) scale is folded into the
@@ -59,7 +61,8 @@ def grouped_attention(q, k, v, mask):
     kv_heads = k.shape[2]
     q = jnp.moveaxis(q.reshape(batch, q_len, kv_heads, heads // kv_heads, head_dim), 1, 3)
     scores = jnp.einsum("bkgtd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
-    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    mask = mask[:, None, None] if mask.ndim == 3 else mask  # else per KV group [B, KV, 1, T, S]
+    scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
     peak = jax.lax.stop_gradient(scores.max(axis=-1, keepdims=True))
     probs = jnp.exp((scores - peak) * (head_dim ** -0.5))
     total = probs.sum(axis=-1, keepdims=True)
@@ -110,7 +113,7 @@ def blockwise_causal_attention(q, k, v, block_size: int, memory: MemoryKV | None
     # The memory tile, made once: every query block starts its softmax with it.
     memory_tile = None if memory is None else (
         memory.keys.astype(k.dtype), memory.values.astype(v.dtype),
-        memory.valid[:, None, None, None, :])
+        _per_group(memory.valid)[:, :, None, None, :])
 
     def query_block(_, xs):
         i, q_blk = xs
@@ -133,17 +136,27 @@ def blockwise_causal_attention(q, k, v, block_size: int, memory: MemoryKV | None
     return out[:, :length].astype(v.dtype)
 
 
+def _per_group(valid):
+    """Memory validity as `[B, KV or 1, M]`."""
+    return valid[:, None] if valid.ndim == 2 else valid
+
+
 def with_memory(k, v, mask, memory: MemoryKV, q_len: int | None = None):
-    """Prepend memory to the local keys: memory keys are not rotated (position 0) and visible to
-    every query; invalid memory slots are masked. Returns keys, values, mask for one softmax.
-    `q_len`: the number of queries, when it is not the number of local keys (a KV cache)."""
+    """Prepend memory to the local keys: memory keys enter as given (MemLong's are not rotated:
+    position 0) and are visible to every query; invalid memory slots are masked. Returns keys,
+    values, mask for one softmax (`[B, T, M+S]`, or `[B, KV, 1, T, M+S]` when memory validity
+    is per KV group). `q_len`: the number of queries, when it is not the number of local keys
+    (a KV cache)."""
     batch = k.shape[0]
     q_len = k.shape[1] if q_len is None else q_len
-    mem_mask = jnp.broadcast_to(memory.valid[:, None, :], (batch, q_len, memory.valid.shape[1]))
-    local_mask = jnp.broadcast_to(mask, (batch, q_len, k.shape[1]))
+    valid = _per_group(memory.valid)
+    groups, slots = valid.shape[1:]
+    mem_mask = jnp.broadcast_to(valid[:, :, None, :], (batch, groups, q_len, slots))
+    local_mask = jnp.broadcast_to(mask[:, None], (batch, groups, q_len, k.shape[1]))
+    joint = jnp.concatenate([mem_mask, local_mask], axis=-1)
     return (jnp.concatenate([memory.keys.astype(k.dtype), k], axis=1),
             jnp.concatenate([memory.values.astype(v.dtype), v], axis=1),
-            jnp.concatenate([mem_mask, local_mask], axis=-1))
+            joint[:, 0] if memory.valid.ndim == 2 else joint[:, :, None])
 
 
 class Attention(nn.Module):
@@ -163,6 +176,15 @@ class Attention(nn.Module):
         self.v_proj = proj(self.num_kv_heads * self.head_dim)
         self.o_proj = proj(self.hidden_size)
 
+    def qkv(self, x):
+        """Pre-RoPE queries `[B, T, H, D]`, keys and values `[B, T, KV, D]`."""
+        q = self.q_proj(x).reshape(*x.shape[:2], self.num_heads, self.head_dim)
+        return (q, *self.kv(x))
+
+    def project_out(self, out):
+        """The output projection of attention outputs `[B, T, H, D]`."""
+        return self.o_proj(out.reshape(*out.shape[:2], self.num_heads * self.head_dim))
+
     def kv(self, x):
         """Pre-RoPE keys and values `[B, T, KV, D]`: what MemLong's memory layer stores."""
         shape = (*x.shape[:2], self.num_kv_heads, self.head_dim)
@@ -171,9 +193,8 @@ class Attention(nn.Module):
     def __call__(self, x, cos, sin, mask=None, memory: MemoryKV | None = None):
         """Self-attention under `mask` (None: causal, blockwise when long); with `memory`,
         MemLong's retrieval-causal attention."""
-        batch, length, _ = x.shape
-        q = self.q_proj(x).reshape(batch, length, self.num_heads, self.head_dim)
-        k, v = self.kv(x)
+        length = x.shape[1]
+        q, k, v = self.qkv(x)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         min_length, block = blockwise_plan()
         if mask is None and length >= min_length:
@@ -184,7 +205,7 @@ class Attention(nn.Module):
             if memory is not None:
                 k, v, mask = with_memory(k, v, mask, memory)
             out = grouped_attention(q, k, v, mask)
-        return self.o_proj(out.reshape(batch, length, self.num_heads * self.head_dim))
+        return self.project_out(out)
 
     def extend(self, x, cache, length, cos, sin, memory: MemoryKV | None = None):
         """Attention of T new tokens `x` `[B, T, hidden]` appended to a fixed-capacity local cache.
