@@ -56,7 +56,8 @@ class BlockConfig:
     top_k            blocks retrieved per layer, KV group and chunk
     representatives  keys averaged into a block's retrieval key
     memory_tokens    memory capacity per layer in tokens (a multiple of block_size)
-    mem_dtype        storage dtype of the memory K/V
+    mem_dtype        storage dtype of the memory K/V (float32: XLA's CPU backend updates
+                     bfloat16 arrays ~10x slower, measured)
     eviction         MemLong's policies: paper (hit counts) or fifo_half
     backend          top-k search: device (exact, in-graph), faiss, faiss-hnsw
     placement        fixed (retrieved keys and sinks at one position) or true (their own)
@@ -69,7 +70,7 @@ class BlockConfig:
     top_k: int = 8
     representatives: int = 4
     memory_tokens: int = 32768
-    mem_dtype: str = "bfloat16"
+    mem_dtype: str = "float32"
     eviction: str = "paper"
     backend: str = "device"
     placement: str = "fixed"
@@ -140,14 +141,38 @@ class LayerBlocks(NamedTuple):
     pend_q: jax.Array     # [B, chunk, H, D] the pending chunk, slots < fill real
     pend_k: jax.Array     # [B, chunk, KV, D]
     pend_v: jax.Array
-    memory: mem_ops.Memory  # rows b * KV + g, one KV head each; emb = retrieval keys
+    memory: mem_ops.Memory  # bookkeeping of the blocks: rows b * KV + g; emb = retrieval keys
     tile: MemoryKV        # [B, tile_slots, KV, D] sinks then retrieved blocks, valid [B, KV, M]
 
 
 class BlockState(NamedTuple):
+    """`layers` (small) walks through the layer scan. The blocks' K/V stay outside it: written
+    and gathered once per chunk for all layers, in place, so a chunk never copies the memory.
+    The `memory.Memory` in each layer does the bookkeeping (eviction, hits, retrieval keys);
+    its own K/V are one-element placeholders."""
+
     layers: LayerBlocks   # every field stacked over layers on a leading axis
+    keys: jax.Array       # [L, B * KV, capacity, block_size, D] pre-RoPE K of stored blocks
+    values: jax.Array
     start: jax.Array      # int32: position of the pending chunk's first token
     fill: jax.Array       # int32: tokens of the pending chunk fed so far
+
+
+class Writes(NamedTuple):
+    """One layer's blocks leaving the window at a commit: slot per memory row (capacity where
+    nothing is written) and their K/V `[rows, n, block_size, D]`."""
+
+    slots: jax.Array
+    keys: jax.Array
+    values: jax.Array
+
+
+class Picks(NamedTuple):
+    """One layer's selected blocks per memory row `[rows, top_k]`."""
+
+    indices: jax.Array
+    found: jax.Array
+    block_start: jax.Array  # true position of each block's first token
 
 
 def init_state(module: LlamaForCausalLM, bcfg: BlockConfig, batch: int) -> BlockState:
@@ -155,8 +180,7 @@ def init_state(module: LlamaForCausalLM, bcfg: BlockConfig, batch: int) -> Block
     cfg = module.config
     kv, dim = cfg.num_key_value_heads, cfg.head_dim
     zeros = lambda n, heads=kv, dtype=module.dtype: jnp.zeros((batch, n, heads, dim), dtype)
-    memory = mem_ops.init_memory(batch * kv, bcfg.capacity_blocks, bcfg.block_size, 1, dim, dim,
-                                 jnp.dtype(bcfg.mem_dtype))
+    memory = mem_ops.init_memory(batch * kv, bcfg.capacity_blocks, 1, 1, 1, dim, jnp.float32)
     tile = MemoryKV(zeros(bcfg.tile_slots), zeros(bcfg.tile_slots),
                     jnp.zeros((batch, kv, bcfg.tile_slots), bool))
     layer = LayerBlocks(zeros(bcfg.sink_tokens), zeros(bcfg.sink_tokens), zeros(bcfg.window),
@@ -164,9 +188,12 @@ def init_state(module: LlamaForCausalLM, bcfg: BlockConfig, batch: int) -> Block
                         zeros(bcfg.window // bcfg.block_size, dtype=jnp.float32),
                         zeros(bcfg.chunk, cfg.num_attention_heads), zeros(bcfg.chunk),
                         zeros(bcfg.chunk), memory, tile)
-    stacked = jax.tree_util.tree_map(
-        lambda x: jnp.zeros((cfg.num_hidden_layers, *x.shape), x.dtype), layer)
-    return BlockState(stacked, jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32))
+    layers = cfg.num_hidden_layers
+    stacked = jax.tree_util.tree_map(lambda x: jnp.zeros((layers, *x.shape), x.dtype), layer)
+    blocks = jnp.zeros((layers, batch * kv, bcfg.capacity_blocks, bcfg.block_size, dim),
+                       jnp.dtype(bcfg.mem_dtype))
+    return BlockState(stacked, blocks, blocks, jnp.zeros((), jnp.int32),
+                      jnp.zeros((), jnp.int32))
 
 
 def stacked_layer_params(params):
@@ -176,23 +203,6 @@ def stacked_layer_params(params):
     count = sum(name.startswith("layers_") for name in model)
     return jax.tree_util.tree_map(lambda *xs: jnp.stack(xs),
                                   *[model[f"layers_{i}"] for i in range(count)])
-
-
-def _layer(layers, i):
-    return jax.tree_util.tree_map(lambda x: x[i], layers)
-
-
-def _put_layer(layers, i, layer):
-    """Write layer i's state back in place (the stacked state is a scan carry)."""
-    return jax.tree_util.tree_map(lambda x, y: x.at[i].set(y), layers, layer)
-
-
-def _each_layer(fn, layers):
-    """`fn(layer_state)` applied to every layer, one compiled body."""
-    def body(layers, i):
-        return _put_layer(layers, i, fn(_layer(layers, i))), None
-
-    return jax.lax.scan(body, layers, jnp.arange(jax.tree_util.tree_leaves(layers)[0].shape[0]))[0]
 
 
 def _rope(cfg: LlamaConfig, positions):
@@ -221,10 +231,12 @@ def _attend(layer: LayerBlocks, fill, q_rope, k_rope, mask, q, k, v):
     return grouped_attention(apply_rope(q, *q_rope), keys, values, joint), layer
 
 
-def _forward(module: LlamaForCausalLM, bcfg: BlockConfig, params, state: BlockState, ids,
-             close: bool):
+def _forward(module: LlamaForCausalLM, bcfg: BlockConfig, params, layer_params,
+             state: BlockState, ids, close: bool):
     """The layer stack over new tokens `ids` `[B, T]` of the pending chunk; with `close` each
-    layer also commits the (then full) chunk right after its attention. -> (layers, logits)."""
+    layer also commits the (then full) chunk right after its attention. `layer_params`:
+    `stacked_layer_params(params)`. -> (state, last layer's hidden states); a closed chunk's
+    state still has the old `start` and `fill`."""
     cfg = module.config
     apply = functools.partial(module.apply, {"params": params})
     decoder = DecoderLayer(cfg, module.dtype, module.param_dtype)
@@ -233,27 +245,26 @@ def _forward(module: LlamaForCausalLM, bcfg: BlockConfig, params, state: BlockSt
     k_rope = _rope(cfg, jnp.arange(1, bcfg.window + bcfg.chunk + 1))
     mask = local_mask(bcfg, state.start, state.fill, new)
 
-    def body(carry, xs):
-        h, layers = carry
-        i, layer_params = xs
-        attend = functools.partial(_attend, _layer(layers, i), state.fill, q_rope, k_rope, mask)
-        h, layer = decoder.apply({"params": layer_params}, h, attend,
-                                 method=DecoderLayer.with_attention)
-        if close:
-            layer = _commit_layer(cfg, bcfg, layer, state.start)
-        return (h, _put_layer(layers, i, layer)), None
+    def body(h, xs):
+        p, layer = xs
+        attend = functools.partial(_attend, layer, state.fill, q_rope, k_rope, mask)
+        h, layer = decoder.apply({"params": p}, h, attend, method=DecoderLayer.with_attention)
+        return h, (_commit_layer(cfg, bcfg, layer, state.start) if close else (layer, None, None))
 
-    (h, layers), _ = jax.lax.scan(
-        body, (apply(ids, method=module.embed), state.layers),
-        (jnp.arange(cfg.num_hidden_layers), stacked_layer_params(params)))
-    return layers, apply(h, method=module.final)
+    h, (layers, writes, picks) = jax.lax.scan(body, apply(ids, method=module.embed),
+                                              (layer_params, state.layers))
+    state = state._replace(layers=layers)
+    return (_finish(cfg, bcfg, state, writes, picks, state.start + bcfg.chunk) if close
+            else state), h
 
 
 def extend(module: LlamaForCausalLM, bcfg: BlockConfig, params, state: BlockState, ids):
     """Feed `ids` `[B, T]` (T <= chunk - fill) into the pending chunk -> (state, logits
     `[B, T, V]`). Does not commit: call `commit` once the chunk is full."""
-    layers, logits = _forward(module, bcfg, params, state, ids, close=False)
-    return state._replace(layers=layers, fill=state.fill + ids.shape[1]), logits
+    state, h = _forward(module, bcfg, params, stacked_layer_params(params), state, ids,
+                        close=False)
+    logits = module.apply({"params": params}, h, method=module.final)
+    return state._replace(fill=state.fill + ids.shape[1]), logits
 
 
 def block_representatives(q, k, block_size: int, count: int, theta: float):
@@ -292,34 +303,57 @@ def select_blocks(bcfg: BlockConfig, memory: mem_ops.Memory, query):
     return mem_ops.count_hits(memory, indices, found), indices, found
 
 
-def _refresh(cfg: LlamaConfig, bcfg: BlockConfig, layer: LayerBlocks, query, start):
-    """Select blocks for the chunk starting at `start` with `query` `[B, KV, D]` and rebuild the
-    memory tile: sinks, then the retrieved blocks (their sink tokens hidden)."""
+def _pick(bcfg: BlockConfig, layer: LayerBlocks, query):
+    """Select blocks with `query` `[B, KV, D]` (hits counted) -> (layer, Picks)."""
     batch, _, kv, dim = layer.win_k.shape
     memory, indices, found = select_blocks(bcfg, layer.memory, query.reshape(batch * kv, dim))
-    keys, values, valid = mem_ops.gather_chunks(memory, indices, found)
     rows = jnp.arange(batch * kv)[:, None]
-    block_start = memory.insert_time[rows, indices] * bcfg.block_size
-    position = (block_start[..., None] + jnp.arange(bcfg.block_size)).reshape(batch * kv, -1)
-    valid = valid & (position >= bcfg.sink_tokens)
-    sink_k = layer.sink_k
+    picks = Picks(indices, found, memory.insert_time[rows, indices] * bcfg.block_size)
+    return layer._replace(memory=memory), picks
+
+
+def _tile(cfg: LlamaConfig, bcfg: BlockConfig, start, sink_k, sink_v, keys, values,
+          picks: Picks):
+    """One layer's memory tile for the chunk starting at `start`: sinks, then the picked blocks
+    (keys/values `[rows, top_k, block_size, D]`), their sink tokens hidden, placed as set."""
+    batch, _, kv, dim = sink_k.shape
+    position = (picks.block_start[..., None] + jnp.arange(bcfg.block_size)).reshape(
+        batch * kv, -1)
+    valid = jnp.repeat(picks.found, bcfg.block_size, axis=1) & (position >= bcfg.sink_tokens)
+    keys = keys.reshape(batch * kv, -1, 1, dim)
     if bcfg.placement == "true":
         offset = start - bcfg.window - 1  # frame position = true position - offset
         keys = apply_rope(keys.astype(jnp.float32),
                           *rope_cos_sin(position - offset, dim, cfg.rope_theta))
         sink_k = apply_rope(sink_k, *_rope(cfg, jnp.arange(bcfg.sink_tokens) - offset))
-    per_group = lambda x: jnp.moveaxis(x.reshape(batch, kv, -1, dim), 1, 2)
-    tile_k = jnp.concatenate([sink_k, per_group(keys).astype(sink_k.dtype)], axis=1)
-    tile_v = jnp.concatenate([layer.sink_v, per_group(values).astype(sink_k.dtype)], axis=1)
-    tile_valid = jnp.concatenate([jnp.broadcast_to(start > 0, (batch, kv, bcfg.sink_tokens)),
-                                  valid.reshape(batch, kv, -1)], axis=-1)
-    return layer._replace(memory=memory, tile=MemoryKV(tile_k, tile_v, tile_valid))
+    per_group = lambda x: jnp.moveaxis(x.reshape(batch, kv, -1, dim), 1, 2).astype(sink_k.dtype)
+    return MemoryKV(jnp.concatenate([sink_k, per_group(keys)], axis=1),
+                    jnp.concatenate([sink_v, per_group(values)], axis=1),
+                    jnp.concatenate([jnp.broadcast_to(start > 0, (batch, kv, bcfg.sink_tokens)),
+                                     valid.reshape(batch, kv, -1)], axis=-1))
+
+
+def _finish(cfg: LlamaConfig, bcfg: BlockConfig, state: BlockState, writes, picks, start):
+    """All layers at once: the leaving blocks' K/V into their slots (in place), the picked
+    blocks gathered into each layer's tile for the chunk starting at `start`."""
+    layer_ix = jnp.arange(state.keys.shape[0])[:, None, None]
+    row_ix = jnp.arange(state.keys.shape[1])[None, :, None]
+    keys, values = state.keys, state.values
+    if writes is not None:
+        put = lambda big, new: big.at[layer_ix, row_ix, writes.slots].set(
+            new.astype(big.dtype), mode="drop")
+        keys, values = put(keys, writes.keys), put(values, writes.values)
+    take = lambda big: big[layer_ix, row_ix, picks.indices]
+    tile = jax.vmap(functools.partial(_tile, cfg, bcfg, start))(
+        state.layers.sink_k, state.layers.sink_v, take(keys), take(values), picks)
+    return state._replace(layers=state.layers._replace(tile=tile), keys=keys, values=values)
 
 
 def _commit_layer(cfg: LlamaConfig, bcfg: BlockConfig, layer: LayerBlocks, start):
     """Close the full pending chunk of one layer (it began at `start`): sinks taken from the
-    first chunk, the oldest chunk of the window written to memory, the window shifted, and the
-    next chunk's blocks selected with this chunk's queries."""
+    first chunk, the oldest chunk of the window leaves for memory, the window shifts, and the
+    next chunk's blocks are picked with this chunk's queries. -> (layer, Writes, Picks); the
+    K/V are moved by `_finish`."""
     batch, _, kv, dim = layer.win_k.shape
     size, chunk, window = bcfg.block_size, bcfg.chunk, bcfg.window
     leaving = chunk // size
@@ -327,13 +361,21 @@ def _commit_layer(cfg: LlamaConfig, bcfg: BlockConfig, layer: LayerBlocks, start
                                  cfg.rope_theta)
     first = start == 0
     sinks = lambda old, pending: jnp.where(first, pending[:, :bcfg.sink_tokens], old)
-    rows = lambda x: jnp.moveaxis(x.reshape(batch, leaving, size, kv, 1, dim), 3, 1).reshape(
-        batch * kv, leaving, size, 1, dim)
-    real = start - window + jnp.arange(leaving) * size >= 0  # blocks before token 0 are empty
+    rows = lambda x: jnp.moveaxis(x.reshape(batch, leaving, size, kv, dim), 3, 1).reshape(
+        batch * kv, leaving, size, dim)
+    real = jnp.broadcast_to(start - window + jnp.arange(leaving) * size >= 0,
+                            (batch * kv, leaving))   # blocks before token 0 are empty
+    clock = layer.memory.clock
+    placeholder = jnp.zeros((batch * kv, leaving, 1, 1, 1))
     memory = mem_ops.write_chunks(
-        layer.memory, rows(layer.win_k[:, :chunk]), rows(layer.win_v[:, :chunk]),
+        layer.memory, placeholder, placeholder,
         jnp.moveaxis(layer.win_rep[:, :leaving], 2, 1).reshape(batch * kv, leaving, dim),
-        bcfg.eviction, jnp.broadcast_to(real, (batch * kv, leaving)))
+        bcfg.eviction, real)
+    # Where each block went: the slot holding its write time (none if evicted meanwhile).
+    stamp = clock[:, None] + jnp.cumsum(real, axis=1) - 1
+    held = memory.valid[:, None] & (memory.insert_time[:, None] == stamp[..., None])
+    slots = jnp.where(real & held.any(-1), jnp.argmax(held, -1), bcfg.capacity_blocks)
+    writes = Writes(slots, rows(layer.win_k[:, :chunk]), rows(layer.win_v[:, :chunk]))
     shift = lambda old, new: jnp.concatenate([old[:, new.shape[1]:], new.astype(old.dtype)], 1)
     layer = layer._replace(sink_k=sinks(layer.sink_k, layer.pend_k),
                            sink_v=sinks(layer.sink_v, layer.pend_v),
@@ -341,14 +383,19 @@ def _commit_layer(cfg: LlamaConfig, bcfg: BlockConfig, layer: LayerBlocks, start
                            win_v=shift(layer.win_v, layer.pend_v),
                            win_rep=shift(layer.win_rep, reps), memory=memory)
     query = selection_query(layer.pend_q, *_rope(cfg, window + 1 + jnp.arange(chunk)), kv)
-    return _refresh(cfg, bcfg, layer, query, start + chunk)
+    layer, picks = _pick(bcfg, layer, query)
+    return layer, writes, picks
 
 
 def commit(module: LlamaForCausalLM, bcfg: BlockConfig, state: BlockState) -> BlockState:
     """Close a full pending chunk (fill == chunk) in every layer; the next chunk starts."""
-    layers = _each_layer(lambda layer: _commit_layer(module.config, bcfg, layer, state.start),
-                         state.layers)
-    return BlockState(layers, state.start + bcfg.chunk, jnp.zeros_like(state.fill))
+    cfg = module.config
+    layers, writes, picks = jax.lax.scan(
+        lambda _, layer: (None, _commit_layer(cfg, bcfg, layer, state.start)), None,
+        state.layers)[1]
+    state = _finish(cfg, bcfg, state._replace(layers=layers), writes, picks,
+                    state.start + bcfg.chunk)
+    return state._replace(start=state.start + bcfg.chunk, fill=jnp.zeros_like(state.fill))
 
 
 def reselect(module: LlamaForCausalLM, bcfg: BlockConfig, state: BlockState) -> BlockState:
@@ -360,23 +407,30 @@ def reselect(module: LlamaForCausalLM, bcfg: BlockConfig, state: BlockState) -> 
     rope = _rope(cfg, bcfg.window + 1 + jnp.arange(bcfg.chunk))
     query = lambda layer: selection_query(jnp.where(seen, layer.pend_q, 0), *rope,
                                           cfg.num_key_value_heads)
-    return state._replace(layers=_each_layer(
-        lambda layer: _refresh(cfg, bcfg, layer, query(layer), state.start), state.layers))
+    layers, picks = jax.lax.scan(lambda _, layer: (None, _pick(bcfg, layer, query(layer))),
+                                 None, state.layers)[1]
+    return _finish(cfg, bcfg, state._replace(layers=layers), None, picks, state.start)
 
 
 def score_chunks(module: LlamaForCausalLM, bcfg: BlockConfig, params, state: BlockState, ids,
-                 targets):
+                 targets=None):
     """Feed whole chunks `ids` `[B, n * chunk]` (no chunk pending in `state`), each extended
     then committed, in one `lax.scan`. Returns (state, nll `[B, n * chunk]`), nll[t] =
-    -log p(targets[t] | ids up to t)."""
+    -log p(targets[t] | ids up to t); with `targets=None` the head never runs (a prompt or a
+    prefix) and nll is None."""
     batch, length = ids.shape
     by_chunk = lambda a: jnp.moveaxis(a.reshape(batch, length // bcfg.chunk, bcfg.chunk), 1, 0)
+    layer_params = stacked_layer_params(params)
 
     def step(state, xs):
         chunk_ids, chunk_targets = xs
-        layers, logits = _forward(module, bcfg, params, state, chunk_ids, close=True)
-        return (BlockState(layers, state.start + bcfg.chunk, state.fill),
-                token_nll(logits, chunk_targets))
+        state, h = _forward(module, bcfg, params, layer_params, state, chunk_ids, close=True)
+        state = state._replace(start=state.start + bcfg.chunk)
+        if chunk_targets is None:
+            return state, None
+        logits = module.apply({"params": params}, h, method=module.final)
+        return state, token_nll(logits, chunk_targets)
 
-    state, nll = jax.lax.scan(step, state, (by_chunk(ids), by_chunk(targets)))
-    return state, jnp.moveaxis(nll, 0, 1).reshape(batch, length)
+    state, nll = jax.lax.scan(step, state, (by_chunk(ids),
+                                            None if targets is None else by_chunk(targets)))
+    return state, None if nll is None else jnp.moveaxis(nll, 0, 1).reshape(batch, length)

@@ -10,6 +10,7 @@ import pytest
 
 from memlong_jax import blockmem
 from memlong_jax import memory as mem_ops
+from memlong_jax.block_generation import BlockGenerator
 from memlong_jax.config import ConfigError, PRESETS
 from memlong_jax.layers import apply_rope, rope_cos_sin
 from memlong_jax.memlong import token_nll
@@ -190,3 +191,20 @@ def test_overrides_parse_by_field_type():
     assert (bcfg.top_k, bcfg.placement) == (3, "true")
     with pytest.raises(ConfigError, match="bad setting"):
         SMALL.with_overrides(["depth=3"])
+
+
+def test_generation_with_every_block_is_the_full_model(params):
+    """Greedy block-memory generation (prompt in chunks, reselection, token steps, commits)
+    with every block retrieved at true positions continues the prompt as the plain model does,
+    logit for logit."""
+    bcfg = SMALL.replace(top_k=16, memory_tokens=64, placement="true")
+    prompt = np.asarray(random_ids(7, length=23))
+    generator = BlockGenerator(MODULE, bcfg)
+    state, logits = generator.start(params, prompt)
+    ids = prompt
+    for _ in range(10):
+        expected = np.asarray(MODULE.apply({"params": params}, jnp.asarray(ids)))[:, -1]
+        np.testing.assert_allclose(np.asarray(logits), expected, atol=1e-4)
+        token = expected.argmax(-1).astype(np.int32)
+        ids = np.concatenate([ids, token[:, None]], axis=1)
+        state, logits = generator.step(params, state, token)
