@@ -65,9 +65,9 @@ def passkey_prompt(model, length: int, depth: float, key: int) -> np.ndarray:
         lines -= 1 + (len(ids) - length) // len(model.encode(FILLER))
 
 
-@functools.lru_cache(maxsize=None)
-def plain_logits_fn(model):
-    return jax.jit(lambda params, ids: model.module.apply({"params": params}, ids))
+@functools.partial(jax.jit, static_argnums=0)
+def plain_logits(module, params, ids):
+    return module.apply({"params": params}, ids)
 
 
 def as_full_attention(bcfg, length: int):
@@ -133,7 +133,7 @@ def sequence_nll(model, bcfg, row: str, ids: np.ndarray, local_window: int) -> n
         return out
     start = len(ids) - len(row_ids(row, ids, local_window, len(ids)))
     seen = jnp.asarray(ids[start:], jnp.int32)[None]
-    logits = plain_logits_fn(model)(model.params, seen)
+    logits = plain_logits(model.module, model.params, seen)
     out[start:] = np.asarray(token_nll(logits[:, :-1], seen[:, 1:]))[0]
     return out
 
@@ -170,7 +170,7 @@ def run_repeat(model, bcfg, args, bar):
 
 def plain_first_copy(model, passage):
     seen = jnp.asarray(passage, jnp.int32)[None]
-    logits = plain_logits_fn(model)(model.params, seen)
+    logits = plain_logits(model.module, model.params, seen)
     return np.asarray(token_nll(logits[:, :-1], seen[:, 1:]))[0]
 
 

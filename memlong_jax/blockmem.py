@@ -190,9 +190,9 @@ def init_state(module: LlamaForCausalLM, bcfg: BlockConfig, batch: int) -> Block
                         zeros(bcfg.chunk), memory, tile)
     layers = cfg.num_hidden_layers
     stacked = jax.tree_util.tree_map(lambda x: jnp.zeros((layers, *x.shape), x.dtype), layer)
-    blocks = jnp.zeros((layers, batch * kv, bcfg.capacity_blocks, bcfg.block_size, dim),
-                       jnp.dtype(bcfg.mem_dtype))
-    return BlockState(stacked, blocks, blocks, jnp.zeros((), jnp.int32),
+    blocks = lambda: jnp.zeros((layers, batch * kv, bcfg.capacity_blocks, bcfg.block_size,
+                                dim), jnp.dtype(bcfg.mem_dtype))   # two buffers: both donated
+    return BlockState(stacked, blocks(), blocks(), jnp.zeros((), jnp.int32),
                       jnp.zeros((), jnp.int32))
 
 

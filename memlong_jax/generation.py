@@ -244,7 +244,7 @@ class TokenStream:
         pad = pad_id if pad_id is not None else int(stops[0]) if stops.size else 0
         key = jax.random.PRNGKey(seed)
         gen, logits = self.start(params, prompt_ids)
-        done = np.zeros(gen.ids.shape[0], bool)
+        done = np.zeros(np.shape(prompt_ids)[0], bool)
         for i in range(max_new_tokens):
             tokens = np.where(done, pad, np.asarray(sample(logits, jax.random.fold_in(key, i),
                                                            sampling)))
