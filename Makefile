@@ -29,7 +29,7 @@ $(DEMO)/smollm2-135m/config.json: $(STAMP)
 
 $(DEMO)/pydoc_topics.txt: $(STAMP)
 	mkdir -p $(DEMO)
-	$(PY) -c "from memlong_jax.demo import pydoc_text; print(pydoc_text(), end='')" > $@.tmp
+	$(PY) -c "from memlong_jax.io.documents import pydoc_text; print(pydoc_text(), end='')" > $@.tmp
 	mv $@.tmp $@
 
 # Parity with transformers, then the paper's protocol in all three modes (untrained MemLong:

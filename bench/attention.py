@@ -1,9 +1,9 @@
 """One attention call, dense masked path vs blockwise (online softmax) tiles, by length.
 
-    .venv/bin/python bench/attention.py              # full run -> bench/results/attention.json
-    .venv/bin/python bench/attention.py --quick      # smoke test (short, tiny) -> out/bench-quick/
+    .venv/bin/python -m bench.attention              # full run -> bench/results/attention.json
+    .venv/bin/python -m bench.attention --quick      # smoke test (short, tiny) -> out/bench-quick/
 
-Why: `memlong_jax.attention.BLOCKWISE` picks, per backend, the shortest causal sequence that goes
+Why: `llama.attention.BLOCKWISE` picks, per backend, the shortest causal sequence that goes
 blockwise and the tile size; this script is the measurement behind that choice. Per length T it
 times `grouped_attention` with the dense causal mask (what shorter sequences run) and
 `blockwise_causal_attention` at several tile sizes, each plain causal and with `--memory` retrieved
@@ -22,10 +22,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-import common
-from memlong_jax.attention import (MemoryKV, blockwise_causal_attention, causal_mask,
+from bench import common
+from memlong_jax.llama.attention import (MemoryKV, blockwise_causal_attention, causal_mask,
                                    grouped_attention, with_memory)
-from memlong_jax.config import PRESETS
+from memlong_jax.llama.config import PRESETS
 
 NAME = "attention"
 

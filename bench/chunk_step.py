@@ -1,7 +1,7 @@
 """Time one MemLong chunk step (retrieve -> forward -> write) on this machine.
 
-    .venv/bin/python bench/chunk_step.py              # full run -> bench/results/chunk_step.json
-    .venv/bin/python bench/chunk_step.py --quick      # smoke test (tiny preset) -> out/bench-quick/
+    .venv/bin/python -m bench.chunk_step              # full run -> bench/results/chunk_step.json
+    .venv/bin/python -m bench.chunk_step --quick      # smoke test (tiny preset) -> out/bench-quick/
 
 Measures, with a full memory (so top-k really gathers k chunks), a tau-token step that computes
 NLL (`full`) and a prefix step that stops at the memory layer's K/V (`prefix`), plus the text
@@ -18,14 +18,13 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from memlong_jax import memlong
-from memlong_jax.config import PRESETS
-from memlong_jax.memlong_config import MEMLONG_PRESETS
-from memlong_jax.model import LlamaForCausalLM
+from memlong_jax.llama.config import PRESETS
+from memlong_jax.llama.model import LlamaForCausalLM
+from memlong_jax.memlong import scan
+from memlong_jax.memlong.config import MEMLONG_PRESETS
 
-import common
+from bench import common
 
 
 def main():
@@ -41,12 +40,12 @@ def main():
     module = LlamaForCausalLM(cfg)
     params = jax.jit(module.init)(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))["params"]
     tau = mcfg.chunk_size
-    state = memlong.init_state(module, mcfg, 1)
-    fill = jax.jit(lambda s, ids: memlong.score_sequence(module, mcfg, params, s, ids, tau)[0])
+    state = scan.init_state(module, mcfg, 1)
+    fill = jax.jit(lambda s, ids: scan.score_sequence(module, mcfg, params, s, ids, tau)[0])
     ids = jax.random.randint(jax.random.PRNGKey(1), (1, 16 * tau), 0, cfg.vocab_size)
     state = fill(state, ids)  # 16 chunks stored: top-8 gathers 8 real chunks
     chunk = ids[:, :tau]
-    step = functools.partial(memlong.segment_step, module, mcfg)
+    step = functools.partial(scan.segment_step, module, mcfg)
     results = {
         "full_step": common.time_jitted(lambda p, s, c: step(p, s, c, full=True)[1], params,
                                         state, chunk, repeats=args.repeats),
@@ -54,7 +53,7 @@ def main():
                                           state, chunk, repeats=args.repeats),
     }
     try:
-        from memlong_jax.retrievers import default_encoder_dir, load_text_encoder
+        from memlong_jax.memlong.retrievers import default_encoder_dir, load_text_encoder
         encoder = load_text_encoder(default_encoder_dir())
         texts = [" ".join(["memory"] * 100)] * 16
         encoder.encode_texts(texts)  # compiles

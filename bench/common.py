@@ -232,12 +232,14 @@ WORKER_FLAG = "--worker"
 
 
 def run_worker(script: str, job: dict, timeout: float | None = None) -> dict:
-    """Run `python script --worker JSON` and return the JSON object it prints last on stdout,
+    """Run the benchmark `script` (a bench/ file) as `python -m bench.NAME --worker JSON` and
+    return the JSON object it prints last on stdout,
     plus `peak_rss_mb` (the child's own maxrss via wait4) and `process_wall_s`. stderr passes
     through. A failed worker gives {"error": ...} instead of raising, so one configuration that
     runs out of memory or time does not lose the others."""
     start = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, script, WORKER_FLAG, json.dumps(job)],
+    module = "bench." + os.path.splitext(os.path.basename(script))[0]
+    proc = subprocess.Popen([sys.executable, "-m", module, WORKER_FLAG, json.dumps(job)],
                             stdout=subprocess.PIPE, text=True, cwd=REPO)
     timer = None
     if timeout:
@@ -318,8 +320,8 @@ def load_smollm2(path: str = SMOLLM2_CKPT):
     import jax
     import jax.numpy as jnp
     from memlong_jax.api import Model
-    from memlong_jax.config import PRESETS
-    from memlong_jax.model import LlamaForCausalLM
+    from memlong_jax.llama.config import PRESETS
+    from memlong_jax.llama.model import LlamaForCausalLM
     cfg = PRESETS["smollm2-135m"]
     params = jax.jit(LlamaForCausalLM(cfg).init)(jax.random.PRNGKey(0),
                                                  jnp.zeros((1, 8), jnp.int32))["params"]
@@ -330,8 +332,8 @@ def full_state(module, mcfg, emb_dim: int, seed: int = 0):
     """A memory with every slot valid (random K/V and unit embeddings): writes evict."""
     import jax
     import jax.numpy as jnp
-    from memlong_jax import memlong
-    state = memlong.init_state(module, mcfg, 1, emb_dim)
+    from memlong_jax.memlong import scan
+    state = scan.init_state(module, mcfg, 1, emb_dim)
     mem = state.memory
     k1, k2, k3 = jax.random.split(jax.random.PRNGKey(seed), 3)
     emb = jax.random.normal(k3, mem.emb.shape, jnp.float32)
@@ -354,5 +356,5 @@ def unit_vectors(shape, seed: int = 1):
 def emb_dim_of(mcfg, cfg) -> int:
     if mcfg.retriever != "text":
         return cfg.hidden_size
-    from memlong_jax.retrievers.text_encoder import default_encoder_dir, read_config
+    from memlong_jax.memlong.retrievers.text_encoder import default_encoder_dir, read_config
     return read_config(default_encoder_dir()).hidden_size

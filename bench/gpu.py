@@ -3,7 +3,7 @@ machine, in bf16, with MFU and peak GPU memory, in one command under a wall-time
 
     python bench/gpu.py                         # on the GPU machine -> bench/results/gpu.json
     python bench/gpu.py --budget-s 300          # more time: local/full modes, more repeats
-    .venv/bin/python bench/gpu.py --quick       # CPU smoke test (tiny shapes) -> out/bench-quick/
+    .venv/bin/python -m bench.gpu --quick       # CPU smoke test (tiny shapes) -> out/bench-quick/
 
 Needs only jax (with CUDA), flax, optax and orbax, and the repository on PYTHONPATH: no model or
 text-encoder weights, no faiss, no network. Every model is a seeded random init of the right
@@ -15,12 +15,12 @@ memory-layer states, no text encoder) and `backend=device` (exact top-k in-graph
 Measurements, in this order (each guarded: an error is recorded and the next one runs):
 
 1. matmul peak: best bf16 square matmul (4096, 8192) on this device (fp32 on CPU).
-2. scoring, openllama3b, memlong, 80k (81920) tokens: `memlong_jax.scoring.Scorer.window_nll`,
+2. scoring, openllama3b, memlong, 80k (81920) tokens: `memlong_jax.eval.scoring.Scorer.window_nll`,
    the path `python -m memlong_jax.score` runs (prefix through `memlong.ingest_prefix` in 8192-
    token host blocks, then the 2048-token local window scored with retrieval; a fresh memory
    per window, so the 32k-token memory fills and evicts). Random token ids.
 3. training step, openllama3b: bench/train_step.py's `build` (train.config.resolve with `--set`
-   style overrides, train.run.split_params, train.step.make_train_step jitted with donation),
+   style overrides, train.setup.split_params, train.step.make_train_step jitted with donation),
    overrides: init_from= (random), dtype/param_dtype bfloat16, memlong.retriever=hidden,
    memlong.backend=device, seq_len 1024, rows_per_replica 2, grad_accum 2 (`--train-set` adds
    or replaces; out of device memory, it is retried once with rows_per_replica 1). LoRA rank 64
@@ -92,10 +92,7 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.92")  # before jax is
 
 import numpy as np  # noqa: E402
 
-import common  # noqa: E402
-
-if common.REPO not in sys.path:   # the repository on PYTHONPATH or not: memlong_jax, train
-    sys.path.insert(1, common.REPO)
+from bench import common  # noqa: E402
 
 NAME = "gpu"
 GiB = 2 ** 30
@@ -148,8 +145,8 @@ def plan(quick: bool) -> dict:
 
 
 def model_config(name: str):
-    from memlong_jax.config import PRESETS
-    from memlong_jax.memlong_config import MEMLONG_PRESETS
+    from memlong_jax.llama.config import PRESETS
+    from memlong_jax.memlong.config import MEMLONG_PRESETS
     if name == "tiny-hd100":   # quick: head_dim 100 as openllama3b, on a 4-layer toy
         return PRESETS["tiny"].replace(head_dim=100), MEMLONG_PRESETS["tiny"]
     return PRESETS[name], MEMLONG_PRESETS[name]
@@ -173,7 +170,7 @@ def random_params(cfg, dtype, seed: int):
     import jax
     import jax.numpy as jnp
     from flax import traverse_util
-    from memlong_jax.checkpoint import abstract_params
+    from memlong_jax.io.checkpoint import abstract_params
 
     # One small jitted initializer per distinct shape: a single jit over all of a 3B model's
     # tensors took minutes to compile on the H200.
@@ -292,8 +289,8 @@ class Runner:
 
     def scorer(self, name: str):
         import jax.numpy as jnp
-        from memlong_jax import scoring
-        from memlong_jax.model import LlamaForCausalLM
+        from memlong_jax.eval import scoring
+        from memlong_jax.llama.model import LlamaForCausalLM
         if name not in self.scorers:
             cfg, mcfg = model_config(name)
             mcfg = mcfg.replace(retriever="hidden", backend="device").validate(cfg)
@@ -367,13 +364,13 @@ class Runner:
                 "mean_nll": means, "nll_finite": bool(np.isfinite(means).all())}
 
     def train(self, preset: str, defaults: list[str]) -> dict:
-        import train_step
+        from bench import train_step
+        from memlong_jax.llama.config import DTYPES
         from train import metrics
-        from train import step as stepmod
         from train.lora import count
 
         overrides = merge_settings(MODEL_TRAIN_OVERRIDES + defaults, self.args.train_set)
-        load = lambda run, model: random_params(model, stepmod.DTYPES[run.train.param_dtype],
+        load = lambda run, model: random_params(model, DTYPES[run.train.param_dtype],
                                                 run.train.seed)
         before = gpu_memory()
         start = time.perf_counter()

@@ -1,8 +1,8 @@
-"""Prefix ingestion throughput (`memlong.ingest_prefix`) against the FLOPs it needs, as a fraction
+"""Prefix ingestion throughput (`scan.ingest_prefix`) against the FLOPs it needs, as a fraction
 of this machine's matmul peak measured in the same run.
 
-    .venv/bin/python bench/ingestion.py               # full run -> bench/results/ingestion.json
-    .venv/bin/python bench/ingestion.py --quick       # smoke test -> out/bench-quick/
+    .venv/bin/python -m bench.ingestion               # full run -> bench/results/ingestion.json
+    .venv/bin/python -m bench.ingestion --quick       # smoke test -> out/bench-quick/
 
 Why: at long lengths almost every token of a memlong window goes through ingestion, so its
 throughput bounds scoring; the issue's target is 50% or more of the measured matmul peak.
@@ -34,7 +34,7 @@ import time
 
 import numpy as np
 
-import common
+from bench import common
 
 NAME = "ingestion"
 
@@ -60,7 +60,7 @@ def prefix_flops_per_token(cfg, mcfg) -> dict:
 
 def text_ids(model, n: int):
     """`[1, n]` real token ids: Python's bundled documentation, present on every machine."""
-    from memlong_jax.demo import pydoc_text
+    from memlong_jax.io.documents import pydoc_text
     if model.tokenizer is None:
         return np.random.default_rng(0).integers(0, model.config.vocab_size, (1, n), np.int32)
     ids = model.encode(pydoc_text())
@@ -75,7 +75,7 @@ def main() -> None:
     import functools
 
     import jax.numpy as jnp
-    from memlong_jax import memlong
+    from memlong_jax.memlong import scan
 
     peak = common.matmul_peak((512, 1024) if args.quick else (1024, 2048, 3072))
     model, source = common.load_smollm2(args.checkpoint)
@@ -90,7 +90,7 @@ def main() -> None:
     flops = prefix_flops_per_token(cfg, mcfg)
     rows = []
     for g in common.parse_list(args.block_chunks, int):
-        fn = functools.partial(memlong.ingest_prefix, model.module, mcfg, block_chunks=g)
+        fn = functools.partial(scan.ingest_prefix, model.module, mcfg, block_chunks=g)
         t = common.time_jitted(fn, model.params, state, ids, key_emb, repeats=args.repeats)
         gflops = flops["total"] * prefix / t["min_s"] / 1e9
         rows.append({"block_chunks": g, "block_tokens": g * tau, **t,
@@ -101,8 +101,9 @@ def main() -> None:
               f"= {rows[-1]['fraction_of_peak']:.0%} of {peak['gflops']:.1f}", file=sys.stderr)
     host = None
     if mcfg.retriever == "text":
-        from memlong_jax.retrievers.text_encoder import default_encoder_dir, load_text_encoder
-        from memlong_jax.retrievers.text_pipeline import text_embeddings
+        from memlong_jax.memlong.retrievers.text_encoder import (default_encoder_dir,
+                                                                  load_text_encoder)
+        from memlong_jax.memlong.retrievers.text_pipeline import text_embeddings
         encoder = load_text_encoder(default_encoder_dir())
         run = lambda: text_embeddings(encoder, model.tokenizer, np.asarray(ids), tau)
         run()  # compiles the encoder's padded shapes

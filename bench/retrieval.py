@@ -1,8 +1,8 @@
 """The share of a step spent in top-k retrieval and memory writes, device vs faiss backends, at
 memory sizes from 32k to 1M tokens.
 
-    .venv/bin/python bench/retrieval.py               # full run -> bench/results/retrieval.json
-    .venv/bin/python bench/retrieval.py --quick       # smoke test -> out/bench-quick/
+    .venv/bin/python -m bench.retrieval               # full run -> bench/results/retrieval.json
+    .venv/bin/python -m bench.retrieval --quick       # smoke test -> out/bench-quick/
 
 Why: retrieval and writes are the bookkeeping MemLong adds to every chunk; the issue's target is
 retrieve + write under 5% of step time at 32k tokens of memory, and the backends should be
@@ -14,11 +14,11 @@ eviction, bf16 K/V), on a memory that is already full so every write evicts, ove
 `--block-chunks` chunks (ingest_prefix's default 32), each jitted with the state donated and
 threaded through the calls (`common.time_carried`), per chunk:
 
-- retrieve: the query, top-k over the memory and the hit counts (`memlong.retrieve_chunks`);
-- write: `memlong.write_segment` (eviction when full, then the scatter into the memory);
+- retrieve: the query, top-k over the memory and the hit counts (`scan.retrieve_chunks`);
+- write: `scan.write_segment` (eviction when full, then the scatter into the memory);
 - retrieve+write: both, chunk by chunk, i.e. `ingest_prefix`'s inner loop;
-- prefix step: `memlong.ingest_prefix` on the block (frozen stack batched + the loop above);
-- full step: `memlong.segment_step(full=True)` on one tau-token chunk (retrieve, all 30 layers
+- prefix step: `scan.ingest_prefix` on the block (frozen stack batched + the loop above);
+- full step: `scan.segment_step(full=True)` on one tau-token chunk (retrieve, all 30 layers
   with the retrieved chunks, logits, write), the per-chunk step of training and of
   `score_sequence(prefix_nll=True)`.
 Shares = retrieve+write per chunk / step per chunk.
@@ -34,7 +34,7 @@ import functools
 import sys
 import time
 
-import common
+from bench import common
 
 NAME = "retrieval"
 
@@ -54,15 +54,15 @@ def step_functions(module, mcfg, g: int):
     """The jittable pieces, each `(state, ...) -> state` so the state can be donated."""
     import jax
     import jax.numpy as jnp
-    from memlong_jax import memlong
+    from memlong_jax.memlong import scan
 
     def retrieve(state, emb):
-        query = memlong.retrieval_query(mcfg, state, emb)
-        memory, _, _ = memlong.retrieve_chunks(mcfg, state.memory, *query)
+        query = scan.retrieval_query(mcfg, state, emb)
+        memory, _, _ = scan.retrieve_chunks(mcfg, state.memory, *query)
         return state._replace(memory=memory, last_emb=emb, has_last=jnp.ones_like(state.has_last))
 
     def write(state, keys, values, emb):
-        return memlong.write_segment(mcfg, state.memory, keys, values, emb[:, None])
+        return scan.write_segment(mcfg, state.memory, keys, values, emb[:, None])
 
     def loop(body):
         def run(state, keys, values, emb):   # keys/values [1, g*tau, kv, hd], emb [1, g, d]
@@ -82,7 +82,7 @@ def step_functions(module, mcfg, g: int):
 def measure(model, base_mcfg, memory_tokens: int, backend: str, args) -> dict:
     import jax
     import jax.numpy as jnp
-    from memlong_jax import memlong
+    from memlong_jax.memlong import scan
 
     mcfg = base_mcfg.replace(memory_tokens=memory_tokens, backend=backend)
     cfg, g, tau = model.config, args.block_chunks, base_mcfg.chunk_size
@@ -101,7 +101,7 @@ def measure(model, base_mcfg, memory_tokens: int, backend: str, args) -> dict:
         t = common.time_carried(fn, state, keys, values, emb, repeats=args.repeats)
         row[name] = {**t, "per_chunk_s": t["median_s"] / g}
         state = common.full_state(model.module, mcfg, emb_dim)  # donated: rebuild
-    ingest = functools.partial(memlong.ingest_prefix, model.module, mcfg, block_chunks=g)
+    ingest = functools.partial(scan.ingest_prefix, model.module, mcfg, block_chunks=g)
     prefix = lambda s, p, i, e: ingest(p, s, i, e)
     t = common.time_carried(prefix, state, model.params, ids, emb if text else None,
                             repeats=args.repeats)
@@ -110,7 +110,7 @@ def measure(model, base_mcfg, memory_tokens: int, backend: str, args) -> dict:
     row["share_of_prefix_step"] = rw / row["prefix_step"]["per_chunk_s"]
     if not args.no_full_step:
         state = common.full_state(model.module, mcfg, emb_dim)
-        full = lambda s, p, i, e: memlong.segment_step(model.module, mcfg, p, s, i, e, None,
+        full = lambda s, p, i, e: scan.segment_step(model.module, mcfg, p, s, i, e, None,
                                                        full=True)[0]
         t = common.time_carried(full, state, model.params, ids[:, :tau],
                                 emb[:, :1] if text else None, repeats=args.repeats)

@@ -1,8 +1,8 @@
 """Scoring throughput and peak RSS versus window length: memlong, local and full modes of
 memlong-jax, next to torch/transformers scoring the same windows with the same model.
 
-    .venv/bin/python bench/scoring.py                 # full run -> bench/results/scoring.json
-    .venv/bin/python bench/scoring.py --quick         # smoke test (512 tokens) -> out/bench-quick/
+    .venv/bin/python -m bench.scoring                 # full run -> bench/results/scoring.json
+    .venv/bin/python -m bench.scoring --quick         # smoke test (512 tokens) -> out/bench-quick/
 
 Why: the issue's targets are ratios measured side by side in one run (memlong at least 3x the
 torch reference at 16k-32k tokens; time per token flat within 10% from 8k to 128k; peak RSS flat
@@ -12,7 +12,7 @@ process, which is what this script does (`common.run_worker`).
 What runs, per length N (each a window of real text: pg19_like books joined,
 ../shared/data/pg19_like/{les_miserables,war_and_peace,karamazov_brothers}.txt):
 
-- memlong / local / full: `memlong_jax.scoring.Scorer.window_nll`, exactly what
+- memlong / local / full: `memlong_jax.eval.scoring.Scorer.window_nll`, exactly what
   `python -m memlong_jax.score` runs (the checkpoint's MemLong settings: text retriever,
   all-MiniLM-L6-v2 embeddings computed on the host block by block, device top-k). The last
   `--scored-tokens` tokens (minus one) of each window are scored. `full` only up to `--full-max`
@@ -46,7 +46,7 @@ import time
 
 import numpy as np
 
-import common
+from bench import common
 
 NAME = "scoring"
 BOOKS = ("les_miserables", "war_and_peace", "karamazov_brothers")
@@ -93,7 +93,7 @@ def quick_args(args):
 def book_tokens(checkpoint: str, needed: int) -> str:
     """Tokenise the books (as many as `needed` tokens take) once, cached as .npy under out/;
     returns the path. Workers memory-map it, so the text never enters their RSS."""
-    from memlong_jax.api import load_tokenizer
+    from memlong_jax.io.tokenizer import load_tokenizer
     folder = os.path.join(common.SHARED_DATA, "pg19_like")
     paths = [os.path.join(folder, f"{b}.txt") for b in BOOKS]
     missing = [p for p in paths if not os.path.isfile(p)]
@@ -143,8 +143,8 @@ def plan(args) -> list[dict]:
 
 def jax_worker(job: dict) -> dict:
     import memlong_jax as ml
-    from memlong_jax import scoring
-    from memlong_jax.memlong_config import load_for_checkpoint
+    from memlong_jax.eval import scoring
+    from memlong_jax.memlong.config import load_for_checkpoint
 
     tokens = np.load(job["tokens"], mmap_mode="r")
     model = ml.load(job["checkpoint"], job["dtype"])
@@ -157,7 +157,8 @@ def jax_worker(job: dict) -> dict:
         mcfg.chunk_size)
     encoder = None
     if mode == "memlong" and mcfg.retriever == "text":
-        from memlong_jax.retrievers.text_encoder import default_encoder_dir, load_text_encoder
+        from memlong_jax.memlong.retrievers.text_encoder import (default_encoder_dir,
+                                                                  load_text_encoder)
         encoder = load_text_encoder(default_encoder_dir())
     scorer = scoring.Scorer(model.module, model.params, mcfg, protocol, encoder, model.tokenizer)
     window = lambda start, length: np.asarray(tokens[start:start + length])[None]

@@ -1,15 +1,15 @@
 """Training step time, tokens/s, TFLOP/s and MFU (frozen-aware FLOPs) for the train presets, with
 compilation timed apart.
 
-    .venv/bin/python bench/train_step.py              # full run -> bench/results/train_step.json
-    .venv/bin/python bench/train_step.py --quick      # smoke test (tiny only) -> out/bench-quick/
+    .venv/bin/python -m bench.train_step              # full run -> bench/results/train_step.json
+    .venv/bin/python -m bench.train_step --quick      # smoke test (tiny only) -> out/bench-quick/
 
 Why: `python -m train.run` logs step time and MFU only on GPUs it knows; this measures the same
 step on any machine against a matmul peak measured in the same run, so training efficiency is a
 number with a machine attached.
 
 What runs is the training program's own code, not a copy: `train.config.resolve` (preset plus
-`--set` overrides), `train.run.load_base` / `split_params` (LoRA split), `train.step.make_train_step`
+`--set` overrides), `train.setup.load_base` / `split_params` (LoRA split), `train.step.make_train_step`
 (jitted with the memory and state donated, as `Trainer` does) and `train.metrics.step_flops`
 (frozen layers 2 FLOPs per weight, trained ones 6, memory attention counted). Batches are random
 token ids (and random unit retriever embeddings for the text retriever): the step's cost does
@@ -34,7 +34,7 @@ import time
 
 import numpy as np
 
-import common
+from bench import common
 
 NAME = "train_step"
 BENCH_OVERRIDES = {"tiny": [], "smollm2-135m": ["grad_accum=2"]}
@@ -53,12 +53,12 @@ def build_parser():
 def build(name: str, overrides: list[str], load_base=None):
     """Everything `Trainer` builds for a step, minus data, checkpoints and sharding.
     `load_base(run, model)`: base params in the run's param_dtype, instead of
-    `train.run.load_base` (bench/gpu.py passes random weights built on the device)."""
+    `train.setup.load_base` (bench/gpu.py passes random weights built on the device)."""
     import jax
     import jax.numpy as jnp
-    from memlong_jax import memlong
+    from memlong_jax.memlong import scan
     from train import config as cfgmod
-    from train import run as runmod
+    from train import setup
     from train import step as stepmod
 
     run = cfgmod.resolve(name, BENCH_OVERRIDES.get(name, []) + overrides)
@@ -69,15 +69,15 @@ def build(name: str, overrides: list[str], load_base=None):
     model = cfgmod.model_config(run)
     run = cfgmod.validate(run, model)
     t, m = run.train, run.memlong
-    base = (load_base or runmod.load_base)(run, model)
-    frozen, trainable = runmod.split_params(run, model, base)
+    base = (load_base or setup.load_base)(run, model)
+    frozen, trainable = setup.split_params(run, model, base)
     module = stepmod.make_module(model, t.dtype, t.remat)
     tx, schedule = stepmod.make_optimizer(t, max(1, t.steps))
     fresh = lambda tree: jax.tree_util.tree_map(lambda x: jnp.array(x, copy=True), tree)
     state = fresh({"step": jnp.int32(0), "trainable": trainable, "opt_state": tx.init(trainable),
                    "rng": jax.random.PRNGKey(t.seed)})
-    emb_dim = runmod.emb_dim_for(run, model)
-    mem = fresh(memlong.init_state(module, m, t.rows_per_replica, emb_dim))
+    emb_dim = setup.emb_dim_for(run, model)
+    mem = fresh(scan.init_state(module, m, t.rows_per_replica, emb_dim))
     rng = np.random.default_rng(0)
     shape = (t.grad_accum, t.rows_per_replica)
     batch = {"ids": jnp.asarray(rng.integers(0, model.vocab_size, shape + (t.seq_len,),

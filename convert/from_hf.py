@@ -11,6 +11,7 @@ and shape is checked against the model before anything is written.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
@@ -18,13 +19,12 @@ import ml_dtypes
 import numpy as np
 from tqdm import tqdm
 
+from memlong_jax.errors import UserError, atomic_output_dir, entry_point
+from memlong_jax.io import checkpoint
+from memlong_jax.io.hf_sources import open_source
+from memlong_jax.io.safe_paths import refuse_overwrite
+from memlong_jax.llama.config import DTYPES, LlamaConfig
 from convert.layout import get_path, set_path, tensor_slots
-from memlong_jax.hf_sources import open_source
-from memlong_jax import checkpoint
-from memlong_jax.config import LlamaConfig
-from memlong_jax.errors import UserError, atomic_output_dir, run_cli
-
-DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
 
 
 def _name_list(names) -> str:
@@ -84,6 +84,8 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
 
     start = time.perf_counter()
+    if os.path.isdir(args.src):
+        refuse_overwrite([args.out], directories=[args.src])
     source = open_source(args.src)
     config = LlamaConfig.from_hf_dict(source.hf_config)
     with atomic_output_dir(args.out) as tmp:
@@ -98,5 +100,7 @@ def main(argv=None) -> None:
               f"in {time.perf_counter() - start:.1f}s", file=sys.stderr)
 
 
+cli = entry_point(main)   # the console script
+
 if __name__ == "__main__":
-    sys.exit(run_cli(main))
+    sys.exit(cli())

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from memlong_jax.config import LlamaConfig
+from memlong_jax.llama.config import LlamaConfig
 
 _LAYER_TENSORS = (
     ("self_attn.q_proj", True), ("self_attn.k_proj", True), ("self_attn.v_proj", True),

@@ -35,12 +35,12 @@ import numpy as np
 from tqdm import tqdm
 
 import memlong_jax as ml
-from memlong_jax import blockmem
-from memlong_jax.block_generation import BlockGenerator
-from memlong_jax.cli_options import versions
+from memlong_jax.memlong import blockmem
+from memlong_jax.eval.block_generation import BlockGenerator
+from memlong_jax.cli.options import versions
 from memlong_jax.errors import write_json
-from memlong_jax.memlong import token_nll
-from memlong_jax.score import parse_length
+from memlong_jax.memlong.scan import token_nll
+from memlong_jax.cli.score import parse_length
 
 INTRO = ("There is an important info hidden inside a lot of irrelevant text. Find it and "
          "memorize them. I will quiz you about the important information there.\n")

@@ -72,7 +72,7 @@ ablations() {  # held-out book, trained model, 16k and 32k: one setting changed 
   score abl_fifo_8k "$TRAINED" memlong "${ab[@]}" --set memory_tokens=8192 --set eviction=fifo_half
 }
 
-report() { $PY experiments/results_report.py "$RESULTS" --doc docs/results.md; }
+report() { $PY -m experiments.results_report "$RESULTS" --doc docs/results.md; }
 
 stages=("$@"); [ ${#stages[@]} -gt 0 ] || stages=(keys train export eval report)
 for stage in "${stages[@]}"; do

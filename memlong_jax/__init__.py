@@ -7,6 +7,6 @@
 """
 
 from memlong_jax.api import Model, load
-from memlong_jax.config import PRESETS, LlamaConfig, get_config
+from memlong_jax.llama.config import PRESETS, LlamaConfig, get_config
 
 __all__ = ["LlamaConfig", "Model", "PRESETS", "get_config", "load"]

@@ -10,14 +10,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from memlong_jax import checkpoint
-from memlong_jax.config import LlamaConfig
 from memlong_jax.errors import UserError
-from memlong_jax.memlong_config import MemLongConfig, default_for, load_for_checkpoint
-from memlong_jax.model import LlamaForCausalLM
-
-COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-
+from memlong_jax.eval import generation, scoring
+from memlong_jax.io import checkpoint
+from memlong_jax.io.tokenizer import load_tokenizer
+from memlong_jax.llama.config import DTYPES, LlamaConfig
+from memlong_jax.llama.model import LlamaForCausalLM
+from memlong_jax.memlong.config import MemLongConfig, default_for, load_for_checkpoint
+from memlong_jax.memlong.retrievers.text_encoder import default_encoder_dir, load_text_encoder
 
 @dataclasses.dataclass
 class Model:
@@ -48,12 +48,10 @@ class Model:
     def score(self, ids, mode: str = "memlong", local_window: int = 2048,
               scored_tokens: int | None = None, encoder=None) -> np.ndarray:
         """Per-token NLL `[B, P]` of the last P tokens of each row of `ids` `[B, N]`, one window
-        of the scoring protocol (`memlong_jax.scoring`): `memlong` sends the first
+        of the scoring protocol (`memlong_jax.eval.scoring`): `memlong` sends the first
         N - local_window tokens through memory, `local` sees only the last local_window tokens,
         `full` attends over all N. P = min(scored_tokens, local_window, N) - 1. The text
         retriever uses `encoder` (default: the bundled all-MiniLM-L6-v2)."""
-        from memlong_jax import scoring
-
         ids = _check_ids(ids)
         mcfg = self.memlong_config
         protocol = scoring.Protocol((ids.shape[1],), local_window, scored_tokens or local_window)
@@ -72,7 +70,6 @@ class Model:
 
     @functools.cached_property
     def _default_encoder(self):
-        from memlong_jax.retrievers.text_encoder import default_encoder_dir, load_text_encoder
         return load_text_encoder(default_encoder_dir())
 
     def generate(self, prompt_ids, max_new_tokens: int = 128, *, temperature: float = 0.0,
@@ -89,8 +86,6 @@ class Model:
         the text retriever uses `encoder` (default: the bundled all-MiniLM-L6-v2).
         `on_token(tokens)` streams each step's tokens (an int, or `[B]`) as they are chosen.
         """
-        from memlong_jax import generation  # here: generation -> text encoder -> api cycle
-
         ids = np.asarray(prompt_ids)
         if ids.ndim not in (1, 2):
             raise UserError(f"prompt ids must be [P] or [B, P], got shape {ids.shape}")
@@ -125,24 +120,16 @@ def _check_ids(ids) -> jax.Array:
     return ids.astype(jnp.int32)
 
 
-def load_tokenizer(path: str):
-    tokenizer_file = os.path.join(path, "tokenizer.json")
-    if not os.path.isfile(tokenizer_file):
-        return None
-    from tokenizers import Tokenizer
-    return Tokenizer.from_file(tokenizer_file)
-
-
 def load(path: str, dtype: str = "float32") -> Model:
     """Load a checkpoint written by `python -m convert.from_hf`.
 
     `dtype` is the compute dtype; params stay in their stored dtype until used.
     """
-    if dtype not in COMPUTE_DTYPES:
-        raise UserError(f"unknown dtype {dtype!r}; choose from {', '.join(COMPUTE_DTYPES)}")
+    if dtype not in DTYPES:
+        raise UserError(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}")
     if not os.path.isdir(path):
         raise UserError(f"{path}: no such checkpoint directory")
     config = checkpoint.load_config(path)
     params = checkpoint.load_params(path, config)
-    return Model(config, params, load_tokenizer(path), COMPUTE_DTYPES[dtype],
+    return Model(config, params, load_tokenizer(path), DTYPES[dtype],
                  load_for_checkpoint(path, config))

@@ -1,13 +1,9 @@
 """bench/report.py renders tables, ratios and target verdicts from results dicts (fabricated here:
 benchmarks themselves are never run by the tests)."""
 
-import os
-import sys
-
 import pytest
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "bench"))
-report = pytest.importorskip("report")
+from bench import report
 
 
 def _row(mode, length, seconds, rss, ctx=None, **extra):
@@ -63,7 +59,7 @@ def test_gpu_section_renders_rows_errors_and_skips():
 
 
 def test_scoring_merge_replaces_only_rerun_rows_and_is_reported():
-    scoring = pytest.importorskip("scoring")
+    scoring = pytest.importorskip("bench.scoring")
     old = _results()["scoring"]
     rerun = {"date": "r", "command": "bench/scoring.py --lengths 16k --modes memlong --merge",
              "machine": {"load_average": [0.5, 0.6, 0.7]}, "git": {"commit": "abc"},

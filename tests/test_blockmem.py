@@ -8,13 +8,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from memlong_jax import blockmem
-from memlong_jax import memory as mem_ops
-from memlong_jax.block_generation import BlockGenerator
-from memlong_jax.config import ConfigError, PRESETS
-from memlong_jax.layers import apply_rope, rope_cos_sin
-from memlong_jax.memlong import token_nll
-from memlong_jax.model import LlamaForCausalLM
+from memlong_jax.memlong import blockmem
+from memlong_jax.memlong import memory as mem_ops
+from memlong_jax.eval.block_generation import BlockGenerator
+from memlong_jax.llama.config import ConfigError, PRESETS
+from memlong_jax.llama.layers import apply_rope, rope_cos_sin
+from memlong_jax.memlong.scan import token_nll
+from memlong_jax.llama.model import LlamaForCausalLM
 
 CFG = PRESETS["tiny"]   # 4 layers, 4 heads, 2 KV heads, head_dim 16
 MODULE = LlamaForCausalLM(CFG)

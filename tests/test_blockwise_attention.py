@@ -9,11 +9,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from memlong_jax import attention
-from memlong_jax.attention import (MemoryKV, blockwise_causal_attention, causal_mask,
+from memlong_jax.llama import attention
+from memlong_jax.llama.attention import (MemoryKV, blockwise_causal_attention, causal_mask,
                                    grouped_attention, with_memory)
-from memlong_jax.config import PRESETS
-from memlong_jax.model import LlamaForCausalLM
+from memlong_jax.llama.config import PRESETS
+from memlong_jax.llama.model import LlamaForCausalLM
 
 
 def qkv(seed, length, heads, kv_heads, head_dim=16, batch=2, dtype=jnp.float32):

@@ -3,10 +3,11 @@
 import json
 
 import pytest
+from transformers import LlamaConfig as HFConfig
 
 import memlong_jax as ml
-from memlong_jax.checkpoint import abstract_params, param_count
-from memlong_jax.config import ConfigError, LlamaConfig
+from memlong_jax.io.checkpoint import abstract_params, param_count
+from memlong_jax.llama.config import ConfigError, LlamaConfig
 
 # The public openlm-research/open_llama_3b_v2 config.json, field by field.
 OPEN_LLAMA_3B_V2 = {
@@ -55,10 +56,17 @@ def test_hf_dict_round_trip(name, tmp_path):
     assert ml.get_config(str(path)) == ml.PRESETS[name]
 
 
-def test_transformers_reads_our_config(tmp_path):
-    from transformers import LlamaConfig as HFConfig
-    hf = HFConfig(**ml.PRESETS["smollm2-135m"].to_hf_dict())
-    assert (hf.num_key_value_heads, hf.head_dim, hf.tie_word_embeddings) == (3, 64, True)
+@pytest.mark.parametrize("name", sorted(ml.PRESETS))
+def test_transformers_reads_our_config(name):
+    """transformers reads every field we write with its value, and what it writes back is the
+    same architecture to us."""
+    ours = ml.PRESETS[name].to_hf_dict()
+    hf = HFConfig(**ours)
+    theirs = {**hf.to_dict(), **(hf.to_dict().get("rope_parameters") or {})}  # transformers 5
+    for key, value in ours.items():
+        if key not in ("architectures", "model_type", "torch_dtype"):
+            assert theirs.get(key) == value, key
+    assert LlamaConfig.from_hf_dict(hf.to_dict()) == ml.PRESETS[name]
 
 
 @pytest.mark.parametrize("change,field", [

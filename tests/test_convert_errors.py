@@ -7,7 +7,8 @@ import sys
 
 import pytest
 
-from tests.conftest import LLAMA_SHAPES, random_torch_llama, save_torch_llama
+from helpers import LLAMA_SHAPES, random_torch_llama, save_torch_llama
+
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

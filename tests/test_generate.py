@@ -10,13 +10,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from helpers import LLAMA_SHAPES, byte_tokenizer, random_torch_llama, real_text, save_torch_llama
 import memlong_jax as ml
-from memlong_jax import checkpoint, generation, memlong
-from memlong_jax.config import PRESETS
+from memlong_jax.cli.generate import main as generate_main
 from memlong_jax.errors import run_cli
-from memlong_jax.generate import main as generate_main
-from memlong_jax.memlong_config import MEMLONG_PRESETS
-from memlong_jax.model import LlamaForCausalLM
+from memlong_jax.eval import generation
+from memlong_jax.io import checkpoint
+from memlong_jax.llama.config import PRESETS
+from memlong_jax.llama.model import LlamaForCausalLM
+from memlong_jax.memlong import scan
+from memlong_jax.memlong.config import MEMLONG_PRESETS
 
 CFG = PRESETS["tiny"]
 MCFG = MEMLONG_PRESETS["tiny"].replace(memory_tokens=64)  # 16 slots of 4 tokens, hidden retriever
@@ -31,8 +34,8 @@ plain_logits = jax.jit(lambda params, ids: MODULE.apply({"params": params}, ids)
 @functools.partial(jax.jit, static_argnames=("mcfg",))
 def score(params, ids, mcfg):
     """score_sequence from an empty memory with a WINDOW-token final window: (state, logits)."""
-    state = memlong.init_state(MODULE, mcfg, ids.shape[0])
-    state, _, logits = memlong.score_sequence(MODULE, mcfg, params, state, ids, WINDOW,
+    state = scan.init_state(MODULE, mcfg, ids.shape[0])
+    state, _, logits = scan.score_sequence(MODULE, mcfg, params, state, ids, WINDOW,
                                               window_logits=True)
     return state, logits
 
@@ -71,7 +74,6 @@ def feed(gen_obj, params, prompt, tokens):
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):
     from convert.from_hf import main as from_hf
-    from tests.conftest import LLAMA_SHAPES, random_torch_llama, save_torch_llama
     torch_model = random_torch_llama(seed=11, **LLAMA_SHAPES["gqa_tied"])
     root = tmp_path_factory.mktemp("generate")
     save_torch_llama(torch_model, root / "hf", "safetensors")
@@ -176,9 +178,8 @@ def test_long_generation_spills_evicts_and_is_deterministic(params):
 
 def test_text_retriever_spills_the_text_of_the_spilled_tokens():
     """Text retriever: every chunk in memory is embedded from the text of exactly its tokens
-    (upstream embeds text from the start of the sequence instead, reference 7.12)."""
-    from memlong_jax.retrievers import default_encoder_dir, load_text_encoder
-    from tests.conftest import byte_tokenizer, real_text
+    (upstream embeds text from the start of the sequence instead)."""
+    from memlong_jax.memlong.retrievers import default_encoder_dir, load_text_encoder
     tokenizer, encoder = byte_tokenizer(), load_text_encoder(default_encoder_dir())
     mcfg = MCFG.replace(retriever="text")
     p = random_params(3)
@@ -239,7 +240,6 @@ def test_top_k_and_top_p_restrict_the_draws():
 # ---- command line ------------------------------------------------------------------------
 
 def test_cli_streams_what_generate_returns(tiny_checkpoint, capsys):
-    from tests.conftest import real_text
     prompt = real_text(300)[200:205]  # 5 byte tokens; 5 + 12 > 16: the cache spills once
     assert run_cli(generate_main, [tiny_checkpoint, "--prompt", prompt, "--window", "16",
                                    "--max-new-tokens", "12", "--set", "memory_tokens=64"]) == 0

@@ -1,4 +1,4 @@
-"""In-context learning with demonstrations in memory (`memlong_jax.icl`): prompts, sampling,
+"""In-context learning with demonstrations in memory (`memlong_jax.eval.icl`): prompts, sampling,
 label scoring against the model's own logits, batching, the command line."""
 
 import csv
@@ -10,11 +10,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from helpers import SHARED_DATA, byte_tokenizer
 import memlong_jax as ml
-from memlong_jax import icl, memlong
 from memlong_jax.errors import run_cli
+from memlong_jax.cli.icl import main as icl_main
+from memlong_jax.eval import icl
+from memlong_jax.memlong import scan
 
-from conftest import SHARED_DATA, byte_tokenizer
 
 SST2 = icl.TASKS["sst-2"]
 WORDS = "a fine film . dull and slow , great fun ; awful plot !".split()
@@ -173,7 +175,7 @@ def test_memlong_with_m_0_is_local_exactly_and_memory_matters(model, data_dir):
 
 def test_memlong_scores_equal_score_sequence_of_each_item(model, data_dir):
     """The batched path (left-padded memory chunks made empty, right-padded windows) against
-    `memlong.score_sequence` of each padded item's own memory stream + prompt."""
+    `scan.score_sequence` of each padded item's own memory stream + prompt."""
     _, groups = groups_of(model, data_dir, rows=("memlong",), ms=(6,))
     queries = groups[("memlong", 2, 6, 1)].queries
     cut = (40, 8, 40, 8)   # memory lengths in tokens: 2 chunks padded to 10 in the batch
@@ -189,8 +191,8 @@ def test_memlong_scores_equal_score_sequence_of_each_item(model, data_dir):
     for r, n in enumerate(rows):
         ids[r, :8 + len(queries[n].window)] = np.concatenate([queries[n].memory,
                                                               queries[n].window])
-    state = memlong.init_state(model.module, mcfg, len(rows))
-    _, _, logits = memlong.score_sequence(model.module, mcfg, model.params, state,
+    state = scan.init_state(model.module, mcfg, len(rows))
+    _, _, logits = scan.score_sequence(model.module, mcfg, model.params, state,
                                           jnp.asarray(ids), window, window_logits=True)
     for r, n in enumerate(rows):
         logp = jax.nn.log_softmax(jnp.asarray(logits[r, len(queries[n].window) - 1],
@@ -212,7 +214,8 @@ def test_batching_does_not_change_memlong_scores(model, data_dir, setting):
     mcfg = model.memlong_config.replace(top_k=6, **setting)   # padding would be retrieved
     encoder = None
     if setting.get("retriever") == "text":
-        from memlong_jax.retrievers.text_encoder import default_encoder_dir, load_text_encoder
+        from memlong_jax.memlong.retrievers.text_encoder import (default_encoder_dir,
+                                                                  load_text_encoder)
         encoder = load_text_encoder(default_encoder_dir())
     labels = icl.label_token_ids(model.tokenizer, SST2)
     one, one_argmax = scorer_for(model, mcfg, encoder, batch_size=4).score(queries, labels)
@@ -224,7 +227,7 @@ def test_batching_does_not_change_memlong_scores(model, data_dir, setting):
 # --- the command line ----------------------------------------------------------------------------
 
 def run(argv, capsys):
-    code = run_cli(icl.main, argv)
+    code = run_cli(icl_main, argv)
     out, err = capsys.readouterr()
     return code, out, err
 
@@ -310,3 +313,10 @@ def test_shared_icl_data_loads():
         train, test = icl.load_split(root, task, "train"), icl.load_split(root, task, "test")
         assert (len(train), len(test)) == (n_train, n_test)
         assert {e.label for e in test} == set(task.labels)
+
+
+def test_default_data_is_the_shared_icl_directory():
+    """`--data`'s default finds ../shared/data/icl from wherever the package sits."""
+    if not os.path.isdir(os.path.join(SHARED_DATA, "icl")):
+        pytest.skip(f"{SHARED_DATA}/icl is absent")
+    assert os.path.samefile(icl.DEFAULT_DATA, os.path.join(SHARED_DATA, "icl"))

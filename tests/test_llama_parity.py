@@ -5,9 +5,9 @@ import os
 import numpy as np
 import pytest
 
+from helpers import LLAMA_SHAPES, random_torch_llama, save_torch_llama, torch_logits
 import memlong_jax as ml
 from convert.from_hf import main as from_hf
-from tests.conftest import LLAMA_SHAPES, random_torch_llama, save_torch_llama, torch_logits
 
 CASES = [
     ("mha_untied", "safetensors"),

@@ -8,10 +8,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from memlong_jax import memlong
-from memlong_jax.config import ConfigError, PRESETS
-from memlong_jax.memlong_config import MEMLONG_PRESETS, MemLongConfig
-from memlong_jax.model import LlamaForCausalLM
+from helpers import real_text
+from memlong_jax.llama.config import ConfigError, PRESETS
+from memlong_jax.llama.model import LlamaForCausalLM
+from memlong_jax.memlong import scan
+from memlong_jax.memlong.config import MEMLONG_PRESETS
 
 CFG = PRESETS["tiny"]
 MCFG = MEMLONG_PRESETS["tiny"].validate(CFG)
@@ -30,21 +31,21 @@ def random_ids(seed, batch=2, length=40):
 
 @functools.partial(jax.jit, static_argnames=("mcfg", "window", "prefix_nll"))
 def score(params, ids, mcfg=MCFG, window=8, prefix_nll=True, state=None):
-    state = memlong.init_state(MODULE, mcfg, ids.shape[0]) if state is None else state
-    return memlong.score_sequence(MODULE, mcfg, params, state, ids, window, prefix_nll)
+    state = scan.init_state(MODULE, mcfg, ids.shape[0]) if state is None else state
+    return scan.score_sequence(MODULE, mcfg, params, state, ids, window, prefix_nll)
 
 
 def base_nll(params, ids):
     logits = MODULE.apply({"params": params}, ids)
-    return np.asarray(memlong.token_nll(logits[:, :-1], ids[:, 1:]))
+    return np.asarray(scan.token_nll(logits[:, :-1], ids[:, 1:]))
 
 
 def test_empty_memory_equals_base_model(params):
     """One window, empty memory: the base model's logits and NLL. Positions 1..T instead of
     0..T-1 and the masked memory slots only reorder fp32 sums, hence 1e-5, not bit equality."""
     ids = random_ids(1, length=24)
-    state = memlong.init_state(MODULE, MCFG, 2)
-    _, nll, logits = memlong.score_sequence(MODULE, MCFG, params, state, ids, 24,
+    state = scan.init_state(MODULE, MCFG, 2)
+    _, nll, logits = scan.score_sequence(MODULE, MCFG, params, state, ids, 24,
                                             window_logits=True)
     np.testing.assert_allclose(np.asarray(logits),
                                np.asarray(MODULE.apply({"params": params}, ids)), atol=1e-5)
@@ -68,13 +69,13 @@ def test_scan_equals_python_loop(params):
     state, nll = score(params, ids)
     tau, batch = MCFG.chunk_size, ids.shape[0]
     targets = jnp.concatenate([ids[:, 1:], jnp.zeros((batch, 1), ids.dtype)], axis=1)
-    step = jax.jit(functools.partial(memlong.segment_step, MODULE, MCFG),
+    step = jax.jit(functools.partial(scan.segment_step, MODULE, MCFG),
                    static_argnames=("full",))
-    loop_state, pieces = memlong.init_state(MODULE, MCFG, batch), []
+    loop_state, pieces = scan.init_state(MODULE, MCFG, batch), []
     bounds = list(range(0, ids.shape[1] - 8, tau)) + [ids.shape[1] - 8]
     for start, stop in zip(bounds, bounds[1:] + [ids.shape[1]]):
         loop_state, logits = step(params, loop_state, ids[:, start:stop])
-        pieces.append(memlong.token_nll(logits, targets[:, start:stop]))
+        pieces.append(scan.token_nll(logits, targets[:, start:stop]))
     loop_nll = jnp.concatenate(pieces, axis=1)[:, :-1]
     np.testing.assert_allclose(np.asarray(nll), np.asarray(loop_nll), atol=1e-6)
     for a, b in zip(jax.tree_util.tree_leaves(state), jax.tree_util.tree_leaves(loop_state)):
@@ -102,10 +103,10 @@ def test_batched_prefix_ingestion_equals_a_chunk_loop(params, block_chunks, quer
     if text_keys:   # stand-in for text-retriever embeddings: random unit vectors
         key_emb = jax.random.normal(jax.random.PRNGKey(1), (2, 11, 24))
         key_emb = key_emb / jnp.linalg.norm(key_emb, axis=-1, keepdims=True)
-    state = memlong.init_state(MODULE, mcfg, 2, None if key_emb is None else 24)
-    fast = jax.jit(functools.partial(memlong.ingest_prefix, MODULE, mcfg,
+    state = scan.init_state(MODULE, mcfg, 2, None if key_emb is None else 24)
+    fast = jax.jit(functools.partial(scan.ingest_prefix, MODULE, mcfg,
                                      block_chunks=block_chunks))(params, state, ids, key_emb)
-    step = jax.jit(functools.partial(memlong.segment_step, MODULE, mcfg, full=False))
+    step = jax.jit(functools.partial(scan.segment_step, MODULE, mcfg, full=False))
     for c in range(11):
         emb = None if key_emb is None else key_emb[:, c:c + 1]
         state, _ = step(params, state, ids[:, c * tau:(c + 1) * tau], emb,
@@ -176,7 +177,7 @@ def test_gradients_stop_at_the_memory(params):
 
     def loss(p, kv):
         s = state._replace(memory=state.memory.replace(keys=kv[0], values=kv[1]))
-        return memlong.score_sequence(MODULE, MCFG, p, s, ids[:, 32:], 8)[1].mean()
+        return scan.score_sequence(MODULE, MCFG, p, s, ids[:, 32:], 8)[1].mean()
 
     grads, mem_grads = jax.grad(loss, argnums=(0, 1))(
         params, (state.memory.keys, state.memory.values))
@@ -231,16 +232,15 @@ def test_presets_match_the_reference():
 
 @pytest.fixture(scope="module")
 def minilm():
-    from memlong_jax.retrievers import default_encoder_dir, load_text_encoder
+    from memlong_jax.memlong.retrievers import default_encoder_dir, load_text_encoder
     return load_text_encoder(default_encoder_dir())
 
 
 def test_text_retriever_embeds_decoded_chunks(smollm2_converted, minilm):
     """Text retriever on a small LLaMA with SmolLM2's vocabulary: each stored chunk embedding
     is the encoder's embedding of that chunk's decoded text; the scan runs under jit."""
-    from memlong_jax.api import load_tokenizer
-    from memlong_jax.retrievers.text_pipeline import decode_chunks, text_embeddings
-    from tests.conftest import real_text
+    from memlong_jax.io.tokenizer import load_tokenizer
+    from memlong_jax.memlong.retrievers.text_pipeline import decode_chunks, text_embeddings
 
     tokenizer = load_tokenizer(smollm2_converted)
     cfg = CFG.replace(vocab_size=tokenizer.get_vocab_size())
@@ -250,14 +250,35 @@ def test_text_retriever_embeds_decoded_chunks(smollm2_converted, minilm):
     ids = np.asarray(tokenizer.encode(real_text(4000)).ids[:48], np.int32).reshape(2, 24)
 
     texts = decode_chunks(tokenizer, ids, mcfg.chunk_size)
-    assert texts[1][2] == tokenizer.decode(ids[1, 8:12].tolist(), skip_special_tokens=True)
+    # each chunk's text straight from the vocabulary (byte-level BPE: the token strings are bytes
+    # mapped to printable characters), independent of the tokenizer's decoder
+    byte_of = {char: byte for byte, char in _bytes_to_unicode().items()}
+    for row in range(2):
+        assert len(texts[row]) == 6
+        for c in range(6):
+            pieces = "".join(tokenizer.id_to_token(int(i)) for i in ids[row, 4 * c:4 * c + 4])
+            assert texts[row][c] == bytes(byte_of[ch] for ch in pieces).decode("utf-8")
     key_emb, query = text_embeddings(minilm, tokenizer, ids, mcfg.chunk_size, window=8)
     assert key_emb.shape == (2, 6, 384) and query.shape == (2, 384)
     np.testing.assert_allclose(np.linalg.norm(key_emb, axis=-1), 1.0, atol=1e-5)
 
-    run = jax.jit(lambda p, s, ids, e: memlong.score_sequence(module, mcfg, p, s, ids, 8, True, e))
-    state, nll = run(p, memlong.init_state(module, mcfg, 2, emb_dim=384), ids, key_emb)
+    run = jax.jit(lambda p, s, ids, e: scan.score_sequence(module, mcfg, p, s, ids, 8, True, e))
+    state, nll = run(p, scan.init_state(module, mcfg, 2, emb_dim=384), ids, key_emb)
     assert nll.shape == (2, 23) and np.isfinite(np.asarray(nll)).all()
     stored = np.asarray(state.memory.emb)[:, :6]
     np.testing.assert_allclose(stored, key_emb, atol=1e-6)
     np.testing.assert_allclose(minilm.encode_texts([texts[0][4]])[0], key_emb[0, 4], atol=1e-5)
+
+
+def _bytes_to_unicode() -> dict:
+    """GPT-2's byte -> printable character table, which byte-level BPE vocabularies use."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+                 *range(ord("®"), ord("ÿ") + 1)]
+    table, extra = {}, 0
+    for byte in range(256):
+        if byte in printable:
+            table[byte] = chr(byte)
+        else:
+            table[byte] = chr(256 + extra)
+            extra += 1
+    return table

@@ -5,9 +5,9 @@ import json
 
 import pytest
 
-from memlong_jax import checkpoint
-from memlong_jax.config import PRESETS, ConfigError
-from memlong_jax.memlong_config import (MEMLONG_PRESETS, MemLongConfig, default_for,
+from memlong_jax.io import checkpoint
+from memlong_jax.llama.config import PRESETS, ConfigError
+from memlong_jax.memlong.config import (MEMLONG_PRESETS, MemLongConfig, default_for,
                                         load_for_checkpoint)
 
 BASE = MEMLONG_PRESETS["smollm2-135m"]

@@ -7,8 +7,8 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from memlong_jax import memory as M
-from memlong_jax.config import ConfigError
+from memlong_jax.llama.config import ConfigError
+from memlong_jax.memlong import memory as M
 
 TAU, N_KV, HEAD_DIM, EMB_DIM = 3, 2, 4, 5
 

@@ -7,9 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from memlong_jax import memory as M
-from memlong_jax import retrieval as R
-from memlong_jax.config import ConfigError
+from memlong_jax.llama.config import ConfigError
+from memlong_jax.memlong import memory as M
+from memlong_jax.memlong import retrieval as R
 
 EXACT = ("device", "faiss")
 SMALL_IVF = R.FaissSearch("IVF16,Flat", "nprobe=4")  # too few vectors to train here: exact
@@ -194,7 +194,7 @@ def test_faiss_is_imported_only_by_the_faiss_backends():
     """GPU machines without faiss run the device backend: nothing else may import it."""
     import subprocess
     import sys
-    code = ("import sys, memlong_jax.memlong, memlong_jax.scoring, train.run; "
+    code = ("import sys, memlong_jax.memlong.scan, memlong_jax.eval.scoring, train.run; "
             "assert 'faiss' not in sys.modules, 'faiss imported'")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=os.path.dirname(
         os.path.dirname(os.path.abspath(__file__))))

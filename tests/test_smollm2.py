@@ -5,9 +5,9 @@ import os
 import numpy as np
 import pytest
 
+from helpers import real_text, torch_logits
 import memlong_jax as ml
-from memlong_jax.demo import perplexity
-from tests.conftest import real_text, torch_logits
+from memlong_jax.cli.demo import perplexity
 
 
 @pytest.fixture(scope="module")

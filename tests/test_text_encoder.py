@@ -9,10 +9,10 @@ from safetensors.numpy import load_file, save_file
 from transformers import (AutoModel, BertConfig, BertForMaskedLM, BertModel, XLMRobertaConfig,
                           XLMRobertaForMaskedLM)
 
+from helpers import real_text
 from memlong_jax.errors import UserError
-from memlong_jax.retrievers.text_encoder import (SentenceEncoder, default_encoder_dir,
+from memlong_jax.memlong.retrievers.text_encoder import (SentenceEncoder, default_encoder_dir,
                                                  load_text_encoder, read_config)
-from tests.conftest import real_text
 
 SENTENCES = [
     "MemLong stores chunk-level key/value pairs in an external memory.",

@@ -16,7 +16,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from tests.test_train import toy_corpus
+from helpers import toy_corpus
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -2,7 +2,7 @@
 
 A preset fixes every training setting and names the LLaMA architecture and MemLong settings it
 starts from. `--set key=value` overrides a training field; `--set memlong.key=value` overrides a
-MemLong field (`memlong_jax.memlong_config.MemLongConfig`). Unknown keys and keys given twice are
+MemLong field (`memlong_jax.memlong.config.MemLongConfig`). Unknown keys and keys given twice are
 errors. The resolved config (all three parts) is written into every checkpoint.
 """
 
@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 
-from memlong_jax.config import PRESETS as MODEL_PRESETS
-from memlong_jax.config import ConfigError, LlamaConfig, parse_setting
-from memlong_jax.memlong_config import MEMLONG_PRESETS, MemLongConfig
+from memlong_jax.llama.config import PRESETS as MODEL_PRESETS
+from memlong_jax.llama.config import ConfigError, LlamaConfig, parse_setting
+from memlong_jax.llama.model import REMAT_POLICIES
+from memlong_jax.memlong.config import MEMLONG_PRESETS, MemLongConfig
 
 MEMLONG_PREFIX = "memlong."
 
@@ -22,7 +24,7 @@ CHOICES = {
     "trainable": ("lora", "upper"),
     "dtype": ("float32", "bfloat16"),
     "param_dtype": ("float32", "bfloat16"),
-    "remat": ("none", "full", "dots", "dots_no_batch"),
+    "remat": tuple(REMAT_POLICIES),
     "warmup_shape": ("linear", "log"),
 }
 
@@ -77,6 +79,7 @@ class TrainConfig:
     key_table: str = ""
     export_dir: str = ""
     export_hf: str = ""
+    allow_data_change: bool = False
 
     def replace(self, **changes) -> "TrainConfig":
         return dataclasses.replace(self, **changes)
@@ -90,7 +93,7 @@ class TrainConfig:
 
 
 HELP = {
-    "model": "LLaMA architecture preset (memlong_jax.config.PRESETS); init_from's config.json "
+    "model": "LLaMA architecture preset (llama.config.PRESETS); init_from's config.json "
              "wins when given",
     "init_from": "converted checkpoint directory (python -m convert.from_hf SRC DIR); empty: "
                  "random init from seed (tiny only)",
@@ -138,6 +141,8 @@ HELP = {
                  "the encoder embeds every batch's chunks",
     "export_dir": "after training, write the LoRA-merged model here (our checkpoint format)",
     "export_hf": "after training, also write it as an HF directory here",
+    "allow_data_change": "resume even though the data's content fingerprint differs from the "
+                         "checkpoint's",
 }
 
 _PAPER = dict(
@@ -153,7 +158,7 @@ PRESETS: dict[str, TrainConfig] = {
     "smollm2-135m": TrainConfig(
         model="smollm2-135m", init_from="demo_out/smollm2-135m", output_dir="out/train/smollm2-135m",
         **_PAPER),
-    # The paper (memlong_reference.md section 5): OpenLLaMA-3B-v2, bf16.
+    # The paper's recipe: OpenLLaMA-3B-v2, bf16.
     "openllama3b": TrainConfig(
         model="openllama3b", init_from="checkpoints/open_llama_3b_v2",
         output_dir="out/train/openllama3b", dtype="bfloat16", param_dtype="bfloat16", **_PAPER),
@@ -235,6 +240,14 @@ def validate(run: Resolved, model: LlamaConfig) -> Resolved:
             raise ConfigError(f"eval_window ({t.eval_window}) and eval_length ({t.eval_length}) "
                               f"must be multiples of memlong.chunk_size ({m.chunk_size}) with "
                               "0 < eval_window <= eval_length")
+    for key in ("lr", "weight_decay", "clip", "adam_eps", "lora_alpha", "peak_tflops"):
+        value = getattr(t, key)
+        if not math.isfinite(value) or value < 0 or (key in ("lr", "adam_eps") and value == 0):
+            raise ConfigError(f"{key} must be a finite number "
+                              f"{'> 0' if key in ('lr', 'adam_eps') else '>= 0'}, got {value}")
+    for key in ("adam_b1", "adam_b2"):
+        if not 0 <= getattr(t, key) < 1:
+            raise ConfigError(f"{key} must be in [0, 1), got {getattr(t, key)}")
     if not 0 <= t.val_fraction < 1:
         raise ConfigError(f"val_fraction must be in [0, 1), got {t.val_fraction}")
     if not 0 <= t.lora_dropout < 1:

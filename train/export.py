@@ -15,18 +15,25 @@ size) is how a run trained on one machine travels to another that has the base w
 from __future__ import annotations
 
 import argparse
+import json
 import os
-import shutil
 import sys
 
-import json
-
+import jax
 import numpy as np
+import orbax.checkpoint as ocp
+from flax import traverse_util
+from safetensors.numpy import load_file, save_file
 
-from memlong_jax import checkpoint
-from memlong_jax.errors import UserError, atomic_output_dir, run_cli
-from memlong_jax.hf_sources import TOKENIZER_FILES
-from train import lora
+from memlong_jax.errors import UserError, atomic_output_dir, entry_point
+from memlong_jax.io import checkpoint
+from memlong_jax.io.hf_sources import TOKENIZER_FILES, copy_tokenizer_files
+from memlong_jax.io.safe_paths import refuse_overwrite
+from memlong_jax.llama.config import LlamaConfig
+from convert.to_hf import main as to_hf
+from train import config as cfgmod
+from train import lora, resume, setup
+from train.checkpointing import Checkpoints
 
 
 def write_model(out_dir: str, model_cfg, mcfg, params, tokenizer_from: str = "",
@@ -35,12 +42,9 @@ def write_model(out_dir: str, model_cfg, mcfg, params, tokenizer_from: str = "",
     with atomic_output_dir(out_dir) as tmp:
         checkpoint.write_config(tmp, model_cfg, memlong=mcfg.to_dict())
         checkpoint.save_params(tmp, params)
-        for name in [*TOKENIZER_FILES, "chat_template.jinja"]:
-            src = os.path.join(tokenizer_from, name) if tokenizer_from else ""
-            if src and os.path.isfile(src):
-                shutil.copyfile(src, os.path.join(tmp, name))
+        if tokenizer_from:
+            copy_tokenizer_files(tokenizer_from, tmp, [*TOKENIZER_FILES, "chat_template.jinja"])
     if hf_dir:
-        from convert.to_hf import main as to_hf
         to_hf([out_dir, hf_dir, "--quiet"])
 
 
@@ -54,8 +58,6 @@ def is_adapter(path: str) -> bool:
 
 def write_adapter(out_dir: str, stored: dict, step: int, trainable) -> None:
     """The trained tree (flattened, '/'-joined names) and the run's config, as `out_dir`."""
-    from flax import traverse_util
-    from safetensors.numpy import save_file
     flat = {"/".join(k): np.ascontiguousarray(v)
             for k, v in traverse_util.flatten_dict(trainable).items()}
     with atomic_output_dir(out_dir) as tmp:
@@ -66,8 +68,6 @@ def write_adapter(out_dir: str, stored: dict, step: int, trainable) -> None:
 
 def read_adapter(path: str):
     """(stored config, step, trainable tree) of an adapter directory."""
-    from flax import traverse_util
-    from safetensors.numpy import load_file
     try:
         with open(os.path.join(path, ADAPTER_CONFIG)) as f:
             stored = json.load(f)
@@ -85,6 +85,51 @@ def export_merged(frozen, trainable, run, model_cfg, base_dtypes, out_dir: str,
     write_model(out_dir, model_cfg, run.memlong, params, t.init_from, hf_dir)
 
 
+def trained_from_checkpoint(run_dir: str, step: int | None = None):
+    """(stored config, step, trainable tree as numpy) of a run's newest checkpoint (or `step`)."""
+    ckpt = Checkpoints(os.path.join(run_dir, "checkpoints"), 1000, False)
+    step = ckpt.latest_step() if step is None else step
+    if step is None:
+        raise UserError(f"{run_dir} holds no training checkpoints")
+    try:
+        _, stored = ckpt.read_json(step)
+        restored = ckpt.restore_state(step, None)
+    except Exception as err:  # a damaged checkpoint: name it, another may be chosen
+        raise UserError(f"checkpoint {step} in {run_dir} does not restore "
+                        f"({resume.reason(err)}); choose another with --step") from None
+    finally:
+        ckpt.close()
+    return stored, step, jax.tree_util.tree_map(np.asarray, restored["train"]["trainable"])
+
+
+def export_run(source: str, out: str, hf_dir: str = "", step: int | None = None,
+               adapter_only: bool = False, base: str = "") -> None:
+    """Merge a run's checkpoint (newest, or `step`) or an exported adapter into its base model
+    (`base` overrides the recorded `init_from`) and write it out; or, with `adapter_only`, write
+    just the trained parameters."""
+    adapter = is_adapter(source)
+    refuse_overwrite([out, hf_dir], directories=[
+        source if adapter else os.path.join(source, "checkpoints"), base])
+    if adapter:
+        stored, step, trained = read_adapter(source)
+    else:
+        stored, step, trained = trained_from_checkpoint(source, step)
+    if adapter_only:
+        write_adapter(out, stored, step, trained)
+        return
+    run = setup.resolved_from_dict(stored["run"])
+    if base:
+        run = cfgmod.Resolved(run.name, run.train.replace(init_from=base), run.memlong)
+    model = LlamaConfig.from_hf_dict(stored["model"])
+    params = setup.load_base(run, model)
+    dtypes = setup.base_dtypes(params)
+    frozen, trainable = setup.split_params(run, model, params)
+    if jax.tree_util.tree_structure(trained) != jax.tree_util.tree_structure(trainable):
+        raise UserError(f"{source} (step {step}) does not match its config's trainable "
+                        "parameters")
+    export_merged(jax.device_get(frozen), trained, run, model, dtypes, out, hf_dir)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m train.export", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -97,7 +142,6 @@ def main(argv=None) -> None:
     parser.add_argument("--base", default="",
                         help="base model directory (default: the run's init_from)")
     args = parser.parse_args(argv)
-    from train.run import export_run
     if not is_adapter(args.source) and \
             not os.path.isdir(os.path.join(args.source, "checkpoints")):
         raise UserError(f"{args.source} is neither a training run (no checkpoints/) nor an "
@@ -107,5 +151,7 @@ def main(argv=None) -> None:
     export_run(args.source, args.out, args.hf, args.step, args.adapter, args.base)
 
 
+cli = entry_point(main)   # the console script
+
 if __name__ == "__main__":
-    sys.exit(run_cli(main))
+    sys.exit(cli())

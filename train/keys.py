@@ -20,7 +20,9 @@ import sys
 
 import numpy as np
 
-from memlong_jax.errors import ArgumentParser, run_cli, write_atomically
+from tqdm import tqdm
+
+from memlong_jax.errors import ArgumentParser, entry_point, write_atomically
 from train import config as cfgmod
 from train import data as datamod
 
@@ -58,7 +60,6 @@ def main(argv=None) -> None:
     chunks = distinct_chunks(tokens, tau)
     retriever = datamod.RetrieverEmbeddings(t.encoder_dir, tokenizer, tau, False)
 
-    from tqdm import tqdm
     parts = []
     with tqdm(total=len(chunks), unit="chunk", disable=args.quiet, file=sys.stderr) as bar:
         for start in range(0, len(chunks), ENCODE_BATCH):
@@ -77,5 +78,7 @@ def main(argv=None) -> None:
           f"({len(tokens)} corpus tokens), {vectors.shape[1]}-d {vectors.dtype}")
 
 
+cli = entry_point(main)   # the console script
+
 if __name__ == "__main__":
-    sys.exit(run_cli(main))
+    sys.exit(cli())

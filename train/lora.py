@@ -25,8 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from memlong_jax.config import LlamaConfig
-from memlong_jax.memlong_config import MemLongConfig
+from memlong_jax.llama.config import LlamaConfig
+from memlong_jax.memlong.config import MemLongConfig
 
 ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP = ("gate_proj", "up_proj", "down_proj")
@@ -35,7 +35,7 @@ NORMS = ("input_layernorm", "post_attention_layernorm")
 
 def first_trainable_layer(mcfg: MemLongConfig) -> int:
     """Layers strictly above the memory layer train (the memory layer itself stays frozen so
-    stored K/V never go stale: memlong_reference.md section 1.2)."""
+    stored K/V never go stale, as in the paper)."""
     return mcfg.memory_layer + 1
 
 
@@ -82,11 +82,6 @@ def split(params, spec: dict, rank: int, rng) -> tuple[dict, dict]:
                 keys[n % len(keys)], (d_in, rank), jnp.float32, -bound, bound)
             trainable[path[:-1] + ("lora_b",)] = jnp.zeros((rank, d_out), jnp.float32)
     return traverse_util.unflatten_dict(frozen), traverse_util.unflatten_dict(trainable)
-
-
-def abstract_split(abstract_params, spec: dict, rank: int):
-    """`split` on shapes only."""
-    return jax.eval_shape(lambda p: split(p, spec, rank, jax.random.PRNGKey(0)), abstract_params)
 
 
 def merge(frozen, trainable, scale: float, dropout: float = 0.0, rng=None):

@@ -1,8 +1,7 @@
 """Metrics: JSONL and TensorBoard scalars, and the frozen-aware FLOP count behind TFLOP/s and MFU.
 
-TensorBoard event files are written directly (TFRecord framing with masked CRC32C around
-`Event{wall_time, step, summary{value{tag, simple_value}}}` protobufs), so neither tensorflow
-nor tensorboard is a dependency; `tensorboard --logdir OUTPUT/tb` reads them.
+TensorBoard event files come from tensorboardX (no tensorflow); `tensorboard --logdir OUTPUT/tb`
+reads them.
 """
 
 from __future__ import annotations
@@ -10,108 +9,11 @@ from __future__ import annotations
 import json
 import math
 import os
-import socket
-import struct
-import time
 
-from memlong_jax.config import LlamaConfig
-from memlong_jax.memlong_config import MemLongConfig
+from tensorboardX import SummaryWriter
 
-# ---- CRC32C (Castagnoli), as TFRecord needs -------------------------------------------------
-
-_CRC_TABLE = []
-for _n in range(256):
-    _c = _n
-    for _ in range(8):
-        _c = (_c >> 1) ^ 0x82F63B78 if _c & 1 else _c >> 1
-    _CRC_TABLE.append(_c)
-
-
-def crc32c(data: bytes) -> int:
-    crc = 0xFFFFFFFF
-    for byte in data:
-        crc = _CRC_TABLE[(crc ^ byte) & 0xFF] ^ (crc >> 8)
-    return crc ^ 0xFFFFFFFF
-
-
-def masked_crc(data: bytes) -> int:
-    crc = crc32c(data)
-    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
-
-
-# ---- minimal protobuf encoding ---------------------------------------------------------------
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte = n & 0x7F
-        n >>= 7
-        if n:
-            out.append(byte | 0x80)
-        else:
-            out.append(byte)
-            return bytes(out)
-
-
-def _field_bytes(number: int, payload: bytes) -> bytes:
-    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
-
-
-def event_bytes(wall_time: float, step: int, scalars: dict | None = None,
-                file_version: str | None = None) -> bytes:
-    out = _varint(1 << 3 | 1) + struct.pack("<d", wall_time)          # wall_time: double
-    out += _varint(2 << 3 | 0) + _varint(step)                          # step: int64
-    if file_version is not None:
-        out += _field_bytes(3, file_version.encode())                  # file_version
-    if scalars:
-        values = b"".join(
-            _field_bytes(1, _field_bytes(1, tag.encode())              # Value.tag
-                         + _varint(2 << 3 | 5) + struct.pack("<f", float(v)))  # simple_value
-            for tag, v in scalars.items())
-        out += _field_bytes(5, values)                                  # summary
-    return out
-
-
-def record_bytes(data: bytes) -> bytes:
-    header = struct.pack("<Q", len(data))
-    return header + struct.pack("<I", masked_crc(header)) + data + struct.pack("<I", masked_crc(data))
-
-
-class TensorBoardWriter:
-    def __init__(self, logdir: str):
-        os.makedirs(logdir, exist_ok=True)
-        name = f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}.{os.getpid()}"
-        self.path = os.path.join(logdir, name)
-        self._f = open(self.path, "ab")
-        self._f.write(record_bytes(event_bytes(time.time(), 0, file_version="brain.Event:2")))
-        self._f.flush()
-
-    def scalars(self, step: int, values: dict) -> None:
-        clean = {k: v for k, v in values.items() if isinstance(v, (int, float)) and math.isfinite(v)}
-        self._f.write(record_bytes(event_bytes(time.time(), step, clean)))
-        self._f.flush()
-
-    def close(self) -> None:
-        self._f.close()
-
-
-def read_records(path: str):
-    """Yield the payloads of a TFRecord file, checking both CRCs (for tests)."""
-    with open(path, "rb") as f:
-        data = f.read()
-    pos = 0
-    while pos < len(data):
-        header = data[pos:pos + 8]
-        (length,) = struct.unpack("<Q", header)
-        (crc,) = struct.unpack("<I", data[pos + 8:pos + 12])
-        if crc != masked_crc(header):
-            raise ValueError("bad length crc")
-        payload = data[pos + 12:pos + 12 + length]
-        (crc,) = struct.unpack("<I", data[pos + 12 + length:pos + 16 + length])
-        if crc != masked_crc(payload):
-            raise ValueError("bad data crc")
-        yield payload
-        pos += 16 + length
+from memlong_jax.llama.config import LlamaConfig
+from memlong_jax.memlong.config import MemLongConfig
 
 
 class MetricsLog:
@@ -122,7 +24,8 @@ class MetricsLog:
         if not enabled:
             return
         self._jsonl = open(os.path.join(directory, "metrics.jsonl"), "a")
-        self._tb = TensorBoardWriter(os.path.join(directory, "tb")) if tensorboard else None
+        self._tb = SummaryWriter(os.path.join(directory, "tb"), filename_suffix=f".{os.getpid()}") \
+            if tensorboard else None
 
     def write(self, step: int, values: dict) -> None:
         if not self.enabled:
@@ -130,7 +33,10 @@ class MetricsLog:
         self._jsonl.write(json.dumps({"step": step, **values}) + "\n")
         self._jsonl.flush()
         if self._tb:
-            self._tb.scalars(step, {k: v for k, v in values.items() if k != "time"})
+            for tag, value in values.items():
+                if tag != "time" and isinstance(value, (int, float)) and math.isfinite(value):
+                    self._tb.add_scalar(tag, value, step)
+            self._tb.flush()   # as the JSONL: a crash loses nothing already logged
 
     def close(self) -> None:
         if self.enabled:

@@ -1,4 +1,4 @@
-"""Train MemLong (memlong_reference.md section 5): frozen lower stack, LoRA (or full) upper layers,
+"""Train MemLong with the paper's recipe: frozen lower stack, LoRA (or full) upper layers,
 memory carried across steps per replica over contiguous data streams.
 
     python -m train.run --config tiny
@@ -15,9 +15,9 @@ then spans all hosts' devices.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
+import signal
 import sys
 import tempfile
 import time
@@ -25,29 +25,27 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import traverse_util
+from tqdm import tqdm
 
-from memlong_jax import checkpoint, memlong
-from memlong_jax.config import LlamaConfig
-from memlong_jax.errors import ArgumentParser, UserError, run_cli
-from memlong_jax.memlong_config import MemLongConfig
-from memlong_jax.model import LlamaForCausalLM
+from memlong_jax import interrupts
+from memlong_jax.errors import ArgumentParser, UserError, check_writable_dir, entry_point
+from memlong_jax.io import checkpoint
+from memlong_jax.io.safe_paths import refuse_overwrite
+from memlong_jax.llama.config import DTYPES, LlamaConfig
+from memlong_jax.memlong import scan
 from train import config as cfgmod
 from train import data as datamod
-from train import lora, metrics, sharding, step as stepmod
+from train import export, lora, metrics, resume, setup, sharding, step as stepmod
+from train.run_lock import RunLock
 from train.checkpointing import Checkpoints, abstract_like, state_to_tree, tree_to_state
 
 # Settings that may change when a run is resumed (they do not change the computation).
 OPERATIONAL = {"log_every", "checkpoint_every", "keep_checkpoints", "async_checkpoint",
                "progress", "tensorboard", "peak_tflops", "export_dir", "export_hf",
                "eval_every", "eval_batches", "output_dir", "cache_dir", "init_from",
-               "mesh_data", "mesh_fsdp", "encoder_dir"}
+               "mesh_data", "mesh_fsdp", "encoder_dir", "allow_data_change"}
 
-CONVERT_HINT = {
-    "openllama3b": "convert them first: python -m convert.from_hf "
-                   "<open_llama_3b_v2 HF directory> {path} (or --set init_from=DIR)",
-    "smollm2-135m": "create them with `make demo` (python -m convert.from_hf "
-                    "<SmolLM2 GGUF> {path}) or --set init_from=DIR",
-}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -61,53 +59,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="print parameter counts, bytes per device and FLOPs per step "
                              "(jax.eval_shape only, nothing allocated) and exit")
     parser.add_argument("--coordinator", default=None,
-                        help="multi-host: coordinator address HOST:PORT")
+                        help="multi-host: coordinator address HOST:PORT, or `auto` on a TPU pod "
+                             "slice or under SLURM (jax detects hosts and ranks)")
     parser.add_argument("--num-processes", type=int, default=None, help="multi-host: hosts")
     parser.add_argument("--process-id", type=int, default=None, help="multi-host: this host")
     return parser
-
-
-# ---- setup shared by training, dry-run and export ----------------------------------------------
-
-def emb_dim_for(run: cfgmod.Resolved, model: LlamaConfig) -> int | None:
-    if run.memlong.retriever != "text":
-        return None
-    from memlong_jax.retrievers.text_encoder import default_encoder_dir, read_config
-    return read_config(run.train.encoder_dir or default_encoder_dir()).hidden_size
-
-
-def load_base(run: cfgmod.Resolved, model: LlamaConfig):
-    """Base params cast to param_dtype: init_from's, or a seeded random init when empty."""
-    t = run.train
-    dtype = stepmod.DTYPES[t.param_dtype]
-    if t.init_from:
-        if not os.path.isfile(os.path.join(t.init_from, "config.json")):
-            hint = CONVERT_HINT.get(run.name, "convert a model with python -m convert.from_hf "
-                                              "SRC {path}").format(path=t.init_from)
-            raise UserError(f"no converted weights at {t.init_from}: {hint}")
-        params = checkpoint.load_params(t.init_from, model)
-    else:
-        module = LlamaForCausalLM(model, param_dtype=jnp.float32)
-        params = jax.jit(module.init)(jax.random.PRNGKey(t.seed),
-                                      jnp.zeros((1, 1), jnp.int32))["params"]
-    return jax.jit(lambda p: jax.tree_util.tree_map(lambda x: jnp.asarray(x, dtype), p))(params)
-
-
-def base_dtypes(params) -> dict:
-    from flax import traverse_util
-    return {p: x.dtype for p, x in traverse_util.flatten_dict(params).items()}
-
-
-def split_params(run, model, params):
-    t = run.train
-    spec = lora.plan(params, model, run.memlong, t.trainable, t.lora_target_list, t.train_norms)
-    rng = jax.random.fold_in(jax.random.PRNGKey(t.seed), 1)
-    return jax.jit(lambda p, key: lora.split(p, spec, t.lora_rank, key))(params, rng)
-
-
-def resolved_from_dict(data: dict) -> cfgmod.Resolved:
-    return cfgmod.Resolved(data["preset"], cfgmod.TrainConfig(**data["train"]),
-                           MemLongConfig.from_dict(data["memlong"]))
 
 
 def check_compatible(stored: dict, run: cfgmod.Resolved, model: LlamaConfig, where: str) -> None:
@@ -134,18 +90,8 @@ def check_compatible(stored: dict, run: cfgmod.Resolved, model: LlamaConfig, whe
                         "same settings")
 
 
-def check_writable(path: str) -> None:
-    """Fail early, before anything is written, when `path` cannot become a writable directory."""
-    probe = os.path.abspath(path)
-    while not os.path.exists(probe):
-        probe = os.path.dirname(probe)
-    if not os.path.isdir(probe) or not os.access(probe, os.W_OK | os.X_OK):
-        raise UserError(f"cannot write to output_dir {path}: "
-                        f"{probe} is not a writable directory")
-
-
 def ensure_writable(path: str) -> None:
-    check_writable(path)
+    check_writable_dir(path, "output_dir")
     try:
         os.makedirs(path, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=path, prefix=".probe-"):
@@ -158,7 +104,7 @@ def ensure_writable(path: str) -> None:
 
 def dry_run_report(run: cfgmod.Resolved, model: LlamaConfig) -> str:
     t, m = run.train, run.memlong
-    abstract = checkpoint.abstract_params(model, stepmod.DTYPES[t.param_dtype])
+    abstract = checkpoint.abstract_params(model, DTYPES[t.param_dtype])
     spec = lora.plan(abstract, model, m, t.trainable, t.lora_target_list, t.train_norms)
     frozen, trainable = jax.eval_shape(
         lambda p: lora.split(p, spec, t.lora_rank, jax.random.PRNGKey(0)), abstract)
@@ -167,12 +113,12 @@ def dry_run_report(run: cfgmod.Resolved, model: LlamaConfig) -> str:
     data = 1 if t.mesh_data == -1 else t.mesh_data
     sizes = {"data": data, "fsdp": t.mesh_fsdp}
     try:
-        emb_dim = emb_dim_for(run, model)
+        emb_dim = setup.emb_dim_for(run, model)
         emb_note = ""
     except UserError:
         emb_dim, emb_note = 1024, " (text encoder not installed: assumed 1024-d, bge-m3)"
     module = stepmod.make_module(model, t.dtype, "none")
-    mem = jax.eval_shape(lambda: memlong.init_state(module, m, t.rows_per_replica, emb_dim))
+    mem = jax.eval_shape(lambda: scan.init_state(module, m, t.rows_per_replica, emb_dim))
 
     def per_device(tree, sharded=True):
         return sum(sharding.shard_bytes(x.shape, x.dtype,
@@ -181,7 +127,8 @@ def dry_run_report(run: cfgmod.Resolved, model: LlamaConfig) -> str:
                    for x in jax.tree_util.tree_leaves(tree))
 
     n_frozen_base = lora.count(abstract) - sum(
-        int(np.prod(x.shape)) for p, x in _flat(abstract).items() if spec.get(p) == "full")
+        int(np.prod(x.shape)) for p, x in traverse_util.flatten_dict(abstract).items()
+        if spec.get(p) == "full")
     flops = metrics.step_flops(model, m, t)
     gib = lambda b: f"{b / 2**30:.3f} GiB"
     replicas = data * t.mesh_fsdp
@@ -207,11 +154,6 @@ def dry_run_report(run: cfgmod.Resolved, model: LlamaConfig) -> str:
     return "\n".join(lines)
 
 
-def _flat(tree):
-    from flax import traverse_util
-    return traverse_util.flatten_dict(tree)
-
-
 # ---- training -----------------------------------------------------------------------------------
 
 class Trainer:
@@ -220,14 +162,19 @@ class Trainer:
         t, m = run.train, run.memlong
         self.t, self.m = t, m
         self.main = jax.process_index() == 0
-        check_writable(t.output_dir)
+        check_writable_dir(t.output_dir, "output_dir")
         self.mesh = sharding.make_mesh(t.mesh_data, t.mesh_fsdp)
         self.n_streams = self.mesh.size * t.rows_per_replica
+        self.local_rows = sharding.local_rows(self.mesh, self.n_streams)
 
         # data
         self.tokenizer = datamod.load_tokenizer(t.tokenizer, t.init_from, model.vocab_size)
         files = datamod.list_sources(t.data)
-        tokens = datamod.token_file(files, self.tokenizer, t.cache_dir)
+        data_dirs = [p for p in t.data.split(",") if os.path.isdir(p.strip())]
+        refuse_overwrite([t.output_dir, t.export_dir, t.export_hf], files,
+                         [t.init_from, *data_dirs])
+        self.fingerprint = datamod.fingerprint(files, self.tokenizer)
+        tokens = datamod.token_file(files, self.tokenizer, t.cache_dir, key=self.fingerprint)
         self.blocks = datamod.Blocks(tokens, t.seq_len, t.val_fraction)
         self.streams = datamod.Streams(self.blocks, self.n_streams, t.grad_accum)
         self.total_steps = t.steps or self.streams.steps_per_epoch
@@ -240,16 +187,16 @@ class Trainer:
         self.emb_dim = self.retriever.dim if self.retriever else None
 
         # model, trainable split, optimizer, memory
-        base = load_base(run, model)
-        self.base_dtypes = base_dtypes(base)
-        frozen, trainable = split_params(run, model, base)
+        base = setup.load_base(run, model)
+        self.base_dtypes = setup.base_dtypes(base)
+        frozen, trainable = setup.split_params(run, model, base)
         del base
         self.module = stepmod.make_module(model, t.dtype, t.remat)
         self.tx, self.schedule = stepmod.make_optimizer(t, self.total_steps)
         state = {"step": jnp.int32(0), "trainable": trainable,
                  "opt_state": self.tx.init(trainable),
                  "rng": jax.random.fold_in(jax.random.PRNGKey(t.seed), 2)}
-        mem = memlong.init_state(self.module, m, self.n_streams, self.emb_dim)
+        mem = scan.init_state(self.module, m, self.n_streams, self.emb_dim)
 
         rep = sharding.replicated(self.mesh)
         self.frozen_sh = sharding.param_shardings(frozen, self.mesh)
@@ -265,23 +212,12 @@ class Trainer:
 
         # checkpoints: resume when present (the output directory is created only now)
         ensure_writable(t.output_dir)
-        self.ckpt = Checkpoints(os.path.join(t.output_dir, "checkpoints"), t.keep_checkpoints,
-                                t.async_checkpoint)
-        self.start = 0
-        latest = self.ckpt.latest_step()
-        if latest is not None:
-            cursor, stored = self.ckpt.read_json(latest)
-            check_compatible(stored, run, model, t.output_dir)
-            if cursor != self.streams.cursor(latest):
-                raise UserError(f"checkpoint {latest} in {t.output_dir} has data cursor {cursor}, "
-                                f"but this data gives {self.streams.cursor(latest)}; the data "
-                                "changed since it was written")
-            target = {"train": state, "memory": state_to_tree(mem)}
-            target_sh = {"train": self.state_sh, "memory": state_to_tree(self.mem_sh)}
-            restored = self.ckpt.restore_state(latest, abstract_like(target, target_sh))
-            state, mem = restored["train"], tree_to_state(restored["memory"])
-            self.start = latest
-        self.state, self.mem = state, mem
+        self.lock = RunLock(t.output_dir) if self.main else None
+        try:
+            self.state, self.mem, self.start = self._resume(state, mem)
+        except BaseException:
+            self.release()
+            raise
 
         step_fn = stepmod.make_train_step(self.module, m, t, self.tx, self.schedule)
         self.step_fn = jax.jit(step_fn, donate_argnums=(0, 2),
@@ -292,20 +228,53 @@ class Trainer:
         self._eval_fn = None
         self.compile_s = None
 
+    def _resume(self, state, mem):
+        """(state, memory, step) from the newest checkpoint that restores, else the fresh ones."""
+        t = self.t
+        self.ckpt = Checkpoints(os.path.join(t.output_dir, "checkpoints"), t.keep_checkpoints,
+                                t.async_checkpoint)
+
+        def check(step, cursor, stored):
+            check_compatible(stored, self.run, self.model, t.output_dir)
+            resume.check_data(step, cursor, self.streams.cursor(step), self.fingerprint,
+                              t.allow_data_change, t.output_dir)
+
+        target = {"train": state, "memory": state_to_tree(mem)}
+        target_sh = {"train": self.state_sh, "memory": state_to_tree(self.mem_sh)}
+        found = resume.restore_newest(self.ckpt, abstract_like(target, target_sh), check)
+        start = 0
+        if found:
+            start, _, restored = found
+            state, mem = restored["train"], tree_to_state(restored["memory"])
+        if self.main:
+            resume.drop_metrics_after(t.output_dir, start)
+        return state, mem, start
+
+    def release(self) -> None:
+        if self.lock:
+            self.lock.release()
+
     # -- batches
 
     def _global(self, array, axis):
         return sharding.put(array, sharding.rows_sharding(self.mesh, array.ndim, axis))
 
     def batch(self, step: int) -> dict:
-        ids = self.streams.batch(step)
+        rows = self.local_rows
+        ids = self.streams.batch(step, rows)  # zeros in the rows other hosts feed
         out = {"ids": self._global(ids, 1)}
         if self.retriever is not None:
-            keys, query = self.retriever(ids)
-            out["key_emb"] = self._global(keys, 1)
+            keys, query = self.retriever(ids[:, rows])  # this host's rows only
+            out["key_emb"] = self._global(self._all_rows(keys), 1)
             if query is not None:
-                out["query"] = self._global(query, 1)
+                out["query"] = self._global(self._all_rows(query), 1)
         return out
+
+    def _all_rows(self, local: np.ndarray) -> np.ndarray:
+        """`[A, len(local_rows), ...]` -> `[A, n_streams, ...]`, zeros in other hosts' rows."""
+        full = np.zeros((local.shape[0], self.n_streams, *local.shape[2:]), local.dtype)
+        full[:, self.local_rows] = local
+        return full
 
     def config_json(self) -> dict:
         return {"run": self.run.to_dict(), "model": self.model.to_hf_dict(),
@@ -314,9 +283,10 @@ class Trainer:
 
     def save(self, step: int) -> None:
         tree = {"train": self.state, "memory": state_to_tree(self.mem)}
-        self.ckpt.save(step, tree, self.streams.cursor(step), self.config_json())
+        cursor = {**self.streams.cursor(step), resume.FINGERPRINT: self.fingerprint}
+        self.ckpt.save(step, tree, cursor, self.config_json())
 
-    # -- validation (memlong_reference.md section 6: last `eval_window` tokens of each window)
+    # -- validation (the paper's protocol: last `eval_window` tokens of each window)
 
     def evaluate(self) -> dict | None:
         t = self.t
@@ -345,8 +315,16 @@ class Trainer:
     # -- loop
 
     def train(self) -> None:
+        """Run to `total_steps`. SIGINT/SIGTERM/SIGHUP end the step in flight, then save a
+        checkpoint and raise `Interrupted` (one line, exit 128 + signal; the rerun resumes)."""
+        try:
+            with interrupts.deferred() as flag:
+                self._loop(flag)
+        finally:
+            self.release()
+
+    def _loop(self, flag) -> None:
         t = self.t
-        from tqdm import tqdm
         bar = tqdm(total=self.total_steps, initial=self.start, unit="step", dynamic_ncols=True,
                    disable=not (t.progress and self.main), file=sys.stderr)
         compiled = None
@@ -390,63 +368,33 @@ class Trainer:
                               f"val_ppl {result['val_ppl']:.2f}")
                 window_t0, window_steps = time.perf_counter(), 0
             bar.update(1)
+            # Every host stops after the same step (the save is collective).
+            if not last and sharding.any_process(flag.signum is not None):
+                bar.close()
+                if done % t.checkpoint_every:
+                    self.save(done)
+                self.ckpt.wait()
+                raise interrupts.Interrupted(
+                    flag.signum or signal.SIGTERM, f"checkpoint {done} saved in "
+                    f"{self.ckpt.directory}; run the same command to resume")
         bar.close()
         self.ckpt.wait()
-        if t.export_dir and self.main:
-            from train.export import export_merged
-            frozen = jax.device_get(self.frozen)
-            trainable = jax.device_get(self.state["trainable"])
-            export_merged(frozen, trainable, self.run, self.model, self.base_dtypes,
-                          t.export_dir, t.export_hf)
+        if t.export_dir:
+            frozen, trainable = sharding.gather((self.frozen, self.state["trainable"]))
+            if self.main:
+                export.export_merged(frozen, trainable, self.run, self.model, self.base_dtypes,
+                                     t.export_dir, t.export_hf)
         self.ckpt.close()
         self.log.close()
-
-
-def trained_from_checkpoint(run_dir: str, step: int | None = None):
-    """(stored config, step, trainable tree as numpy) of a run's newest checkpoint (or `step`)."""
-    ckpt = Checkpoints(os.path.join(run_dir, "checkpoints"), 1000, False)
-    step = ckpt.latest_step() if step is None else step
-    if step is None:
-        raise UserError(f"{run_dir} holds no training checkpoints")
-    _, stored = ckpt.read_json(step)
-    import orbax.checkpoint as ocp
-    restored = ckpt.manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore()))["state"]
-    ckpt.close()
-    return stored, step, jax.tree_util.tree_map(np.asarray, restored["train"]["trainable"])
-
-
-def export_run(source: str, out: str, hf_dir: str = "", step: int | None = None,
-               adapter_only: bool = False, base: str = "") -> None:
-    """Merge a run's checkpoint (newest, or `step`) or an exported adapter into its base model
-    (`base` overrides the recorded `init_from`) and write it out; or, with `adapter_only`, write
-    just the trained parameters."""
-    from train import export
-    if export.is_adapter(source):
-        stored, step, trained = export.read_adapter(source)
-    else:
-        stored, step, trained = trained_from_checkpoint(source, step)
-    if adapter_only:
-        export.write_adapter(out, stored, step, trained)
-        return
-    run = resolved_from_dict(stored["run"])
-    if base:
-        run = cfgmod.Resolved(run.name, run.train.replace(init_from=base), run.memlong)
-    model = LlamaConfig.from_hf_dict(stored["model"])
-    params = load_base(run, model)
-    dtypes = base_dtypes(params)
-    frozen, trainable = split_params(run, model, params)
-    if jax.tree_util.tree_structure(trained) != jax.tree_util.tree_structure(trainable):
-        raise UserError(f"{source} (step {step}) does not match its config's trainable "
-                        "parameters")
-    export.export_merged(jax.device_get(frozen), trained, run, model, dtypes, out, hf_dir)
 
 
 def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
     assignments = [item for group in args.set for item in group]
     run = cfgmod.resolve(args.config, assignments)
-    if args.coordinator or args.num_processes:
+    if args.coordinator == "auto":
+        jax.distributed.initialize()
+    elif args.coordinator or args.num_processes:
         jax.distributed.initialize(coordinator_address=args.coordinator,
                                    num_processes=args.num_processes, process_id=args.process_id)
     model = cfgmod.model_config(run)
@@ -463,5 +411,7 @@ def main(argv=None) -> None:
     trainer.train()
 
 
+cli = entry_point(main)   # the console script
+
 if __name__ == "__main__":
-    sys.exit(run_cli(main))
+    sys.exit(cli())

@@ -1,9 +1,9 @@
-"""The training step: LoRA/upper-layer loss through `memlong.segment_step`, gradient accumulation
+"""The training step: LoRA/upper-layer loss through `scan.segment_step`, gradient accumulation
 over micro-steps with the memory carried (and written) between them, AdamW with clipping and a
 warmup / linear-decay schedule, and the validation scorer.
 
 Each micro-step is one whole `seq_len` block per row, run as a single MemLong segment
-(`last_context_length = seq_len`, memlong_reference.md section 5.3): retrieve from the memory
+(upstream's `last_context_length = seq_len`): retrieve from the memory
 filled by earlier micro-steps, forward with `full=True`, loss, write the block's chunks.
 `value_and_grad` runs over the trainable subtree only; the frozen tree is a plain argument, and
 `segment_step` already puts `stop_gradient` on the lower stack and on memory K/V. Gradients are
@@ -14,66 +14,23 @@ token mean of the whole step.
 
 from __future__ import annotations
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
 
-from memlong_jax import memlong
-from memlong_jax.config import LlamaConfig
-from memlong_jax.layers import RMSNorm
-from memlong_jax.memlong_config import MemLongConfig
-from memlong_jax.model import DecoderLayer, LlamaForCausalLM, LlamaModel
+from memlong_jax.llama.config import DTYPES, LlamaConfig
+from memlong_jax.llama.model import LlamaForCausalLM
+from memlong_jax.memlong import scan
+from memlong_jax.memlong.config import MemLongConfig
 from train import lora
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-
-REMAT_POLICIES = {
-    "none": None,
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.dots_saveable,
-    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-}
-
-
-class _RematModel(LlamaModel):
-    """`LlamaModel` whose decoder layers are `nn.remat`-wrapped; same parameter tree."""
-
-    policy_name: str = "full"
-
-    def setup(self):
-        cfg = self.config
-        self.embed_tokens = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=self.dtype,
-                                     param_dtype=self.param_dtype)
-        layer = nn.remat(DecoderLayer, policy=REMAT_POLICIES[self.policy_name])
-        self.layers = [layer(cfg, self.dtype, self.param_dtype)
-                       for _ in range(cfg.num_hidden_layers)]
-        self.norm = RMSNorm(cfg.rms_norm_eps, self.dtype, self.param_dtype)
-
-
-class RematLlamaForCausalLM(LlamaForCausalLM):
-    """`LlamaForCausalLM` with per-layer rematerialisation under a named policy. Only `apply`
-    is used on it (params come from the plain model), so the model files stay untouched."""
-
-    policy_name: str = "full"
-
-    def setup(self):
-        self.model = _RematModel(self.config, self.dtype, self.param_dtype,
-                                 policy_name=self.policy_name)
-        if not self.config.tie_word_embeddings:
-            self.lm_head = nn.Dense(self.config.vocab_size, use_bias=False, dtype=self.dtype,
-                                    param_dtype=self.param_dtype)
-
-
 def make_module(model: LlamaConfig, dtype: str, remat: str) -> LlamaForCausalLM:
-    if remat == "none":
-        return LlamaForCausalLM(model, dtype=DTYPES[dtype])
-    return RematLlamaForCausalLM(model, dtype=DTYPES[dtype], policy_name=remat)
+    return LlamaForCausalLM(model, dtype=DTYPES[dtype], remat_policy=remat)
 
 
 def make_schedule(lr: float, warmup: int, total: int, shape: str = "linear"):
     """0 -> lr over `warmup` steps (linear, or DeepSpeed's log curve), then linear to 0 at
-    `total` (DeepSpeed WarmupDecayLR, memlong_reference.md section 5.2)."""
+    `total` (DeepSpeed WarmupDecayLR, as upstream)."""
 
     def schedule(step):
         step = jnp.asarray(step, jnp.float32)
@@ -98,7 +55,7 @@ def make_optimizer(t, total_steps: int):
     return optax.chain(*parts), schedule
 
 
-def _retrieval_stats(mem: memlong.MemLongState, mcfg: MemLongConfig):
+def _retrieval_stats(mem: scan.MemLongState, mcfg: MemLongConfig):
     """Fraction of the top-k slots that will be filled by this micro-step's retrieval."""
     n_valid = mem.memory.valid.sum(axis=1)
     ok = jnp.ones_like(mem.has_last) if mcfg.query_mode == "segment" else mem.has_last
@@ -117,9 +74,9 @@ def make_train_step(module, mcfg: MemLongConfig, t, tx, schedule):
 
     def loss_fn(trainable, frozen, mem, ids, key_emb, query, rng):
         params = lora.merge(frozen, trainable, scale, dropout, rng)
-        mem, logits = memlong.segment_step(module, mcfg, params, mem, ids, key_emb, query,
+        mem, logits = scan.segment_step(module, mcfg, params, mem, ids, key_emb, query,
                                            full=True)
-        nll = memlong.token_nll(logits[:, :-1], ids[:, 1:])
+        nll = scan.token_nll(logits[:, :-1], ids[:, 1:])
         return nll.mean(), mem
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
@@ -163,13 +120,13 @@ def make_train_step(module, mcfg: MemLongConfig, t, tx, schedule):
 
 def make_eval_step(module, mcfg: MemLongConfig, t, window: int, emb_dim: int | None):
     """`eval(trainable, frozen, ids, key_emb, query) -> (nll_sum, n_tokens)`: the scoring
-    protocol (memlong.score_sequence, fresh memory per window, last `window` tokens scored)."""
+    protocol (scan.score_sequence, fresh memory per window, last `window` tokens scored)."""
     scale = t.lora_alpha / t.lora_rank
 
     def evaluate(trainable, frozen, ids, key_emb, query):
         params = lora.merge(frozen, trainable, scale)
-        state = memlong.init_state(module, mcfg, ids.shape[0], emb_dim)
-        _, nll = memlong.score_sequence(module, mcfg, params, state, ids, window,
+        state = scan.init_state(module, mcfg, ids.shape[0], emb_dim)
+        _, nll = scan.score_sequence(module, mcfg, params, state, ids, window,
                                         key_emb=key_emb, window_query=query)
         return nll.sum(), jnp.float32(nll.size)
 

@@ -1,0 +1,1 @@
+"""The command lines (score, generate, icl, demo) and the options they share."""

@@ -1,0 +1,47 @@
+"""Command-line pieces shared by the commands that run a checkpoint (score, generate, icl)."""
+
+from __future__ import annotations
+
+import platform
+
+import flax
+import jax
+import numpy as np
+
+import memlong_jax as ml
+from memlong_jax.errors import UserError
+from memlong_jax.memlong.retrievers.text_encoder import default_encoder_dir, load_text_encoder
+
+
+def add_model_options(parser, set_examples: str = "query_mode=segment, retriever=hidden, "
+                                                  "top_k=4") -> None:
+    """--set (MemLong overrides), --encoder (text retriever) and --dtype."""
+    parser.add_argument("--set", dest="overrides", action="append", default=[],
+                        metavar="KEY=VALUE",
+                        help=f"MemLong setting, e.g. {set_examples} (repeatable)")
+    parser.add_argument("--encoder", default=None,
+                        help="text retriever directory (default: bundled all-MiniLM-L6-v2)")
+    parser.add_argument("--dtype", default="float32", help="compute dtype (default: float32)")
+
+
+def load_model(args):
+    """(model, MemLong settings) for `args.checkpoint`: the checkpoint's own settings (or the
+    defaults for its shape) with `--set` applied; a tokenizer is required."""
+    model = ml.load(args.checkpoint, args.dtype)
+    if model.tokenizer is None:
+        raise UserError(f"{args.checkpoint} has no tokenizer; convert it with its tokenizer")
+    return model, model.memlong_config.with_overrides(args.overrides).validate(model.config)
+
+
+def load_encoder(mcfg, encoder_dir: str | None):
+    """The text retriever's encoder when the settings use one, else None."""
+    if mcfg.retriever != "text":
+        return None
+    return load_text_encoder(encoder_dir or default_encoder_dir())
+
+
+def versions() -> dict:
+    """What a results file records about the software and machine that produced it."""
+    return {"python": platform.python_version(), "jax": jax.__version__,
+            "flax": flax.__version__, "numpy": np.__version__,
+            "device": str(jax.devices()[0].device_kind), "machine": platform.machine()}

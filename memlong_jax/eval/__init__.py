@@ -1,0 +1,1 @@
+"""Evaluation on top of the model: the scoring protocol, generation with memory, ICL."""

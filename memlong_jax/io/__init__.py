@@ -1,0 +1,1 @@
+"""What comes from disk: converted checkpoints, HF/GGUF tensor readers, tokenizers, documents."""

@@ -1,0 +1,1 @@
+"""The base model: LLaMA config, layers (RMSNorm, RoPE, SwiGLU), attention and the Flax model."""

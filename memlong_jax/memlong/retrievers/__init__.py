@@ -1,0 +1,6 @@
+"""Retrievers: what turns text chunks into the embeddings that memory retrieval compares."""
+
+from memlong_jax.memlong.retrievers.text_encoder import (TextEncoder, TextEncoderConfig,
+                                                 default_encoder_dir, load_text_encoder)
+
+__all__ = ["TextEncoder", "TextEncoderConfig", "default_encoder_dir", "load_text_encoder"]

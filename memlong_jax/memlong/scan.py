@@ -1,0 +1,354 @@
+"""MemLong's forward: retrieve -> forward -> write, per segment, with the memory as scan carry.
+
+A *segment* is S = n * tau tokens processed together with local causal attention (positions
+1..S): one prefix chunk (S = tau) or the final window. For each segment:
+
+1. layers below the memory layer run on the segment alone (they never see memory);
+2. the memory layer's normed input gives the chunk K/V (pre-RoPE) and, for the in-graph
+   retriever, the chunk embeddings;
+3. the query picks top-k chunks from memory written by *earlier* segments (a chunk never
+   retrieves itself), and their hit counters go up;
+4. with `full=True`, the memory layer and everything above run with retrieval-causal attention
+   in the retrieval layers, then the head gives per-token NLL; with `full=False` (prefix chunks
+   whose logits nobody needs) this step is skipped entirely;
+5. the segment's chunks are written to memory (eviction as configured).
+
+Query modes: `causal` uses the embedding of the chunk just before the segment (carried in the
+state), so the choice of chunks depends only on earlier tokens; `segment` (upstream) uses the
+segment itself, so the selection sees the tokens being predicted; `chunk` gives each tau-chunk of
+the segment its own top-k, chosen with the embedding of the chunk before it (the carried one for
+the first chunk), so a long window is not served by one query whose top-1 is always the chunk
+just before the window. A one-chunk segment (every prefix chunk) is the same in `causal` and
+`chunk`. With `continuation`, each of the best top_k // 2 chunks brings the chunk written after
+it (RETRO), within the same budget of top_k chunks.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from memlong_jax.llama.attention import MemoryKV
+from memlong_jax.llama.model import LlamaForCausalLM
+from memlong_jax.memlong import memory as mem_ops
+from memlong_jax.memlong.config import MemLongConfig
+from memlong_jax.memlong.retrieval import retrieve
+
+
+class MemLongState(NamedTuple):
+    """What carries from one segment to the next: the memory and the causal query."""
+
+    memory: mem_ops.Memory
+    last_emb: jax.Array   # [B, d] embedding of the most recently written chunk
+    has_last: jax.Array   # [B] bool: whether `last_emb` is real
+
+
+def init_state(module: LlamaForCausalLM, mcfg: MemLongConfig, batch: int,
+               emb_dim: int | None = None) -> MemLongState:
+    """Empty memory for `batch` rows; `emb_dim` defaults to the hidden size (in-graph retriever)."""
+    cfg = module.config
+    emb_dim = emb_dim or cfg.hidden_size
+    memory = mem_ops.init_memory(batch, mcfg.capacity_chunks, mcfg.chunk_size,
+                                 cfg.num_key_value_heads, cfg.head_dim * len(mcfg.kv_layers),
+                                 emb_dim,
+                                 jnp.dtype(mcfg.mem_dtype))
+    return MemLongState(memory, jnp.zeros((batch, emb_dim), jnp.float32),
+                        jnp.zeros((batch,), bool))
+
+
+def reset_rows(state: MemLongState, rows) -> MemLongState:
+    """Forget everything in the selected batch rows (bool `[B]`)."""
+    rows = jnp.asarray(rows, bool)
+    return MemLongState(mem_ops.reset_rows(state.memory, rows),
+                        jnp.where(rows[:, None], 0.0, state.last_emb), state.has_last & ~rows)
+
+
+def pooled_chunks(x, tau: int):
+    """In-graph retriever: each tau-token chunk of `x` `[B, S, D]` mean-pooled, L2-normalised,
+    in fp32."""
+    pooled = x.astype(jnp.float32).reshape(x.shape[0], -1, tau, x.shape[-1]).mean(axis=2)
+    return pooled / jnp.maximum(jnp.linalg.norm(pooled, axis=-1, keepdims=True), 1e-12)
+
+
+def token_nll(logits, targets):
+    """-log softmax(logits)[target] in fp32: `[B, S, V]`, `[B, S]` -> `[B, S]`."""
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    return -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+
+
+def lower_stack(module: LlamaForCausalLM, mcfg: MemLongConfig, params, ids):
+    """The frozen part of a step for segments `ids` `[B, S]` (local positions 1..S): embeddings
+    and the layers below the memory layer, then the memory layer's normed input `x` and pre-RoPE
+    K/V. Returns (positions, h entering the memory layer, x, keys, values), all under
+    stop_gradient: nothing below the memory layer, and no memory K/V, is ever trained."""
+    apply = functools.partial(module.apply, {"params": params})
+    positions = jnp.broadcast_to(jnp.arange(1, ids.shape[1] + 1), ids.shape)
+    h = apply(apply(ids, method=module.embed), positions, 0, mcfg.memory_layer,
+              method=module.run_layers)
+    x, keys, values = apply(h, mcfg.memory_layer, method=module.memory_kv)
+    return positions, *jax.lax.stop_gradient((h, x, keys, values))
+
+
+def retrieval_query(mcfg: MemLongConfig, state: MemLongState, segment_query):
+    """The retrieval query and whether each row has one (causal: nothing before the first chunk)."""
+    if mcfg.query_mode == "segment":
+        return segment_query, jnp.ones(segment_query.shape[:1], bool)
+    return state.last_emb, state.has_last
+
+
+def chunk_queries(state: MemLongState, key_emb):
+    """`chunk` mode: the query of each chunk of a segment (key_emb `[B, n, d]`) is the embedding
+    of the chunk before it. Returns queries `[B, n, d]` and whether each exists `[B, n]`."""
+    batch, n = key_emb.shape[:2]
+    queries = jnp.concatenate([state.last_emb[:, None], key_emb[:, :-1]], axis=1)
+    ok = jnp.concatenate([state.has_last[:, None], jnp.ones((batch, n - 1), bool)], axis=1)
+    return queries.astype(jnp.float32), ok
+
+
+def with_continuations(memory: mem_ops.Memory, indices, found, count: int):
+    """Append to the picks (`[B, k]`) the chunk written right after each of the first `count`:
+    the valid slot whose insertion time is one more. A successor that was evicted, not written
+    yet, or already picked is not found."""
+    b = jnp.arange(indices.shape[0])[:, None]
+    after = memory.insert_time[b, indices[:, :count]] + 1                     # [B, count]
+    match = memory.valid[:, None, :] & (memory.insert_time[:, None, :] == after[..., None])
+    successor = jnp.argmax(match, axis=-1).astype(indices.dtype)
+    repeated = ((successor[..., None] == indices[:, None, :]) & found[:, None, :]).any(-1)
+    ok = match.any(-1) & found[:, :count] & ~repeated
+    return (jnp.concatenate([indices, jnp.where(ok, successor, 0)], axis=1),
+            jnp.concatenate([found, ok], axis=1))
+
+
+def select_chunks(mcfg: MemLongConfig, memory: mem_ops.Memory, query):
+    """Top-k slots for each query `[B, d]`: indices int `[B, top_k]`, found bool `[B, top_k]`
+    (with `continuation`, top_k - top_k // 2 neighbours and then their successors)."""
+    follow = mcfg.top_k // 2 if mcfg.continuation else 0
+    indices, found = retrieve(mcfg.backend, memory.emb, memory.valid, query, mcfg.top_k - follow)
+    if follow:
+        indices, found = with_continuations(memory, indices, found, follow)
+    return indices, found
+
+
+def retrieve_chunks(mcfg: MemLongConfig, memory: mem_ops.Memory, query, query_ok):
+    """Top-k chunks for `query` `[B, d]` (or one query per segment chunk, `[B, n, d]`, giving
+    `[B, n, k]` picks) from memory written by earlier segments; hits counted."""
+    if query.ndim == 3:
+        indices, found = jax.vmap(lambda q: select_chunks(mcfg, memory, q), in_axes=1,
+                                  out_axes=1)(query)
+    else:
+        indices, found = select_chunks(mcfg, memory, query)
+    found = found & query_ok[..., None]
+    batch = indices.shape[0]
+    memory = mem_ops.count_hits(memory, indices.reshape(batch, -1), found.reshape(batch, -1))
+    return memory, indices, found
+
+
+def retrieved_kv(memory: mem_ops.Memory, indices, found,
+                 true_positions: bool = False) -> MemoryKV:
+    """The picked chunks' K/V for attention: one list `[B, k*tau]`, or per query chunk
+    (`[B, n, k]` picks) `[B, n, k*tau]`; gradients never flow into memory. With
+    `true_positions`, each memory token's RoPE position relative to a segment whose first token
+    is at position 1 and follows the newest chunk written (a stream written in order)."""
+    batch, tau = indices.shape[0], memory.tau
+    flat = indices.reshape(batch, -1)
+    kv = mem_ops.gather_chunks(memory, flat, found.reshape(batch, -1))
+    if true_positions:
+        start = (memory.insert_time[jnp.arange(batch)[:, None], flat]
+                 - memory.clock[:, None]) * tau
+        kv = (*kv, (start[..., None] + jnp.arange(1, tau + 1)).reshape(batch, -1))
+    if indices.ndim == 3:
+        kv = tuple(a.reshape(batch, indices.shape[1], -1, *a.shape[2:]) for a in kv)
+    return MemoryKV(*jax.lax.stop_gradient(kv))
+
+
+def upper_stack(module: LlamaForCausalLM, mcfg: MemLongConfig, params, h, positions,
+                retrieved: MemoryKV, stop: int):
+    """Layers memory_layer..stop-1 with `retrieved` in the retrieval layers. Returns (h, the
+    pre-RoPE K/V to store for these tokens: `[B, S, KV, hd * len(kv_layers)]`, or None with
+    `memory_kv=shared`, whose K/V come from `lower_stack`)."""
+    apply = functools.partial(module.apply, {"params": params})
+    run = lambda h, a, b: apply(h, positions, a, b, retrieved, mcfg.retrieval_layers,
+                                method=module.run_layers)
+    if mcfg.memory_kv == "shared":
+        return run(h, mcfg.memory_layer, stop), None
+    keys, values, start = [], [], mcfg.memory_layer
+    for layer in mcfg.kv_layers:
+        h = run(h, start, layer)
+        _, k, v = apply(h, layer, method=module.memory_kv)
+        keys.append(k)
+        values.append(v)
+        start = layer
+    return run(h, start, stop), (jnp.concatenate(keys, -1), jnp.concatenate(values, -1))
+
+
+def write_segment(mcfg: MemLongConfig, memory: mem_ops.Memory, keys, values,
+                  key_emb) -> MemLongState:
+    """Append the segment's chunks (keys/values `[B, S, kv, hd]`, key_emb `[B, S/tau, d]`)."""
+    batch, n = key_emb.shape[:2]
+    chunked = lambda a: a.reshape(batch, n, mcfg.chunk_size, *a.shape[2:])
+    memory = mem_ops.write_chunks(memory, chunked(keys), chunked(values), key_emb, mcfg.eviction)
+    return MemLongState(memory, key_emb[:, -1], jnp.ones((batch,), bool))
+
+
+def segment_step(module: LlamaForCausalLM, mcfg: MemLongConfig, params, state: MemLongState,
+                 ids, key_emb=None, segment_query=None, full: bool = True, head_at=None,
+                 write: bool = True):
+    """One retrieve -> forward -> write step for `ids` `[B, S]`, S a multiple of tau.
+
+    key_emb `[B, S/tau, d]` and segment_query `[B, d]` come from the text retriever; leave them
+    None for the in-graph one. Returns (new state, logits `[B, S, V]`, or None if not `full`).
+    `head_at` int `[B, P]`: run the final norm and LM head only at these positions (logits
+    `[B, P, V]`). With `write=False` the segment is not written to memory (its retrieval still
+    counts hits), and S need not be a multiple of tau.
+    """
+    tau, length = mcfg.chunk_size, ids.shape[1]
+    per_chunk = mcfg.query_mode == "chunk"
+    if per_chunk and length % tau:
+        raise ValueError(f"query_mode=chunk needs segments of whole chunks, got {length} tokens")
+    positions, h, x, keys, values = lower_stack(module, mcfg, params, ids)
+    if key_emb is None and (write or per_chunk):
+        key_emb = pooled_chunks(x, tau)
+    if segment_query is None and mcfg.query_mode == "segment":
+        segment_query = pooled_chunks(x, length)[:, 0]
+    query = chunk_queries(state, key_emb) if per_chunk else retrieval_query(mcfg, state,
+                                                                            segment_query)
+    memory, indices, found = retrieve_chunks(mcfg, state.memory, *query)
+
+    logits = None
+    if full or mcfg.memory_kv == "per_layer":
+        retrieved = retrieved_kv(memory, indices, found, mcfg.memory_positions == "true")
+        stop = module.config.num_hidden_layers if full else max(mcfg.retrieval_layers) + 1
+        h, layer_kv = upper_stack(module, mcfg, params, h, positions, retrieved, stop)
+        keys, values = (keys, values) if layer_kv is None else layer_kv
+    if full:
+        if head_at is not None:
+            h = jnp.take_along_axis(h, head_at[..., None], axis=1)
+        logits = module.apply({"params": params}, h, method=module.final)
+    if not write:
+        return state._replace(memory=memory), logits
+    return write_segment(mcfg, memory, keys, values, key_emb), logits
+
+
+def ingest_segments(module: LlamaForCausalLM, mcfg: MemLongConfig, params, state: MemLongState,
+                    ids, key_emb, segment: int) -> MemLongState:
+    """`ids` `[B, P]` into memory as a scan of `segment_step(full=False)` over `segment`-token
+    segments (a shorter last one when `segment` does not divide P)."""
+    tau, (batch, total) = mcfg.chunk_size, ids.shape
+    emb_of = lambda a, b: None if key_emb is None else key_emb[:, a // tau:b // tau]
+
+    def body(state, xs):
+        seg_ids, seg_emb = xs
+        return segment_step(module, mcfg, params, state, seg_ids, seg_emb, full=False)[0], None
+
+    n = total // segment
+    if n:
+        split = lambda a: jnp.moveaxis(a.reshape(batch, n, -1, *a.shape[2:]), 1, 0)
+        emb = emb_of(0, n * segment)
+        state, _ = jax.lax.scan(body, state, (split(ids[:, :n * segment]),
+                                              None if emb is None else split(emb)))
+    if total % segment:
+        state, _ = body(state, (ids[:, n * segment:], emb_of(n * segment, total)))
+    return state
+
+
+def ingest_prefix(module: LlamaForCausalLM, mcfg: MemLongConfig, params, state: MemLongState,
+                  ids, key_emb=None, block_chunks: int = 16,
+                  window: int | None = None) -> MemLongState:
+    """Send `ids` `[B, P]` (P a multiple of tau) into memory chunk by chunk, exactly as a loop of
+    `segment_step(..., full=False)` over tau-token chunks would, but faster.
+
+    A prefix chunk's K/V depend only on the chunk itself (layers below the memory layer never
+    see memory), so the frozen stack runs on `block_chunks` chunks at once as one batch; only
+    the cheap retrieve (hit counts) -> write bookkeeping walks the chunks in order. With
+    `prefix_context=window` the prefix goes as segments of `window` tokens instead, and with
+    `memory_kv=per_layer` through the retrieval layers (`ingest_segments`).
+    """
+    tau = mcfg.chunk_size
+    if mcfg.prefix_context == "window" or mcfg.memory_kv == "per_layer":
+        if mcfg.prefix_context == "window" and window is None:
+            raise ValueError("prefix_context=window needs the local window's length")
+        segment = window if mcfg.prefix_context == "window" else tau
+        return ingest_segments(module, mcfg, params, state, ids, key_emb, segment)
+    batch, n = ids.shape[0], ids.shape[1] // tau
+
+    def block(state, xs):
+        block_ids, block_emb = xs                          # [B, G, tau], [B, G, d] | None
+        g = block_ids.shape[1]
+        _, _, x, keys, values = lower_stack(module, mcfg, params, block_ids.reshape(-1, tau))
+        if block_emb is None:
+            block_emb = pooled_chunks(x, tau).reshape(batch, g, -1)
+        per_chunk = lambda a: jnp.moveaxis(a.reshape(batch, g, *a.shape[1:]), 1, 0)
+
+        def chunk(state, c):
+            chunk_keys, chunk_values, emb = c
+            query = retrieval_query(mcfg, state, emb)
+            memory, _, _ = retrieve_chunks(mcfg, state.memory, *query)
+            return write_segment(mcfg, memory, chunk_keys, chunk_values, emb[:, None]), None
+
+        state, _ = jax.lax.scan(chunk, state, (per_chunk(keys), per_chunk(values),
+                                               jnp.moveaxis(block_emb, 1, 0)))
+        return state, None
+
+    g = min(block_chunks, n)
+    full_blocks = n // g
+    by_block = lambda a, count: jnp.moveaxis(a.reshape(batch, count, g, *a.shape[2:]), 1, 0)
+    ids_chunks = ids.reshape(batch, n, tau)
+    emb = key_emb
+    head = (by_block(ids_chunks[:, :full_blocks * g], full_blocks),
+            None if emb is None else by_block(emb[:, :full_blocks * g], full_blocks))
+    state, _ = jax.lax.scan(block, state, head)
+    if n % g:   # the remainder: one smaller block
+        state, _ = block(state, (ids_chunks[:, full_blocks * g:],
+                                 None if emb is None else emb[:, full_blocks * g:]))
+    return state
+
+
+def score_sequence(module: LlamaForCausalLM, mcfg: MemLongConfig, params, state: MemLongState,
+                   ids, window: int, prefix_nll: bool = False, key_emb=None,
+                   window_query=None, window_logits: bool = False):
+    """Score `ids` `[B, N]`: prefix chunks through memory, then the final window.
+
+    N - window is split into tau-token prefix chunks; the last `window` tokens are one segment.
+    Returns (state, nll) where nll `[B, N - 1]` (prefix_nll) or `[B, window - 1]` holds
+    -log p(ids[t] | earlier tokens) for the scored tokens t (each prefix chunk predicts its
+    successor's first token from its own last position). key_emb `[B, N/tau, d]` and
+    window_query `[B, d]` are the text retriever's embeddings (None: in-graph retriever).
+    Without `prefix_nll` the prefix goes through `ingest_prefix` (only the layers up to the memory
+    layer's K/V, batched); with it, a `lax.scan` of full segment steps. Only per-token NLL leaves
+    each step, and with `window_logits` the final window's logits
+    `[B, window, V]` are returned as a third value.
+    """
+    tau = mcfg.chunk_size
+    batch, total = ids.shape
+    prefix = total - window
+    if prefix % tau or window % tau or window <= 0:
+        raise ValueError(f"sequence length {total} and window {window} must be positive "
+                         f"multiples of chunk_size {tau}")
+    targets = jnp.concatenate([ids[:, 1:], jnp.zeros((batch, 1), ids.dtype)], axis=1)
+    n_prefix = prefix // tau
+
+    def body(carry, xs):
+        chunk_ids, chunk_targets, chunk_emb = xs
+        carry, logits = segment_step(module, mcfg, params, carry, chunk_ids,
+                                     None if chunk_emb is None else chunk_emb[:, None], chunk_emb)
+        return carry, token_nll(logits, chunk_targets)
+
+    if n_prefix and not prefix_nll:
+        state = ingest_prefix(module, mcfg, params, state, ids[:, :prefix],
+                              None if key_emb is None else key_emb[:, :n_prefix], window=window)
+    elif n_prefix:
+        by_chunk = lambda a: jnp.moveaxis(a.reshape(batch, n_prefix, tau, *a.shape[2:]), 1, 0)
+        prefix_emb = None if key_emb is None else jnp.moveaxis(key_emb[:, :n_prefix], 1, 0)
+        state, prefix_out = jax.lax.scan(
+            body, state, (by_chunk(ids[:, :prefix]), by_chunk(targets[:, :prefix]), prefix_emb))
+    state, logits = segment_step(
+        module, mcfg, params, state, ids[:, prefix:],
+        None if key_emb is None else key_emb[:, n_prefix:], window_query, full=True)
+    nll = token_nll(logits, targets[:, prefix:])[:, :-1]
+    if prefix_nll and n_prefix:
+        prefix_out = jnp.moveaxis(prefix_out, 0, 1).reshape(batch, prefix)
+        nll = jnp.concatenate([prefix_out, nll], axis=1)
+    return (state, nll, logits) if window_logits else (state, nll)

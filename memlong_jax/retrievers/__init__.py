@@ -1,6 +1,0 @@
-"""Retrievers: what turns text chunks into the embeddings that memory retrieval compares."""
-
-from memlong_jax.retrievers.text_encoder import (TextEncoder, TextEncoderConfig,
-                                                 default_encoder_dir, load_text_encoder)
-
-__all__ = ["TextEncoder", "TextEncoderConfig", "default_encoder_dir", "load_text_encoder"]

@@ -1,0 +1,109 @@
+"""Helpers shared by the tests: random torch LLaMAs saved in every HF format, real text, a byte
+tokenizer. Imported as `from helpers import ...` (pytest puts tests/ on the path)."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+
+import numpy as np
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+from memlong_jax.io.documents import pydoc_text
+
+SHARED_DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
+
+# Shapes that exercise MHA, GQA, tied/untied heads, head sizes that are not a multiple of 8 and
+# a head_dim that is not hidden/heads, and several RoPE thetas.
+LLAMA_SHAPES = {
+    "mha_untied": dict(hidden_size=64, intermediate_size=96, num_attention_heads=4,
+                       num_key_value_heads=4, rope_theta=10000.0, tie_word_embeddings=False),
+    "gqa_tied": dict(hidden_size=96, intermediate_size=128, num_attention_heads=6,
+                     num_key_value_heads=2, rope_theta=500000.0, tie_word_embeddings=True),
+    "odd_head_dim": dict(hidden_size=50, intermediate_size=72, num_attention_heads=5,
+                         num_key_value_heads=5, rope_theta=10000.0, tie_word_embeddings=False),
+    "explicit_head_dim_gqa": dict(hidden_size=64, intermediate_size=80, num_attention_heads=4,
+                                  num_key_value_heads=1, head_dim=12, rope_theta=100000.0,
+                                  tie_word_embeddings=False),
+}
+
+
+def random_torch_llama(seed: int, **shape):
+    """A transformers LlamaForCausalLM with weights large enough that errors would show."""
+    import torch   # heavy: only the tests that compare against torch load it
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=211, num_hidden_layers=3, max_position_embeddings=512,
+                         rms_norm_eps=1e-5, initializer_range=0.08,
+                         bos_token_id=1, eos_token_id=2, pad_token_id=0, **shape)
+    model = LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight"):  # ones by default: randomise so norms are tested
+                param.copy_(1.0 + 0.2 * torch.randn_like(param))
+    return model
+
+
+def save_torch_llama(model, directory, fmt: str) -> None:
+    """fmt: safetensors | sharded_safetensors | bin | sharded_bin.
+
+    transformers 5 always writes safetensors, so `.bin` files (with a shard index when sharded)
+    are written with `torch.save` here, laid out as older transformers versions wrote them.
+    """
+    import torch
+
+    sharded = fmt.startswith("sharded")
+    model.save_pretrained(directory, max_shard_size="20KB" if sharded else "10GB")
+    if "bin" not in fmt:
+        return
+    for name in os.listdir(directory):
+        if "safetensors" in name:
+            os.remove(os.path.join(directory, name))
+    state = {k: v for k, v in model.state_dict().items()
+             if not (model.config.tie_word_embeddings and k == "lm_head.weight")}
+    if not sharded:
+        torch.save(state, os.path.join(directory, "pytorch_model.bin"))
+        return
+    names = list(state)
+    shards = [names[i:i + 5] for i in range(0, len(names), 5)]
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        file = f"pytorch_model-{i + 1:05d}-of-{len(shards):05d}.bin"
+        torch.save({k: state[k] for k in shard}, os.path.join(directory, file))
+        weight_map.update({k: file for k in shard})
+    with open(os.path.join(directory, "pytorch_model.bin.index.json"), "w") as f:
+        json.dump({"metadata": {}, "weight_map": weight_map}, f)
+
+
+def torch_logits(model, ids: np.ndarray) -> np.ndarray:
+    import torch
+    with torch.no_grad():
+        return model(torch.as_tensor(ids, dtype=torch.long)).logits.float().numpy()
+
+
+def real_text(n_chars: int = 40000) -> str:
+    """English reference text that ships with every CPython."""
+    return pydoc_text()[:n_chars]
+
+
+def byte_tokenizer():
+    """A byte-level BPE with exactly 256 tokens (no merges): matches the `tiny` preset's vocab,
+    round-trips any UTF-8 text, and needs no download."""
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    tokenizer = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(sorted(alphabet))},
+                                     merges=[]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    return tokenizer
+
+
+def toy_corpus(path, seed: int, repeats: int = 200) -> str:
+    """A repetitive text: one random 'sentence' of random words, repeated."""
+    rng = random.Random(seed)
+    words = ["".join(rng.choice("abcdefghij") for _ in range(rng.randint(2, 6)))
+             for _ in range(20)]
+    line = " ".join(rng.choice(words) for _ in range(12)) + ".\n"
+    path.write_text(line * repeats)
+    return str(path)
