@@ -173,7 +173,8 @@ def main(argv=None):
                                  "memlong": mcfg.to_dict() if mode == "memlong" else None,
                                  "memory_mass": np.mean(masses, axis=0).tolist() if masses
                                  else None})
-        for text, by_row in nll.items():   # written after every row: a killed run keeps them
+        for text, by_row in nll.items() if mode != "local" else ():   # after every row: a
+            # killed run keeps what it measured
             results["texts"][text] = {row: summarise(values, by_row["local"], by_row["full"])
                                       for row, values in by_row.items()}
         config = {"checkpoint": args.checkpoint, "length": LENGTH, "local_window": LOCAL,
