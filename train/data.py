@@ -24,8 +24,7 @@ from memlong_jax.errors import UserError
 from memlong_jax.io.documents import JSONL_SUFFIXES, expand_paths, file_documents, pydoc_text
 from memlong_jax.io.safe_paths import contained_file
 from memlong_jax.io.tokenizer import read_tokenizer
-from memlong_jax.memlong.retrievers.text_encoder import (default_encoder_dir, load_text_encoder,
-                                                          read_config)
+from memlong_jax.memlong.retrievers.text_encoder import load_text_encoder, read_config
 from memlong_jax.memlong.retrievers.text_pipeline import segment_query, text_embeddings
 
 PYDOC = "pydoc"
@@ -269,12 +268,12 @@ class RetrieverEmbeddings:
         if table is not None:
             self.dim = table.dim
         else:
-            self.dim = read_config(encoder_dir or default_encoder_dir()).hidden_size
+            self.dim = read_config(encoder_dir).hidden_size
 
     @property
     def encoder(self):
         if self._encoder is None:
-            self._encoder = load_text_encoder(self.encoder_dir or default_encoder_dir())
+            self._encoder = load_text_encoder(self.encoder_dir)
         return self._encoder
 
     def __call__(self, ids: np.ndarray, window: int | None = None):

@@ -21,7 +21,6 @@ import sys
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 from flax import traverse_util
 from safetensors.numpy import load_file, save_file
 
