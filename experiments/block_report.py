@@ -70,7 +70,7 @@ def repeat_section(runs) -> list[str]:
 
 def ppl_section(runs) -> list[str]:
     lines = ["## Perplexity (held-out book, jane_eyre, last 2047 predictions of each window)",
-             "", "| length | mode | windows | PPL | ms/token (under load) |", "|---|---|---|---|---|"]
+             "", "| length | mode | windows | PPL | ms per window token (under load) |", "|---|---|---|---|---|"]
     for run in runs:
         for row in run["rows"]:
             per_token = 1e3 * row["seconds"] / (row["length"] * row["windows"])
@@ -89,7 +89,7 @@ def main(argv=None):
     passkey = load(args.results, "block_passkey*.json")
     repeat = load(args.results, "block_repeat*.json")
     ppl = load(args.results, "block_ppl*.json")
-    settings = (passkey or repeat or [{"block": {}}])[0]["block"]
+    settings = (passkey + repeat)[0]["block"] if passkey + repeat else ppl[0]["config"]["block"]
     text = [INTRO.format(settings=", ".join(f"`{k}={v}`" for k, v in settings.items()))]
     text += passkey_section(passkey) + repeat_section(repeat) + ppl_section(ppl)
     if os.path.exists(args.notes):
