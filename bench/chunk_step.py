@@ -53,8 +53,8 @@ def main():
                                           state, chunk, repeats=args.repeats),
     }
     try:
-        from memlong_jax.memlong.retrievers import default_encoder_dir, load_text_encoder
-        encoder = load_text_encoder(default_encoder_dir())
+        from memlong_jax.memlong.retrievers import load_text_encoder
+        encoder = load_text_encoder()
         texts = [" ".join(["memory"] * 100)] * 16
         encoder.encode_texts(texts)  # compiles
         times = []

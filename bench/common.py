@@ -356,5 +356,5 @@ def unit_vectors(shape, seed: int = 1):
 def emb_dim_of(mcfg, cfg) -> int:
     if mcfg.retriever != "text":
         return cfg.hidden_size
-    from memlong_jax.memlong.retrievers.text_encoder import default_encoder_dir, read_config
-    return read_config(default_encoder_dir()).hidden_size
+    from memlong_jax.memlong.retrievers.text_encoder import read_config
+    return read_config().hidden_size

@@ -101,10 +101,9 @@ def main() -> None:
               f"= {rows[-1]['fraction_of_peak']:.0%} of {peak['gflops']:.1f}", file=sys.stderr)
     host = None
     if mcfg.retriever == "text":
-        from memlong_jax.memlong.retrievers.text_encoder import (default_encoder_dir,
-                                                                  load_text_encoder)
+        from memlong_jax.memlong.retrievers.text_encoder import load_text_encoder
         from memlong_jax.memlong.retrievers.text_pipeline import text_embeddings
-        encoder = load_text_encoder(default_encoder_dir())
+        encoder = load_text_encoder()
         run = lambda: text_embeddings(encoder, model.tokenizer, np.asarray(ids), tau)
         run()  # compiles the encoder's padded shapes
         times = []

@@ -157,9 +157,8 @@ def jax_worker(job: dict) -> dict:
         mcfg.chunk_size)
     encoder = None
     if mode == "memlong" and mcfg.retriever == "text":
-        from memlong_jax.memlong.retrievers.text_encoder import (default_encoder_dir,
-                                                                  load_text_encoder)
-        encoder = load_text_encoder(default_encoder_dir())
+        from memlong_jax.memlong.retrievers.text_encoder import load_text_encoder
+        encoder = load_text_encoder()
     scorer = scoring.Scorer(model.module, model.params, mcfg, protocol, encoder, model.tokenizer)
     window = lambda start, length: np.asarray(tokens[start:start + length])[None]
 

@@ -11,6 +11,7 @@ and shape is checked against the model before anything is written.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
@@ -21,8 +22,10 @@ from tqdm import tqdm
 from memlong_jax.errors import UserError, atomic_output_dir, entry_point
 from memlong_jax.io import checkpoint
 from memlong_jax.io.hf_sources import open_source
+from memlong_jax.io.safe_paths import refuse_overwrite
 from memlong_jax.llama.config import DTYPES, LlamaConfig
 from convert.layout import get_path, set_path, tensor_slots
+
 
 def _name_list(names) -> str:
     names = sorted(names)
@@ -81,6 +84,8 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
 
     start = time.perf_counter()
+    if os.path.isdir(args.src):
+        refuse_overwrite([args.out], directories=[args.src])
     source = open_source(args.src)
     config = LlamaConfig.from_hf_dict(source.hf_config)
     with atomic_output_dir(args.out) as tmp:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
 
 import numpy as np
@@ -19,9 +18,10 @@ from tqdm import tqdm
 
 from memlong_jax.errors import atomic_output_dir, entry_point
 from memlong_jax.io import checkpoint
-from memlong_jax.io.hf_sources import TOKENIZER_FILES
+from memlong_jax.io.hf_sources import TOKENIZER_FILES, copy_tokenizer_files
 from convert.layout import get_path, tensor_slots
 from convert.safetensors_writer import write_safetensors
+from memlong_jax.io.safe_paths import refuse_overwrite
 
 
 def export(params, config, out_dir: str, progress: bool = True) -> None:
@@ -55,12 +55,11 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
 
     config = checkpoint.load_config(args.ckpt)
+    refuse_overwrite([args.out], directories=[args.ckpt])
     params = checkpoint.load_params(args.ckpt, config)
     with atomic_output_dir(args.out) as tmp:
         export(params, config, tmp, progress=not args.quiet)
-        for name in [*TOKENIZER_FILES, "chat_template.jinja"]:
-            if os.path.isfile(os.path.join(args.ckpt, name)):
-                shutil.copyfile(os.path.join(args.ckpt, name), os.path.join(tmp, name))
+        copy_tokenizer_files(args.ckpt, tmp, [*TOKENIZER_FILES, "chat_template.jinja"])
     if not args.quiet:
         print(f"wrote {args.out}", file=sys.stderr)
 

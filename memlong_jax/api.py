@@ -17,7 +17,7 @@ from memlong_jax.io.tokenizer import load_tokenizer
 from memlong_jax.llama.config import DTYPES, LlamaConfig
 from memlong_jax.llama.model import LlamaForCausalLM
 from memlong_jax.memlong.config import MemLongConfig, default_for, load_for_checkpoint
-from memlong_jax.memlong.retrievers.text_encoder import default_encoder_dir, load_text_encoder
+from memlong_jax.memlong.retrievers.text_encoder import load_text_encoder
 
 @dataclasses.dataclass
 class Model:
@@ -70,7 +70,7 @@ class Model:
 
     @functools.cached_property
     def _default_encoder(self):
-        return load_text_encoder(default_encoder_dir())
+        return load_text_encoder()
 
     def generate(self, prompt_ids, max_new_tokens: int = 128, *, temperature: float = 0.0,
                  top_k: int = 0, top_p: float = 1.0, seed: int = 0, stop_ids=None,

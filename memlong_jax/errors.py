@@ -8,7 +8,10 @@ import functools
 import json
 import os
 import shutil
+import signal
 import sys
+
+from memlong_jax import interrupts
 
 
 class UserError(Exception):
@@ -23,16 +26,25 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def run_cli(main, argv=None) -> int:
-    """Run `main(argv)`; a `UserError` becomes `error: <message>` on stderr and exit code 2."""
+    """Run `main(argv)`; a `UserError` becomes `error: <message>` on stderr and exit code 2, a
+    signal one line and 128 + its number (see `interrupts`), a closed stdout one line and 2."""
     try:
-        main(argv)
+        with interrupts.raising():
+            main(argv)
     except UserError as err:
         message = " ".join(str(err).split())  # guarantee a single line
         print(f"error: {message}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        return 130
+    except (KeyboardInterrupt, interrupts.Interrupted) as err:
+        if not isinstance(err, interrupts.Interrupted):
+            err = interrupts.Interrupted(signal.SIGINT)
+        print(err, file=sys.stderr)
+        interrupts.exit_now(err.exit_code)
+    except BrokenPipeError:
+        # The reader went away (`| head`): nothing more can be printed to stdout, even at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        print("error: output closed before the end (broken pipe)", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -51,15 +63,48 @@ def atomic_output_dir(path: str | os.PathLike):
     if os.path.exists(path):
         raise UserError(f"output {path} already exists; remove it or choose another path")
     parent = os.path.dirname(path)
-    os.makedirs(parent, exist_ok=True)
+    created = _missing_parents(parent)
+    existing = os.path.dirname(created[-1]) if created else parent
+    if not os.path.isdir(existing):
+        raise UserError(f"cannot create output {path}: {existing} is a file, not a directory")
     tmp = os.path.join(parent, f".{os.path.basename(path)}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
+    try:
+        os.makedirs(parent, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    except OSError as err:
+        _remove_empty(created)
+        raise UserError(f"cannot create output {path}: {err.strerror or err}") from None
+    done = False
     try:
         yield tmp
-        os.replace(tmp, path)
+        try:
+            os.replace(tmp, path)
+        except OSError as err:  # another process wrote `path` meanwhile
+            raise UserError(f"cannot create output {path}: {err.strerror or err} (did another "
+                            "command write it meanwhile?)") from None
+        done = True
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        if not done:
+            _remove_empty(created)
+
+
+def _missing_parents(directory: str) -> list[str]:
+    """The directories `os.makedirs(directory)` would create, deepest first."""
+    missing = []
+    while directory and not os.path.exists(directory):
+        missing.append(directory)
+        directory = os.path.dirname(directory)
+    return missing
+
+
+def _remove_empty(directories: list[str]) -> None:
+    for directory in directories:
+        try:
+            os.rmdir(directory)
+        except OSError:
+            return
 
 
 def write_atomically(path: str, write) -> None:

@@ -179,8 +179,8 @@ def test_long_generation_spills_evicts_and_is_deterministic(params):
 def test_text_retriever_spills_the_text_of_the_spilled_tokens():
     """Text retriever: every chunk in memory is embedded from the text of exactly its tokens
     (upstream embeds text from the start of the sequence instead)."""
-    from memlong_jax.memlong.retrievers import default_encoder_dir, load_text_encoder
-    tokenizer, encoder = byte_tokenizer(), load_text_encoder(default_encoder_dir())
+    from memlong_jax.memlong.retrievers import load_text_encoder
+    tokenizer, encoder = byte_tokenizer(), load_text_encoder()
     mcfg = MCFG.replace(retriever="text")
     p = random_params(3)
     prompt = np.asarray(tokenizer.encode(real_text(200)).ids[40:60], np.int32)[None]

@@ -214,9 +214,8 @@ def test_batching_does_not_change_memlong_scores(model, data_dir, setting):
     mcfg = model.memlong_config.replace(top_k=6, **setting)   # padding would be retrieved
     encoder = None
     if setting.get("retriever") == "text":
-        from memlong_jax.memlong.retrievers.text_encoder import (default_encoder_dir,
-                                                                  load_text_encoder)
-        encoder = load_text_encoder(default_encoder_dir())
+        from memlong_jax.memlong.retrievers.text_encoder import load_text_encoder
+        encoder = load_text_encoder()
     labels = icl.label_token_ids(model.tokenizer, SST2)
     one, one_argmax = scorer_for(model, mcfg, encoder, batch_size=4).score(queries, labels)
     two, two_argmax = scorer_for(model, mcfg, encoder, batch_size=2).score(queries, labels)

@@ -232,8 +232,8 @@ def test_presets_match_the_reference():
 
 @pytest.fixture(scope="module")
 def minilm():
-    from memlong_jax.memlong.retrievers import default_encoder_dir, load_text_encoder
-    return load_text_encoder(default_encoder_dir())
+    from memlong_jax.memlong.retrievers import load_text_encoder
+    return load_text_encoder()
 
 
 def test_text_retriever_embeds_decoded_chunks(smollm2_converted, minilm):

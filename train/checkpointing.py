@@ -5,7 +5,8 @@ A checkpoint `OUTPUT/checkpoints/<step>/` holds
   cursor  JsonSave: the data cursor (micro-steps consumed, epoch, position in the streams)
   config  JsonSave: the resolved config (preset, train, memlong) and the model's HF config
 Orbax writes into a temporary directory and renames it on commit, so a run killed mid-save
-leaves no checkpoint that `latest_step` would pick up: the last good one is restored.
+leaves no checkpoint that `latest_step` would pick up; one damaged later (a file truncated or
+deleted) is skipped by `train.resume.restore_newest`.
 """
 
 from __future__ import annotations
@@ -40,6 +41,21 @@ class Checkpoints:
 
     def latest_step(self):
         return self.manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return list(self.manager.all_steps())
+
+    def set_aside(self, step: int, directory: str) -> str:
+        """Move checkpoint `step` out of the manager's sight into `directory` (the first host
+        moves it, the others only forget it); returns where."""
+        target, n = os.path.join(directory, str(step)), 1
+        while os.path.exists(target):
+            target, n = os.path.join(directory, f"{step}.{n}"), n + 1
+        if jax.process_index() == 0:
+            os.makedirs(directory, exist_ok=True)
+            os.rename(os.path.join(self.directory, str(step)), target)
+        self.manager.reload()
+        return target
 
     def save(self, step: int, state: dict, cursor: dict, config: dict) -> None:
         self.manager.save(step, args=ocp.args.Composite(

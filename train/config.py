@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 
 from memlong_jax.llama.config import PRESETS as MODEL_PRESETS
@@ -78,6 +79,7 @@ class TrainConfig:
     key_table: str = ""
     export_dir: str = ""
     export_hf: str = ""
+    allow_data_change: bool = False
 
     def replace(self, **changes) -> "TrainConfig":
         return dataclasses.replace(self, **changes)
@@ -139,6 +141,8 @@ HELP = {
                  "the encoder embeds every batch's chunks",
     "export_dir": "after training, write the LoRA-merged model here (our checkpoint format)",
     "export_hf": "after training, also write it as an HF directory here",
+    "allow_data_change": "resume even though the data's content fingerprint differs from the "
+                         "checkpoint's",
 }
 
 _PAPER = dict(
@@ -236,6 +240,14 @@ def validate(run: Resolved, model: LlamaConfig) -> Resolved:
             raise ConfigError(f"eval_window ({t.eval_window}) and eval_length ({t.eval_length}) "
                               f"must be multiples of memlong.chunk_size ({m.chunk_size}) with "
                               "0 < eval_window <= eval_length")
+    for key in ("lr", "weight_decay", "clip", "adam_eps", "lora_alpha", "peak_tflops"):
+        value = getattr(t, key)
+        if not math.isfinite(value) or value < 0 or (key in ("lr", "adam_eps") and value == 0):
+            raise ConfigError(f"{key} must be a finite number "
+                              f"{'> 0' if key in ('lr', 'adam_eps') else '>= 0'}, got {value}")
+    for key in ("adam_b1", "adam_b2"):
+        if not 0 <= getattr(t, key) < 1:
+            raise ConfigError(f"{key} must be in [0, 1), got {getattr(t, key)}")
     if not 0 <= t.val_fraction < 1:
         raise ConfigError(f"val_fraction must be in [0, 1), got {t.val_fraction}")
     if not 0 <= t.lora_dropout < 1:

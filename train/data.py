@@ -1,7 +1,7 @@
 """Training data: text / JSONL / directories -> cached token file -> packed blocks -> streams.
 
 * Sources are tokenized once into `cache_dir/<hash>.tokens` (raw uint16/uint32, read back with
-  `np.memmap`); the hash covers the tokenizer and every source file's path, size and mtime, and
+  `np.memmap`); the hash covers the tokenizer and every source file's content, and
   the file appears atomically (tmp + rename), so an interrupted run never leaves a bad cache.
 * Documents are concatenated in order and cut into `seq_len` blocks, remainder dropped, no
   separator inserted (as upstream; the tokenizer's own special tokens, e.g.
@@ -19,12 +19,12 @@ import json
 import os
 
 import numpy as np
-from tokenizers import Tokenizer
 
 from memlong_jax.errors import UserError
-from memlong_jax.io.documents import expand_paths, file_documents, pydoc_text
-from memlong_jax.memlong.retrievers.text_encoder import (default_encoder_dir, load_text_encoder,
-                                                          read_config)
+from memlong_jax.io.documents import JSONL_SUFFIXES, expand_paths, file_documents, pydoc_text
+from memlong_jax.io.safe_paths import contained_file
+from memlong_jax.io.tokenizer import read_tokenizer
+from memlong_jax.memlong.retrievers.text_encoder import load_text_encoder, read_config
 from memlong_jax.memlong.retrievers.text_pipeline import segment_query, text_embeddings
 
 PYDOC = "pydoc"
@@ -47,7 +47,7 @@ class HFTokenizer:
     """A `tokenizers.Tokenizer` (tokenizer.json) with the interface the pipeline needs."""
 
     def __init__(self, path: str):
-        self._tok = Tokenizer.from_file(path)
+        self._tok = read_tokenizer(path)
         self._tok.no_padding()
         self._tok.no_truncation()
         with open(path, "rb") as f:
@@ -67,8 +67,8 @@ def load_tokenizer(spec: str, init_from: str, vocab_size: int):
     if spec == "byte":
         tok = ByteTokenizer()
     elif spec == "auto":
-        path = os.path.join(init_from, "tokenizer.json") if init_from else ""
-        if path and os.path.isfile(path):
+        path = contained_file(init_from, "tokenizer.json", "tokenizer file") if init_from else None
+        if path:
             tok = HFTokenizer(path)
         elif vocab_size >= 256:
             tok = ByteTokenizer()
@@ -101,21 +101,31 @@ def iter_documents(path: str):
     return [doc.text for doc in file_documents(path)]
 
 
-def _cache_key(files, tokenizer) -> str:
-    meta = [tokenizer.identity]
+def fingerprint(files, tokenizer) -> str:
+    """SHA-256 of the tokenizer's identity and every source's bytes: names the token cache and
+    is recorded in each checkpoint, so a resume on other data of the same size is caught."""
+    digest = hashlib.sha256(json.dumps([tokenizer.identity, len(files)]).encode())
     for path in files:
         if path == PYDOC:
-            meta.append(PYDOC)
-        else:
-            st = os.stat(path)
-            meta.append([os.path.abspath(path), st.st_size, st.st_mtime_ns])
-    return hashlib.sha256(json.dumps(meta).encode()).hexdigest()[:24]
+            digest.update(PYDOC.encode())
+            continue
+        try:
+            with open(path, "rb") as f:
+                kind = "jsonl" if path.lower().endswith(JSONL_SUFFIXES) else "text"
+                digest.update(f"\0{kind}:{os.fstat(f.fileno()).st_size}\0".encode())
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(block)
+        except OSError as err:
+            raise UserError(f"cannot read {path}: {err.strerror}") from None
+    return digest.hexdigest()
 
 
-def token_file(files, tokenizer, cache_dir: str, batch_docs: int = 64) -> np.ndarray:
-    """Tokenize `files` once; return the memory-mapped token array (uint16 when it fits)."""
+def token_file(files, tokenizer, cache_dir: str, batch_docs: int = 64,
+               key: str | None = None) -> np.ndarray:
+    """Tokenize `files` once; return the memory-mapped token array (uint16 when it fits).
+    `key`: their `fingerprint`, when the caller has it already."""
     dtype = np.uint16 if tokenizer.vocab_size <= 65536 else np.uint32
-    key = _cache_key(files, tokenizer)
+    key = (key or fingerprint(files, tokenizer))[:24]
     path = os.path.join(cache_dir, f"{key}.tokens")
     if not os.path.isfile(path):
         try:
@@ -258,12 +268,12 @@ class RetrieverEmbeddings:
         if table is not None:
             self.dim = table.dim
         else:
-            self.dim = read_config(encoder_dir or default_encoder_dir()).hidden_size
+            self.dim = read_config(encoder_dir).hidden_size
 
     @property
     def encoder(self):
         if self._encoder is None:
-            self._encoder = load_text_encoder(self.encoder_dir or default_encoder_dir())
+            self._encoder = load_text_encoder(self.encoder_dir)
         return self._encoder
 
     def __call__(self, ids: np.ndarray, window: int | None = None):

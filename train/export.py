@@ -17,22 +17,21 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 from flax import traverse_util
 from safetensors.numpy import load_file, save_file
 
 from memlong_jax.errors import UserError, atomic_output_dir, entry_point
 from memlong_jax.io import checkpoint
-from memlong_jax.io.hf_sources import TOKENIZER_FILES
+from memlong_jax.io.hf_sources import TOKENIZER_FILES, copy_tokenizer_files
+from memlong_jax.io.safe_paths import refuse_overwrite
 from memlong_jax.llama.config import LlamaConfig
 from convert.to_hf import main as to_hf
 from train import config as cfgmod
-from train import lora, setup
+from train import lora, resume, setup
 from train.checkpointing import Checkpoints
 
 
@@ -42,10 +41,8 @@ def write_model(out_dir: str, model_cfg, mcfg, params, tokenizer_from: str = "",
     with atomic_output_dir(out_dir) as tmp:
         checkpoint.write_config(tmp, model_cfg, memlong=mcfg.to_dict())
         checkpoint.save_params(tmp, params)
-        for name in [*TOKENIZER_FILES, "chat_template.jinja"]:
-            src = os.path.join(tokenizer_from, name) if tokenizer_from else ""
-            if src and os.path.isfile(src):
-                shutil.copyfile(src, os.path.join(tmp, name))
+        if tokenizer_from:
+            copy_tokenizer_files(tokenizer_from, tmp, [*TOKENIZER_FILES, "chat_template.jinja"])
     if hf_dir:
         to_hf([out_dir, hf_dir, "--quiet"])
 
@@ -93,10 +90,14 @@ def trained_from_checkpoint(run_dir: str, step: int | None = None):
     step = ckpt.latest_step() if step is None else step
     if step is None:
         raise UserError(f"{run_dir} holds no training checkpoints")
-    _, stored = ckpt.read_json(step)
-    restored = ckpt.manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore()))["state"]
-    ckpt.close()
+    try:
+        _, stored = ckpt.read_json(step)
+        restored = ckpt.restore_state(step, None)
+    except Exception as err:  # a damaged checkpoint: name it, another may be chosen
+        raise UserError(f"checkpoint {step} in {run_dir} does not restore "
+                        f"({resume.reason(err)}); choose another with --step") from None
+    finally:
+        ckpt.close()
     return stored, step, jax.tree_util.tree_map(np.asarray, restored["train"]["trainable"])
 
 
@@ -105,7 +106,10 @@ def export_run(source: str, out: str, hf_dir: str = "", step: int | None = None,
     """Merge a run's checkpoint (newest, or `step`) or an exported adapter into its base model
     (`base` overrides the recorded `init_from`) and write it out; or, with `adapter_only`, write
     just the trained parameters."""
-    if is_adapter(source):
+    adapter = is_adapter(source)
+    refuse_overwrite([out, hf_dir], directories=[
+        source if adapter else os.path.join(source, "checkpoints"), base])
+    if adapter:
         stored, step, trained = read_adapter(source)
     else:
         stored, step, trained = trained_from_checkpoint(source, step)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import signal
 import sys
 import tempfile
 import time
@@ -27,20 +28,23 @@ import numpy as np
 from flax import traverse_util
 from tqdm import tqdm
 
+from memlong_jax import interrupts
 from memlong_jax.errors import ArgumentParser, UserError, check_writable_dir, entry_point
 from memlong_jax.io import checkpoint
+from memlong_jax.io.safe_paths import refuse_overwrite
 from memlong_jax.llama.config import DTYPES, LlamaConfig
 from memlong_jax.memlong import scan
 from train import config as cfgmod
 from train import data as datamod
-from train import export, lora, metrics, setup, sharding, step as stepmod
+from train import export, lora, metrics, resume, setup, sharding, step as stepmod
+from train.run_lock import RunLock
 from train.checkpointing import Checkpoints, abstract_like, state_to_tree, tree_to_state
 
 # Settings that may change when a run is resumed (they do not change the computation).
 OPERATIONAL = {"log_every", "checkpoint_every", "keep_checkpoints", "async_checkpoint",
                "progress", "tensorboard", "peak_tflops", "export_dir", "export_hf",
                "eval_every", "eval_batches", "output_dir", "cache_dir", "init_from",
-               "mesh_data", "mesh_fsdp", "encoder_dir"}
+               "mesh_data", "mesh_fsdp", "encoder_dir", "allow_data_change"}
 
 
 
@@ -55,7 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="print parameter counts, bytes per device and FLOPs per step "
                              "(jax.eval_shape only, nothing allocated) and exit")
     parser.add_argument("--coordinator", default=None,
-                        help="multi-host: coordinator address HOST:PORT")
+                        help="multi-host: coordinator address HOST:PORT, or `auto` on a TPU pod "
+                             "slice or under SLURM (jax detects hosts and ranks)")
     parser.add_argument("--num-processes", type=int, default=None, help="multi-host: hosts")
     parser.add_argument("--process-id", type=int, default=None, help="multi-host: this host")
     return parser
@@ -160,11 +165,16 @@ class Trainer:
         check_writable_dir(t.output_dir, "output_dir")
         self.mesh = sharding.make_mesh(t.mesh_data, t.mesh_fsdp)
         self.n_streams = self.mesh.size * t.rows_per_replica
+        self.local_rows = sharding.local_rows(self.mesh, self.n_streams)
 
         # data
         self.tokenizer = datamod.load_tokenizer(t.tokenizer, t.init_from, model.vocab_size)
         files = datamod.list_sources(t.data)
-        tokens = datamod.token_file(files, self.tokenizer, t.cache_dir)
+        data_dirs = [p for p in t.data.split(",") if os.path.isdir(p.strip())]
+        refuse_overwrite([t.output_dir, t.export_dir, t.export_hf], files,
+                         [t.init_from, *data_dirs])
+        self.fingerprint = datamod.fingerprint(files, self.tokenizer)
+        tokens = datamod.token_file(files, self.tokenizer, t.cache_dir, key=self.fingerprint)
         self.blocks = datamod.Blocks(tokens, t.seq_len, t.val_fraction)
         self.streams = datamod.Streams(self.blocks, self.n_streams, t.grad_accum)
         self.total_steps = t.steps or self.streams.steps_per_epoch
@@ -202,23 +212,12 @@ class Trainer:
 
         # checkpoints: resume when present (the output directory is created only now)
         ensure_writable(t.output_dir)
-        self.ckpt = Checkpoints(os.path.join(t.output_dir, "checkpoints"), t.keep_checkpoints,
-                                t.async_checkpoint)
-        self.start = 0
-        latest = self.ckpt.latest_step()
-        if latest is not None:
-            cursor, stored = self.ckpt.read_json(latest)
-            check_compatible(stored, run, model, t.output_dir)
-            if cursor != self.streams.cursor(latest):
-                raise UserError(f"checkpoint {latest} in {t.output_dir} has data cursor {cursor}, "
-                                f"but this data gives {self.streams.cursor(latest)}; the data "
-                                "changed since it was written")
-            target = {"train": state, "memory": state_to_tree(mem)}
-            target_sh = {"train": self.state_sh, "memory": state_to_tree(self.mem_sh)}
-            restored = self.ckpt.restore_state(latest, abstract_like(target, target_sh))
-            state, mem = restored["train"], tree_to_state(restored["memory"])
-            self.start = latest
-        self.state, self.mem = state, mem
+        self.lock = RunLock(t.output_dir) if self.main else None
+        try:
+            self.state, self.mem, self.start = self._resume(state, mem)
+        except BaseException:
+            self.release()
+            raise
 
         step_fn = stepmod.make_train_step(self.module, m, t, self.tx, self.schedule)
         self.step_fn = jax.jit(step_fn, donate_argnums=(0, 2),
@@ -229,20 +228,53 @@ class Trainer:
         self._eval_fn = None
         self.compile_s = None
 
+    def _resume(self, state, mem):
+        """(state, memory, step) from the newest checkpoint that restores, else the fresh ones."""
+        t = self.t
+        self.ckpt = Checkpoints(os.path.join(t.output_dir, "checkpoints"), t.keep_checkpoints,
+                                t.async_checkpoint)
+
+        def check(step, cursor, stored):
+            check_compatible(stored, self.run, self.model, t.output_dir)
+            resume.check_data(step, cursor, self.streams.cursor(step), self.fingerprint,
+                              t.allow_data_change, t.output_dir)
+
+        target = {"train": state, "memory": state_to_tree(mem)}
+        target_sh = {"train": self.state_sh, "memory": state_to_tree(self.mem_sh)}
+        found = resume.restore_newest(self.ckpt, abstract_like(target, target_sh), check)
+        start = 0
+        if found:
+            start, _, restored = found
+            state, mem = restored["train"], tree_to_state(restored["memory"])
+        if self.main:
+            resume.drop_metrics_after(t.output_dir, start)
+        return state, mem, start
+
+    def release(self) -> None:
+        if self.lock:
+            self.lock.release()
+
     # -- batches
 
     def _global(self, array, axis):
         return sharding.put(array, sharding.rows_sharding(self.mesh, array.ndim, axis))
 
     def batch(self, step: int) -> dict:
-        ids = self.streams.batch(step)
+        rows = self.local_rows
+        ids = self.streams.batch(step, rows)  # zeros in the rows other hosts feed
         out = {"ids": self._global(ids, 1)}
         if self.retriever is not None:
-            keys, query = self.retriever(ids)
-            out["key_emb"] = self._global(keys, 1)
+            keys, query = self.retriever(ids[:, rows])  # this host's rows only
+            out["key_emb"] = self._global(self._all_rows(keys), 1)
             if query is not None:
-                out["query"] = self._global(query, 1)
+                out["query"] = self._global(self._all_rows(query), 1)
         return out
+
+    def _all_rows(self, local: np.ndarray) -> np.ndarray:
+        """`[A, len(local_rows), ...]` -> `[A, n_streams, ...]`, zeros in other hosts' rows."""
+        full = np.zeros((local.shape[0], self.n_streams, *local.shape[2:]), local.dtype)
+        full[:, self.local_rows] = local
+        return full
 
     def config_json(self) -> dict:
         return {"run": self.run.to_dict(), "model": self.model.to_hf_dict(),
@@ -251,7 +283,8 @@ class Trainer:
 
     def save(self, step: int) -> None:
         tree = {"train": self.state, "memory": state_to_tree(self.mem)}
-        self.ckpt.save(step, tree, self.streams.cursor(step), self.config_json())
+        cursor = {**self.streams.cursor(step), resume.FINGERPRINT: self.fingerprint}
+        self.ckpt.save(step, tree, cursor, self.config_json())
 
     # -- validation (the paper's protocol: last `eval_window` tokens of each window)
 
@@ -282,6 +315,15 @@ class Trainer:
     # -- loop
 
     def train(self) -> None:
+        """Run to `total_steps`. SIGINT/SIGTERM/SIGHUP end the step in flight, then save a
+        checkpoint and raise `Interrupted` (one line, exit 128 + signal; the rerun resumes)."""
+        try:
+            with interrupts.deferred() as flag:
+                self._loop(flag)
+        finally:
+            self.release()
+
+    def _loop(self, flag) -> None:
         t = self.t
         bar = tqdm(total=self.total_steps, initial=self.start, unit="step", dynamic_ncols=True,
                    disable=not (t.progress and self.main), file=sys.stderr)
@@ -326,13 +368,22 @@ class Trainer:
                               f"val_ppl {result['val_ppl']:.2f}")
                 window_t0, window_steps = time.perf_counter(), 0
             bar.update(1)
+            # Every host stops after the same step (the save is collective).
+            if not last and sharding.any_process(flag.signum is not None):
+                bar.close()
+                if done % t.checkpoint_every:
+                    self.save(done)
+                self.ckpt.wait()
+                raise interrupts.Interrupted(
+                    flag.signum or signal.SIGTERM, f"checkpoint {done} saved in "
+                    f"{self.ckpt.directory}; run the same command to resume")
         bar.close()
         self.ckpt.wait()
-        if t.export_dir and self.main:
-            frozen = jax.device_get(self.frozen)
-            trainable = jax.device_get(self.state["trainable"])
-            export.export_merged(frozen, trainable, self.run, self.model, self.base_dtypes,
-                          t.export_dir, t.export_hf)
+        if t.export_dir:
+            frozen, trainable = sharding.gather((self.frozen, self.state["trainable"]))
+            if self.main:
+                export.export_merged(frozen, trainable, self.run, self.model, self.base_dtypes,
+                                     t.export_dir, t.export_hf)
         self.ckpt.close()
         self.log.close()
 
@@ -341,7 +392,9 @@ def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
     assignments = [item for group in args.set for item in group]
     run = cfgmod.resolve(args.config, assignments)
-    if args.coordinator or args.num_processes:
+    if args.coordinator == "auto":
+        jax.distributed.initialize()
+    elif args.coordinator or args.num_processes:
         jax.distributed.initialize(coordinator_address=args.coordinator,
                                    num_processes=args.num_processes, process_id=args.process_id)
     model = cfgmod.model_config(run)

@@ -14,7 +14,7 @@ from memlong_jax.io import checkpoint
 from memlong_jax.llama.config import DTYPES, LlamaConfig
 from memlong_jax.llama.model import LlamaForCausalLM
 from memlong_jax.memlong.config import MemLongConfig
-from memlong_jax.memlong.retrievers.text_encoder import default_encoder_dir, read_config
+from memlong_jax.memlong.retrievers.text_encoder import read_config
 from train import config as cfgmod
 from train import lora
 
@@ -29,7 +29,7 @@ CONVERT_HINT = {
 def emb_dim_for(run: cfgmod.Resolved, model: LlamaConfig) -> int | None:
     if run.memlong.retriever != "text":
         return None
-    return read_config(run.train.encoder_dir or default_encoder_dir()).hidden_size
+    return read_config(run.train.encoder_dir).hidden_size
 
 
 def load_base(run: cfgmod.Resolved, model: LlamaConfig):

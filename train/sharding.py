@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from memlong_jax.errors import UserError
@@ -66,6 +67,27 @@ def rows_sharding(mesh: Mesh, ndim: int, axis: int = 0) -> NamedSharding:
 def memory_shardings(state, mesh: Mesh):
     """Every leaf of the MemLong state has the batch (replica row) axis first."""
     return jax.tree_util.tree_map(lambda x: rows_sharding(mesh, x.ndim, 0), state)
+
+
+def local_rows(mesh: Mesh, n_rows: int) -> list[int]:
+    """The batch rows held by this process's devices (every row on a single host)."""
+    index_map = rows_sharding(mesh, 1).addressable_devices_indices_map((n_rows,))
+    return sorted({r for (index,) in index_map.values() for r in range(n_rows)[index]})
+
+
+def gather(tree):
+    """Host (numpy) copies of global arrays. Across hosts an array's shards are not all local:
+    every process must join the all-gather (then only one of them writes)."""
+    if jax.process_count() == 1:
+        return jax.device_get(tree)
+    return multihost_utils.process_allgather(tree, tiled=True)
+
+
+def any_process(value: bool) -> bool:
+    """Whether `value` holds on any process (a collective: every process must call it)."""
+    if jax.process_count() == 1:
+        return value
+    return bool(np.max(multihost_utils.process_allgather(np.int32(value))))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

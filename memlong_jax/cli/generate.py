@@ -37,12 +37,24 @@ def build_parser() -> ArgumentParser:
                         help="sample among the K most likely tokens; 0: all (default: 0)")
     parser.add_argument("--top-p", type=float, default=1.0, metavar="P",
                         help="nucleus sampling mass in (0, 1]; 1: all (default: 1)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    parser.add_argument("--seed", type=seed, default=0, help="random seed in [0, 2^32) "
+                                                             "(default: 0)")
     parser.add_argument("--window", type=int, default=DEFAULT_WINDOW, metavar="W",
                         help="local KV cache in tokens, a multiple of the chunk size and at "
                              f"least two chunks (default: {DEFAULT_WINDOW})")
     add_model_options(parser)
     return parser
+
+
+def seed(text: str) -> int:
+    """A PRNG seed: jax keys take 32 bits."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value < 2**32:
+        raise argparse.ArgumentTypeError(f"needs an integer in [0, 2^32), got {text!r}")
+    return value
 
 
 def read_prompt(args) -> str:

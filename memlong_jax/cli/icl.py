@@ -16,12 +16,15 @@ from memlong_jax.errors import (ArgumentParser, UserError, check_writable_file, 
 from memlong_jax.eval.icl.evaluation import evaluate, table, write_csv
 from memlong_jax.eval.icl.prompts import Settings
 from memlong_jax.eval.icl.tasks import DEFAULT_DATA, ROWS, TASKS, get_task, load_split
+from memlong_jax.io.safe_paths import refuse_overwrite
 
 
 
 def parse_ints(text: str, name: str) -> tuple[int, ...]:
     try:
         values = tuple(int(v) for v in text.split(",") if v.strip())
+        if name == "seeds" and any(not 0 <= v < 2**32 for v in values):
+            raise ValueError
     except ValueError:
         raise UserError(f"--{name} needs comma-separated integers, got {text!r}") from None
     return tuple(dict.fromkeys(values))
@@ -71,6 +74,7 @@ def main(argv=None) -> None:
         raise UserError("--max-context must be at least 1")
     for path in filter(None, (args.json, args.csv)):
         check_writable_file(path)
+    refuse_overwrite((args.json, args.csv), directories=[args.checkpoint, args.data])
     if not os.path.isdir(args.data):
         raise UserError(f"{args.data}: no such ICL data directory (see --data)")
     for name in settings.tasks:   # fail on data before loading the model

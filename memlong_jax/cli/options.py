@@ -10,7 +10,7 @@ import numpy as np
 
 import memlong_jax as ml
 from memlong_jax.errors import UserError
-from memlong_jax.memlong.retrievers.text_encoder import default_encoder_dir, load_text_encoder
+from memlong_jax.memlong.retrievers.text_encoder import load_text_encoder
 
 
 def add_model_options(parser, set_examples: str = "query_mode=segment, retriever=hidden, "
@@ -37,7 +37,7 @@ def load_encoder(mcfg, encoder_dir: str | None):
     """The text retriever's encoder when the settings use one, else None."""
     if mcfg.retriever != "text":
         return None
-    return load_text_encoder(encoder_dir or default_encoder_dir())
+    return load_text_encoder(encoder_dir)
 
 
 def versions() -> dict:

@@ -16,6 +16,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from memlong_jax.errors import UserError
+from memlong_jax.io.safe_paths import contained_file, inside
 from memlong_jax.llama.config import LlamaConfig
 from memlong_jax.llama.model import LlamaForCausalLM
 
@@ -43,9 +44,14 @@ def write_config(directory: str, config: LlamaConfig, **extra) -> None:
 
 
 def save_params(directory: str, params) -> None:
-    """Write the params tree (numpy or jax arrays, any dtype) under `directory/params`."""
-    checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(os.path.join(os.path.abspath(directory), PARAMS_DIR), params)
+    """Write the params tree (numpy or jax arrays, any dtype) under `directory/params`, from
+    this process alone (in a multi-host run only one host exports)."""
+    me = jax.process_index()
+    alone = ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me})
+    checkpointer = ocp.StandardCheckpointer(multiprocessing_options=alone)
+    # Host arrays: orbax refuses single-device jax arrays in a multi-host run.
+    checkpointer.save(os.path.join(os.path.abspath(directory), PARAMS_DIR),
+                      jax.device_get(params))
     checkpointer.wait_until_finished()
 
 
@@ -54,16 +60,23 @@ def load_params(directory: str, config: LlamaConfig):
     path = os.path.join(os.path.abspath(directory), PARAMS_DIR)
     if not os.path.isdir(path):
         raise UserError(f"{directory} is not a converted checkpoint (no {PARAMS_DIR}/ inside)")
-    metadata = ocp.StandardCheckpointer().metadata(path)
-    stored = getattr(metadata, "item_metadata", metadata)
-    target = jax.tree_util.tree_map(
-        lambda shape, meta: jax.ShapeDtypeStruct(shape.shape, meta.dtype),
-        abstract_params(config), dict(stored))
-    return ocp.StandardCheckpointer().restore(path, target)
+    inside(directory, PARAMS_DIR, "parameter directory")
+    try:
+        metadata = ocp.StandardCheckpointer().metadata(path)
+        stored = getattr(metadata, "item_metadata", metadata)
+        target = jax.tree_util.tree_map(
+            lambda shape, meta: jax.ShapeDtypeStruct(shape.shape, meta.dtype),
+            abstract_params(config), dict(stored))
+        return ocp.StandardCheckpointer().restore(path, target)
+    except Exception as err:  # orbax / tensorstore on missing, truncated or foreign files
+        lines = str(err).strip().splitlines()
+        raise UserError(f"{directory}: cannot restore {PARAMS_DIR}/ ({type(err).__name__}: "
+                        f"{lines[0][:200] if lines else ''}); the checkpoint is incomplete or "
+                        "damaged") from None
 
 
 def load_config(directory: str) -> LlamaConfig:
-    path = os.path.join(directory, "config.json")
-    if not os.path.isfile(path):
+    path = contained_file(directory, "config.json", "config")
+    if path is None:
         raise UserError(f"{directory} is not a converted checkpoint (no config.json)")
     return LlamaConfig.from_json_file(path)

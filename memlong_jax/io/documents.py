@@ -14,6 +14,7 @@ from typing import NamedTuple
 from pydoc_data.topics import topics
 
 from memlong_jax.errors import UserError
+from memlong_jax.io.safe_paths import regular_file
 
 JSONL_SUFFIXES = (".jsonl", ".json")
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".tex", ".text")   # what a directory walk picks up
@@ -73,6 +74,8 @@ def expand_paths(paths: list[str]) -> list[str]:
     for path in paths:
         if path == "-" or os.path.isfile(path):
             files.append(path)
+        elif os.path.exists(path) and not os.path.isdir(path):
+            regular_file(path, "input")
         elif os.path.isdir(path):
             found = sorted(os.path.join(root, name) for root, _, names in os.walk(path)
                            for name in names if not name.startswith(".")
@@ -80,7 +83,7 @@ def expand_paths(paths: list[str]) -> list[str]:
             if not found:
                 raise UserError(f"{path}: directory holds no text files "
                                 f"({', '.join(TEXT_SUFFIXES + JSONL_SUFFIXES)})")
-            files += found
+            files += [regular_file(f, "input") for f in found]
         else:
             raise UserError(f"{path}: no such file or directory")
     return files

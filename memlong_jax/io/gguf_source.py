@@ -72,6 +72,9 @@ class GGUFSource:
             raise UserError(f"{self.path}: unsupported RoPE scaling")
         hidden = self._field(f"{arch}.embedding_length")
         heads = self._field(f"{arch}.attention.head_count")
+        if not isinstance(heads, int) or not isinstance(hidden, int) or heads <= 0 or hidden <= 0:
+            raise UserError(f"{self.path}: {arch}.attention.head_count ({heads!r}) and "
+                            f"{arch}.embedding_length ({hidden!r}) must be positive integers")
         tokens = self._field("tokenizer.ggml.tokens") or []
         return {
             "architectures": ["LlamaForCausalLM"], "model_type": "llama",

@@ -18,6 +18,7 @@ from safetensors import safe_open
 
 from memlong_jax.errors import UserError
 from memlong_jax.io.gguf_source import GGUFSource
+from memlong_jax.io.safe_paths import contained_file, inside, regular_file
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "tokenizer.model", "generation_config.json", "added_tokens.json",
@@ -42,8 +43,8 @@ class HFDirectorySource:
 
     def __init__(self, directory: str):
         self.directory = directory
-        config_path = os.path.join(directory, "config.json")
-        if not os.path.isfile(config_path):
+        config_path = contained_file(directory, "config.json", "config")
+        if config_path is None:
             raise UserError(f"{directory}: no config.json")
         try:
             with open(config_path) as f:
@@ -56,26 +57,29 @@ class HFDirectorySource:
     def _weight_map(self) -> dict[str, str]:
         d = self.directory
         for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
-            index_path = os.path.join(d, index_name)
-            if os.path.isfile(index_path):
+            index_path = contained_file(d, index_name, "shard index")
+            if index_path:
                 try:
                     with open(index_path) as f:
-                        mapping = json.load(f)["weight_map"]
-                except (OSError, ValueError, KeyError) as err:
+                        mapping = dict(json.load(f)["weight_map"])
+                    files = {file: inside(d, file, "shard") for file in set(mapping.values())}
+                except (OSError, ValueError, KeyError, TypeError) as err:
                     raise UserError(f"{index_path}: not a valid shard index ({err})") from None
-                return {name: os.path.join(d, file) for name, file in mapping.items()}
+                return {name: files[file] for name, file in mapping.items()}
         files = sorted(glob.glob(os.path.join(d, "*.safetensors")))
         if not files:
             files = sorted(glob.glob(os.path.join(d, "pytorch_model*.bin")))
         if not files:
             raise UserError(f"{d}: no weights found (model.safetensors, sharded safetensors with "
                             "an index, or pytorch_model.bin)")
+        files = [inside(d, os.path.basename(file), "weights file") for file in files]
         return {name: file for file in files for name in self._load_file(file).keys()}
 
     def _load_file(self, file: str):
         if file not in self._open:
-            if not os.path.isfile(file):
+            if not os.path.exists(file):
                 raise UserError(f"{file}: listed in the shard index but missing")
+            regular_file(file, "weights file")
             opener = _open_safetensors if file.endswith(".safetensors") else _open_bin
             self._open[file] = opener(file)
         return self._open[file]
@@ -99,13 +103,18 @@ class HFDirectorySource:
             raise UserError(f"{file}: cannot read tensor {name} ({err})") from None
 
     def save_tokenizer(self, out_dir: str) -> list[str]:
-        copied = []
-        for name in TOKENIZER_FILES:
-            src = os.path.join(self.directory, name)
-            if os.path.isfile(src):
-                shutil.copyfile(src, os.path.join(out_dir, name))
-                copied.append(name)
-        return copied
+        return copy_tokenizer_files(self.directory, out_dir)
+
+
+def copy_tokenizer_files(directory: str, out_dir: str, names=TOKENIZER_FILES) -> list[str]:
+    """Copy the tokenizer files `directory` has; each must be a regular file inside it."""
+    copied = []
+    for name in names:
+        src = contained_file(directory, name, "tokenizer file")
+        if src:
+            shutil.copyfile(src, os.path.join(out_dir, name))
+            copied.append(name)
+    return copied
 
 
 class _SafetensorsFile:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from typing import Any
 
@@ -24,6 +25,8 @@ class ConfigError(UserError, ValueError):
 # Every dtype a setting or flag may name (compute, parameter, storage), by name.
 DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16),
           "float16": np.dtype(np.float16)}
+
+MAX_DIM = 2**31 - 1  # int32 indexing; anything larger is a typo (vocab_size 1e12)
 
 BOOL_WORDS = {"1": True, "true": True, "yes": True, "on": True,
               "0": False, "false": False, "no": False, "off": False}
@@ -47,6 +50,24 @@ def parse_setting(key: str, current, value: str):
     return value
 
 
+def apply_overrides(settings, assignments, what: str):
+    """A copy of the frozen dataclass `settings` with `key=value` strings applied
+    (`retrieval_layers=13,17,21`); unknown keys and keys given twice are errors naming `what`.
+    Values are parsed by the field's type."""
+    fields = [f.name for f in dataclasses.fields(settings)]
+    changes: dict = {}
+    for item in assignments:
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or key not in fields:
+            raise ConfigError(f"bad setting {item!r} ({what}): expected key=value with key one "
+                              f"of {', '.join(fields)}")
+        if key in changes:
+            raise ConfigError(f"{what} setting {key!r} given twice")
+        changes[key] = parse_setting(key, getattr(settings, key), value.strip())
+    return dataclasses.replace(settings, **changes)
+
+
 @dataclasses.dataclass(frozen=True)
 class LlamaConfig:
     vocab_size: int
@@ -66,10 +87,18 @@ class LlamaConfig:
 
     def __post_init__(self):
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                     "num_attention_heads", "num_key_value_heads", "head_dim"):
+                     "num_attention_heads", "num_key_value_heads", "head_dim",
+                     "max_position_embeddings"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+            if value > MAX_DIM:
+                raise ConfigError(f"{name} {value} is beyond any buildable model "
+                                  f"(at most {MAX_DIM})")
+        for name in ("rms_norm_eps", "rope_theta"):
+            value = getattr(self, name)
+            if not isinstance(value, float) or not math.isfinite(value) or value <= 0:
+                raise ConfigError(f"{name} must be a positive number, got {value!r}")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ConfigError(
                 f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
@@ -85,8 +114,12 @@ class LlamaConfig:
     @classmethod
     def from_hf_dict(cls, hf: dict[str, Any]) -> "LlamaConfig":
         """Build from a transformers `LlamaConfig` dict; anything we would compute wrongly is an error."""
+        if not isinstance(hf, dict):
+            raise ConfigError(f"config.json must hold a JSON object, got {type(hf).__name__}")
         model_type = hf.get("model_type")
         archs = hf.get("architectures") or ["LlamaForCausalLM"]
+        if not isinstance(archs, list):
+            archs = [archs]
         if model_type != "llama" or any(a != "LlamaForCausalLM" for a in archs):
             raise ConfigError(
                 f"unsupported architecture (model_type={model_type!r}, architectures={archs}); "
@@ -111,7 +144,7 @@ class LlamaConfig:
                 num_hidden_layers=hf["num_hidden_layers"],
                 num_attention_heads=heads,
                 num_key_value_heads=hf.get("num_key_value_heads") or heads,
-                head_dim=hf.get("head_dim") or hidden // heads,
+                head_dim=hf.get("head_dim") or _divide(hidden, heads),
                 rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
                 rope_theta=float(rope_theta),
                 max_position_embeddings=hf.get("max_position_embeddings", 2048),
@@ -122,6 +155,10 @@ class LlamaConfig:
             )
         except KeyError as err:
             raise ConfigError(f"config.json lacks required field {err.args[0]!r}") from None
+        except ConfigError:
+            raise
+        except (TypeError, ValueError) as err:
+            raise ConfigError(f"config.json has a value of the wrong type ({err})") from None
 
     def to_hf_dict(self) -> dict[str, Any]:
         """The transformers `LlamaConfig` fields that reproduce this model exactly."""
@@ -150,8 +187,20 @@ class LlamaConfig:
 
     @classmethod
     def from_json_file(cls, path: str | os.PathLike) -> "LlamaConfig":
-        with open(path) as f:
-            return cls.from_hf_dict(json.load(f))
+        try:
+            with open(path) as f:
+                data = json.load(f)
+        except (OSError, ValueError) as err:
+            raise ConfigError(f"{path}: not readable JSON ({err})") from None
+        return cls.from_hf_dict(data)
+
+
+def _divide(hidden, heads) -> int:
+    """head_dim when config.json leaves it out: hidden_size / num_attention_heads."""
+    if not isinstance(hidden, int) or not isinstance(heads, int) or heads <= 0:
+        raise ConfigError(f"num_attention_heads ({heads!r}) and hidden_size ({hidden!r}) must "
+                          "be positive integers")
+    return hidden // heads
 
 
 PRESETS: dict[str, LlamaConfig] = {

@@ -12,7 +12,7 @@ from memlong_jax.eval.icl.prompts import Settings, build_groups, label_token_ids
 from memlong_jax.eval.icl.scorer import ICLScorer, argmax_correct, memory_capacity
 from memlong_jax.eval.icl.tasks import DEFAULT_DATA, ROWS, TASKS
 from memlong_jax.memlong.config import MemLongConfig
-from memlong_jax.memlong.retrievers.text_encoder import default_encoder_dir, load_text_encoder
+from memlong_jax.memlong.retrievers.text_encoder import load_text_encoder
 
 
 
@@ -30,7 +30,7 @@ def evaluate(model, data_dir: str = DEFAULT_DATA, settings: Settings = Settings(
     if max_context is None:
         max_context = model.config.max_position_embeddings
     if mcfg.retriever == "text" and encoder is None:
-        encoder = load_text_encoder(default_encoder_dir())
+        encoder = load_text_encoder()
     tokenizer, tau = model.tokenizer, mcfg.chunk_size
     data = load_data(data_dir, settings)
     labels = {d.task.name: label_token_ids(tokenizer, d.task) for d in data}

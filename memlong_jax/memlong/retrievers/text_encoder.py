@@ -108,8 +108,10 @@ def _read_json(path: str) -> dict | None:
         raise UserError(f"{path}: unreadable JSON ({err})") from None
 
 
-def read_config(model_dir: str) -> TextEncoderConfig:
-    """`config.json`, plus `1_Pooling/config.json` and `sentence_bert_config.json` when present."""
+def read_config(model_dir: str | None = None) -> TextEncoderConfig:
+    """`config.json`, plus `1_Pooling/config.json` and `sentence_bert_config.json` when present;
+    no `model_dir`: the bundled default (`default_encoder_dir`)."""
+    model_dir = model_dir or default_encoder_dir()
     hf = _read_json(os.path.join(model_dir, "config.json"))
     if hf is None:
         raise UserError(f"{model_dir}: no config.json (expected an HF / sentence-transformers "
@@ -342,11 +344,15 @@ class TextEncoder:
         return out
 
 
-def load_text_encoder(model_dir: str, dtype=jnp.float32, param_dtype=jnp.float32) -> TextEncoder:
-    """Load an HF / sentence-transformers encoder directory (safetensors, or `.bin` via torch).
+def load_text_encoder(model_dir: str | None = None, dtype=jnp.float32,
+                      param_dtype=jnp.float32) -> TextEncoder:
+    """Load an HF / sentence-transformers encoder directory (safetensors, or `.bin` via torch);
+    no `model_dir`: the bundled all-MiniLM-L6-v2 (`default_encoder_dir`), the one place the
+    default is chosen.
 
     `dtype` is the compute dtype, `param_dtype` the dtype params are stored in.
     """
+    model_dir = model_dir or default_encoder_dir()
     if not os.path.isdir(model_dir):
         raise UserError(f"{model_dir}: no such text encoder directory")
     config = read_config(model_dir)
