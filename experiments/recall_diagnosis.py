@@ -128,12 +128,17 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--windows", type=int, default=3, help="windows per text (default 3)")
+    p.add_argument("--steps", default=",".join(name for name, _, _ in STEPS),
+                   help="comma-separated ladder steps to run (default: all)")
     p.add_argument("--checkpoint", default=CKPT, help=f"converted SmolLM2 (default {CKPT})")
     p.add_argument("--out", default=os.path.join(common.REPO, "experiments", "results",
                                                   "recall_diagnosis.json"))
     args = p.parse_args(argv)
     if args.windows < 1:
         p.error("--windows must be at least 1")
+    chosen = args.steps.split(",")
+    if not set(chosen) <= {name for name, _, _ in STEPS}:
+        p.error(f"--steps: choose from {', '.join(name for name, _, _ in STEPS)}")
     if not os.path.isdir(DATA) or not os.path.isdir(args.checkpoint):
         print(f"needs {DATA} and {args.checkpoint}", file=sys.stderr)
         return 2
@@ -143,7 +148,7 @@ def main(argv=None):
     protocol = Protocol(lengths=(LENGTH,), local_window=LOCAL, scored_tokens=LOCAL)
     data = texts(model.tokenizer, args.windows)
     rows = [("local", None, "local", {}), ("full", None, "full", {})] + [
-        (name, label, "memlong", change) for name, label, change in STEPS]
+        (name, label, "memlong", change) for name, label, change in STEPS if name in chosen]
     nll = {text: {} for text in data}
     results = {"steps": [], "texts": {}}
     bar = tqdm(total=len(rows) * sum(map(len, data.values())), desc="windows")
@@ -168,16 +173,17 @@ def main(argv=None):
                                  "memlong": mcfg.to_dict() if mode == "memlong" else None,
                                  "memory_mass": np.mean(masses, axis=0).tolist() if masses
                                  else None})
+        for text, by_row in nll.items() if mode != "local" else ():   # after every row: a
+            # killed run keeps what it measured
+            results["texts"][text] = {row: summarise(values, by_row["local"], by_row["full"])
+                                      for row, values in by_row.items()}
+        config = {"checkpoint": args.checkpoint, "length": LENGTH, "local_window": LOCAL,
+                  "passage": PASSAGE, "windows": args.windows, "base": base.to_dict()}
+        data_out = common.record("recall_diagnosis", args, config, git=git)
+        data_out["results"] = results
+        data_out["wall_s"] = time.perf_counter() - started
+        path = common.write_json(args.out, data_out)
     bar.close()
-    for text, by_row in nll.items():
-        results["texts"][text] = {name: summarise(values, by_row["local"], by_row["full"])
-                                  for name, values in by_row.items()}
-    config = {"checkpoint": args.checkpoint, "length": LENGTH, "local_window": LOCAL,
-              "passage": PASSAGE, "windows": args.windows, "base": base.to_dict()}
-    data_out = common.record("recall_diagnosis", args, config, git=git)
-    data_out["results"] = results
-    data_out["wall_s"] = time.perf_counter() - started
-    path = common.write_json(args.out, data_out)
     print(f"recall_diagnosis: wrote {os.path.relpath(path)} ({data_out['wall_s']:.0f} s)",
           file=sys.stderr)
     return 0

@@ -64,6 +64,9 @@ def atomic_output_dir(path: str | os.PathLike):
         raise UserError(f"output {path} already exists; remove it or choose another path")
     parent = os.path.dirname(path)
     created = _missing_parents(parent)
+    existing = os.path.dirname(created[-1]) if created else parent
+    if not os.path.isdir(existing):
+        raise UserError(f"cannot create output {path}: {existing} is a file, not a directory")
     tmp = os.path.join(parent, f".{os.path.basename(path)}.tmp-{os.getpid()}")
     try:
         os.makedirs(parent, exist_ok=True)

@@ -15,6 +15,8 @@ from memlong_jax.errors import run_cli
 TEXT = "It is a truth universally acknowledged, that a single man in possession of a good " \
        "fortune, must be in want of a wife. " * 3   # about 390 byte tokens
 FAST = ["--lengths", "32,64", "--local-window", "16", "--scored-tokens", "12", "-q"]
+TINY_BLOCK = ["block_size=4", "window=32", "chunk=8", "memory_tokens=64", "top_k=16",
+              "mem_dtype=float32"]
 
 
 def run(argv, capsys):
@@ -79,6 +81,11 @@ def test_stdin_and_join(tiny_checkpoint, tmp_path, capsys, monkeypatch):
     ("book", ["--lengths", "2x"], "bad length"),
     ("book", ["--set", "fancy=1"], "bad setting"),
     ("book", ["--bogus-flag"], "unrecognized arguments"),
+    ("book", ["--modes", "block"], "trained range"),   # default window 2048 > tiny's 2048
+    ("book", ["--modes", "block", "--block", "window=100"], "multiple of block_size"),
+    ("book", ["--modes", "block", "--block", "depth=3"], "bad setting"),
+    ("book", ["--modes", "block", *[f"--block={s}" for s in TINY_BLOCK], "--block=chunk=24"],
+     "not a multiple of the block memory's chunk"),
     ("book", ["--plot", "plot.gif"], "plot.gif"),
     ("bad_jsonl", [], "not valid JSON"),
     ("missing", [], "no such file"),
@@ -132,3 +139,20 @@ def test_inputs_may_follow_options(tiny_checkpoint, tmp_path, capsys):
         assert code == 0, err
         outputs.append(json.loads(path.read_text())["windows"])
     assert outputs[0] == outputs[1] and len(outputs[0]) > 0
+
+
+def test_block_mode_with_every_block_at_true_positions_scores_as_full(tiny_checkpoint, tmp_path,
+                                                                      capsys):
+    """The block row goes through the scorer on the same tokens as `full`; with every block
+    kept and retrieved at true positions it is full attention (tests/test_blockmem.py)."""
+    (tmp_path / "book.txt").write_text(TEXT)
+    argv = [tiny_checkpoint, str(tmp_path / "book.txt"), *FAST, "--modes", "block,full",
+            *[f"--block={s}" for s in TINY_BLOCK + ["placement=true"]],
+            "--json", str(tmp_path / "r.json")]
+    code, _, stderr = run(argv, capsys)
+    assert code == 0, stderr
+    results = json.loads((tmp_path / "r.json").read_text())
+    assert results["config"]["block"]["placement"] == "true"
+    rows = {(r["length"], r["mode"]): r["ppl"] for r in results["rows"]}
+    for length in (32, 64):
+        assert rows[(length, "block")] == pytest.approx(rows[(length, "full")], rel=1e-5)

@@ -8,9 +8,10 @@ directories of them (recursive), or `-` for stdin (the default when stdin is pip
 Each document is cut into non-overlapping windows of every length; in each window the last
 `--scored-tokens` tokens (at most the final local window, minus its first token) are scored in
 every mode: `memlong` (prefix through memory, local window with retrieval), `local` (the local
-window alone) and `full` (plain causal attention over the whole window). Documents shorter than
-a length are skipped at that length with a warning; if nothing at all can be scored, that is an
-error. PPL = exp(mean over windows of window-mean NLL); token-weighted PPL is in the JSON/CSV.
+window alone), `full` (plain causal attention over the whole window) and, when asked for,
+`block` (training-free block memory over each layer's own K/V, settings via `--block`).
+Documents shorter than a length are skipped at that length with a warning; if nothing at all
+can be scored, that is an error. PPL = exp(mean over windows of window-mean NLL); token-weighted PPL is in the JSON/CSV.
 Memory is reset for every window unless `--carry-memory` (upstream's behaviour).
 """
 
@@ -32,6 +33,7 @@ from memlong_jax.eval import scoring
 from memlong_jax.eval.score_report import PLOT_FORMATS, table, write_csv, write_plot
 from memlong_jax.io.documents import expand_paths, read_documents
 from memlong_jax.io.safe_paths import refuse_overwrite
+from memlong_jax.memlong.blockmem import BlockConfig
 
 SUFFIXES = {"k": 1024, "m": 1024 * 1024}
 
@@ -62,8 +64,14 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("inputs", nargs="*", help="files, directories or - (default: stdin)")
     parser.add_argument("--lengths", default="2k,4k,8k,16k,32k",
                         help="evaluation lengths, comma separated (default: %(default)s)")
-    parser.add_argument("--modes", default=",".join(scoring.MODES),
-                        help="modes to compare (default: %(default)s)")
+    parser.add_argument("--modes", default=",".join(scoring.DEFAULT_MODES),
+                        help=f"modes to compare, from {', '.join(scoring.MODES)} "
+                             "(default: %(default)s)")
+    parser.add_argument("--block", dest="block_overrides", action="append", default=[],
+                        metavar="KEY=VALUE",
+                        help="block memory setting for the block mode, e.g. window=1024, "
+                             "top_k=16, memory_tokens=131072 (repeatable; defaults: "
+                             f"{', '.join(f'{k}={v}' for k, v in dataclasses.asdict(BlockConfig()).items())})")
     parser.add_argument("--local-window", default="2048",
                         help="local attention window of memlong/local modes (default: 2048)")
     parser.add_argument("--scored-tokens", default="2048",
@@ -123,6 +131,8 @@ def main(argv=None) -> None:
 
     model, mcfg = load_model(args)
     protocol = make_protocol(args, mcfg.chunk_size)
+    block = (BlockConfig().with_overrides(args.block_overrides).validate(model.config)
+             if "block" in modes else None)
     documents = tokenize(model, read_documents(inputs, args.text_field), args.join)
 
     warnings = []
@@ -138,7 +148,8 @@ def main(argv=None) -> None:
                            if protocol.min_doc_tokens else ""))
 
     encoder = load_encoder(mcfg, args.encoder) if "memlong" in modes else None
-    scorer = scoring.Scorer(model.module, model.params, mcfg, protocol, encoder, model.tokenizer)
+    scorer = scoring.Scorer(model.module, model.params, mcfg, protocol, encoder, model.tokenizer,
+                            block)
 
     bar = tqdm(total=total, unit="tok", unit_scale=True, disable=args.quiet, file=sys.stderr,
                dynamic_ncols=True)
@@ -151,6 +162,7 @@ def main(argv=None) -> None:
         "checkpoint_path": os.path.abspath(args.checkpoint),
         "modes": list(modes), "dtype": args.dtype,
         "protocol": dataclasses.asdict(protocol), "memlong": mcfg.to_dict(),
+        "block": dataclasses.asdict(block) if block else None,
         "model": model.config.to_hf_dict(),
         "encoder": args.encoder or ("default" if encoder else None),
         "inputs": inputs, "join": args.join,

@@ -278,8 +278,40 @@ def sample(logits, key, sampling: Sampling):
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
+class TokenStream:
+    """The sampling loop over a decoder's `start(params, prompt_ids) -> (state, logits)` and
+    `step(params, state, tokens) -> (state, logits)`; shared by MemLong's `Generator` and block
+    memory's `BlockGenerator`."""
+
+    def tokens(self, params, prompt_ids, max_new_tokens: int, sampling: Sampling = Sampling(),
+               stop_ids: Sequence[int] = (), seed: int = 0,
+               pad_id: int | None = None) -> Iterator[np.ndarray]:
+        """Yield each step's new tokens `[B]` as soon as they are chosen (streaming).
+
+        Stops after `max_new_tokens` steps or once every row has produced one of `stop_ids`
+        (the stop token is yielded); rows that stopped earlier yield `pad_id` (default: the
+        first stop id). Step i draws with `fold_in(PRNGKey(seed), i)`: a seed fixes the output.
+        """
+        if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) \
+                or max_new_tokens < 1:
+            raise UserError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+        stops = np.asarray(list(stop_ids), np.int32)
+        pad = pad_id if pad_id is not None else int(stops[0]) if stops.size else 0
+        key = jax.random.PRNGKey(seed)
+        gen, logits = self.start(params, prompt_ids)
+        done = np.zeros(np.shape(prompt_ids)[0], bool)
+        for i in range(max_new_tokens):
+            tokens = np.where(done, pad, np.asarray(sample(logits, jax.random.fold_in(key, i),
+                                                           sampling)))
+            yield tokens
+            done |= np.isin(tokens, stops)
+            if done.all() or i + 1 == max_new_tokens:
+                return
+            gen, logits = self.step(params, gen, tokens)
+
+
 @dataclasses.dataclass
-class Generator:
+class Generator(TokenStream):
     """Runs `start` / `decode` / `spill` for one model, MemLong config and window.
 
     The text retriever (`mcfg.retriever == "text"`) needs the LM `tokenizer` and a text
@@ -358,29 +390,3 @@ class Generator:
             done = np.asarray(gen.ids)[:, length - tau:length] if self._text else None
             gen = refresh(self.mcfg, gen, None if done is None else self._query_embedding(done))
         return decode(self.module, self.mcfg, params, gen, jnp.asarray(tokens, jnp.int32))
-
-    def tokens(self, params, prompt_ids, max_new_tokens: int, sampling: Sampling = Sampling(),
-               stop_ids: Sequence[int] = (), seed: int = 0,
-               pad_id: int | None = None) -> Iterator[np.ndarray]:
-        """Yield each step's new tokens `[B]` as soon as they are chosen (streaming).
-
-        Stops after `max_new_tokens` steps or once every row has produced one of `stop_ids`
-        (the stop token is yielded); rows that stopped earlier yield `pad_id` (default: the
-        first stop id). Step i draws with `fold_in(PRNGKey(seed), i)`: a seed fixes the output.
-        """
-        if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) \
-                or max_new_tokens < 1:
-            raise UserError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
-        stops = np.asarray(list(stop_ids), np.int32)
-        pad = pad_id if pad_id is not None else int(stops[0]) if stops.size else 0
-        key = jax.random.PRNGKey(seed)
-        gen, logits = self.start(params, prompt_ids)
-        done = np.zeros(gen.ids.shape[0], bool)
-        for i in range(max_new_tokens):
-            tokens = np.where(done, pad, np.asarray(sample(logits, jax.random.fold_in(key, i),
-                                                           sampling)))
-            yield tokens
-            done |= np.isin(tokens, stops)
-            if done.all() or i + 1 == max_new_tokens:
-                return
-            gen, logits = self.step(params, gen, tokens)

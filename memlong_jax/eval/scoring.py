@@ -8,7 +8,9 @@ inside the final local window of `min(local_window, N)` tokens. Modes:
 - `memlong`: the N - local_window prefix tokens go through memory chunk by chunk, then the local
   window is scored with retrieval-causal attention (`scan.score_sequence`);
 - `local`: the local window alone, plain causal attention, no memory;
-- `full`: plain causal attention over the whole window (blockwise when long, so 32k fits).
+- `full`: plain causal attention over the whole window (blockwise when long, so 32k fits);
+- `block`: the whole window through the training-free block memory (`blockmem`: sinks, a local
+  window and retrieved blocks of each layer's own past K/V), chunk by chunk.
 
 Upstream scores 2048 predictions per window, the first of them made by the last *prefix* chunk;
 here the first token of the local window is not scored, so every scored token has the same
@@ -31,11 +33,12 @@ import numpy as np
 
 from memlong_jax.errors import UserError
 from memlong_jax.llama.model import LlamaForCausalLM
-from memlong_jax.memlong import scan
+from memlong_jax.memlong import blockmem, scan
 from memlong_jax.memlong.config import MemLongConfig
 from memlong_jax.memlong.retrievers.text_pipeline import text_embeddings
 
-MODES = ("memlong", "local", "full")
+MODES = ("memlong", "local", "full", "block")
+DEFAULT_MODES = ("memlong", "local", "full")
 # The memlong prefix is fed from the host in blocks of this many chunks (8192 tokens at tau 128):
 # text embeddings are computed block by block, progress is visible, and host memory stays flat
 # however long the window.
@@ -91,13 +94,18 @@ class Protocol:
 
 
 class Scorer:
-    """Jitted window scorers for the three modes of one model; each (mode, length) compiles once
-    ahead of time, and the compile time is recorded apart from the scoring time."""
+    """Jitted window scorers for the modes of one model; each (mode, length) compiles once
+    ahead of time, and the compile time is recorded apart from the scoring time. `block`: the
+    block memory settings (needed for the `block` mode only)."""
 
     def __init__(self, module: LlamaForCausalLM, params, mcfg: MemLongConfig, protocol: Protocol,
-                 encoder=None, tokenizer=None):
+                 encoder=None, tokenizer=None, block: blockmem.BlockConfig | None = None):
         self.module, self.params, self.mcfg, self.protocol = module, params, mcfg, protocol
-        self.encoder, self.tokenizer = encoder, tokenizer
+        self.encoder, self.tokenizer, self.block = encoder, tokenizer, block
+        for length in protocol.lengths if block else ():
+            if length % block.chunk:
+                raise UserError(f"length {length} is not a multiple of the block memory's "
+                                f"chunk ({block.chunk})")
         self._compiled: dict = {}
         self.last_compile_seconds = 0.0
 
@@ -124,6 +132,26 @@ class Scorer:
                   self.module.config.num_hidden_layers, method=self.module.run_layers)
         logits = apply(h[:, -scored - 1:-1], method=self.module.final)
         return scan.token_nll(logits, ids[:, -scored:])
+
+    def _block_nll(self, params, state, ids, targets):
+        return blockmem.score_chunks(self.module, self.block, params, state, ids, targets)
+
+    def _block_window(self, ids, progress):
+        """The whole window through block memory, fed from the host in blocks of whole chunks
+        (progress stays visible, host memory flat); NLL of the scored predictions."""
+        chunk = self.block.chunk
+        targets = jnp.concatenate([ids[:, 1:], jnp.zeros_like(ids[:, :1])], axis=1)
+        step = max(chunk, HOST_BLOCK_CHUNKS * self.mcfg.chunk_size // chunk * chunk)
+        state = blockmem.init_state(self.module, self.block, ids.shape[0])
+        parts = []
+        for start in range(0, ids.shape[1], step):
+            part = slice(start, min(start + step, ids.shape[1]))
+            state, nll = jax.block_until_ready(self._call(
+                ("block", part.stop - part.start), self._block_nll, self.params, state,
+                ids[:, part], targets[:, part]))
+            parts.append(np.asarray(nll))
+            progress(part.stop - part.start)
+        return np.concatenate(parts, axis=1)[:, -self.protocol.predictions(ids.shape[1]) - 1:-1]
 
     def _call(self, key: tuple[str, int], fn, *args):
         """Run `fn` compiled for these argument shapes; compilation time is added to
@@ -174,6 +202,10 @@ class Scorer:
         self.last_compile_seconds = 0.0
         if mode == "memlong":
             return self._memlong_window(ids, state, progress)
+        if mode == "block":
+            if self.block is None:
+                raise UserError("the block mode needs block memory settings")
+            return state, self._block_window(ids, progress)
         if mode not in MODES:
             raise UserError(f"unknown mode {mode!r}; choose from {', '.join(MODES)}")
         seen = ids[:, -self.protocol.final_window(ids.shape[1]):] if mode == "local" else ids

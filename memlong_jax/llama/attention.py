@@ -70,7 +70,8 @@ def grouped_attention(q, k, v, mask):
     """softmax(q k^T / sqrt(d) masked) v with GQA, without repeating K/V per query head.
 
     q: `[B, T, H, D]`; k, v: `[B, S, KV, D]` with H a multiple of KV; mask: bool broadcastable
-    to `[B, T, S]`. Scores and softmax are fp32 whatever the compute dtype.
+    to `[B, T, S]`, or `[B, KV, 1, T, S]` (a mask per KV group). Scores and softmax are fp32
+    whatever the compute dtype.
 
     Layout and order are chosen for speed (bench/attention.py): heads-major
     operands make both products plain batched matmuls; the 1/sqrt(d) scale is folded into the
@@ -81,7 +82,8 @@ def grouped_attention(q, k, v, mask):
     kv_heads = k.shape[2]
     q = jnp.moveaxis(q.reshape(batch, q_len, kv_heads, heads // kv_heads, head_dim), 1, 3)
     scores = jnp.einsum("bkgtd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
-    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    mask = mask[:, None, None] if mask.ndim == 3 else mask  # else per KV group [B, KV, 1, T, S]
+    scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
     peak = jax.lax.stop_gradient(scores.max(axis=-1, keepdims=True))
     probs = jnp.exp((scores - peak) * (head_dim ** -0.5))
     total = probs.sum(axis=-1, keepdims=True)
@@ -215,6 +217,15 @@ class Attention(nn.Module):
         self.v_proj = proj(self.num_kv_heads * self.head_dim)
         self.o_proj = proj(self.hidden_size)
 
+    def qkv(self, x):
+        """Pre-RoPE queries `[B, T, H, D]`, keys and values `[B, T, KV, D]`."""
+        q = self.q_proj(x).reshape(*x.shape[:2], self.num_heads, self.head_dim)
+        return (q, *self.kv(x))
+
+    def project_out(self, out):
+        """The output projection of attention outputs `[B, T, H, D]`."""
+        return self.o_proj(out.reshape(*out.shape[:2], self.num_heads * self.head_dim))
+
     def kv(self, x):
         """Pre-RoPE keys and values `[B, T, KV, D]`: what MemLong's memory layer stores."""
         shape = (*x.shape[:2], self.num_kv_heads, self.head_dim)
@@ -223,9 +234,8 @@ class Attention(nn.Module):
     def __call__(self, x, cos, sin, mask=None, memory: MemoryKV | None = None):
         """Self-attention under `mask` (None: causal, blockwise when long); with `memory`,
         MemLong's retrieval-causal attention."""
-        batch, length, _ = x.shape
-        q = self.q_proj(x).reshape(batch, length, self.num_heads, self.head_dim)
-        k, v = self.kv(x)
+        length = x.shape[1]
+        q, k, v = self.qkv(x)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         min_length, block = blockwise_plan()
         if mask is None and length >= min_length:
@@ -236,7 +246,7 @@ class Attention(nn.Module):
             if memory is not None:
                 k, v, mask = with_memory(k, v, mask, memory)
             out = grouped_attention(q, k, v, mask)
-        return self.o_proj(out.reshape(batch, length, self.num_heads * self.head_dim))
+        return self.project_out(out)
 
     def extend(self, x, cache, length, cos, sin, memory: MemoryKV | None = None):
         """Attention of T new tokens `x` `[B, T, hidden]` appended to a fixed-capacity local cache.

@@ -50,6 +50,24 @@ def parse_setting(key: str, current, value: str):
     return value
 
 
+def apply_overrides(settings, assignments, what: str):
+    """A copy of the frozen dataclass `settings` with `key=value` strings applied
+    (`retrieval_layers=13,17,21`); unknown keys and keys given twice are errors naming `what`.
+    Values are parsed by the field's type."""
+    fields = [f.name for f in dataclasses.fields(settings)]
+    changes: dict = {}
+    for item in assignments:
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or key not in fields:
+            raise ConfigError(f"bad setting {item!r} ({what}): expected key=value with key one "
+                              f"of {', '.join(fields)}")
+        if key in changes:
+            raise ConfigError(f"{what} setting {key!r} given twice")
+        changes[key] = parse_setting(key, getattr(settings, key), value.strip())
+    return dataclasses.replace(settings, **changes)
+
+
 @dataclasses.dataclass(frozen=True)
 class LlamaConfig:
     vocab_size: int

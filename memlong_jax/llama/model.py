@@ -52,6 +52,15 @@ class DecoderLayer(nn.Module):
         h = h + out
         return h + self.mlp(self.post_attention_layernorm(h)), cache
 
+    def with_attention(self, h, attend):
+        """This layer with its attention replaced by `attend(q, k, v) -> (out, aux)` on pre-RoPE
+        q `[B, T, H, D]`, k, v `[B, T, KV, D]` (a caller-managed context, e.g. block memory).
+        Returns (h, aux)."""
+        q, k, v = self.self_attn.qkv(self.input_layernorm(h))
+        out, aux = attend(q, k, v)
+        h = h + self.self_attn.project_out(out)
+        return h + self.mlp(self.post_attention_layernorm(h)), aux
+
     def memory_kv(self, h):
         """(normed input, pre-RoPE K, V) of this layer for hidden states `h` entering it."""
         x = self.input_layernorm(h)
@@ -167,6 +176,9 @@ class LlamaForCausalLM(nn.Module):
 
     def extend_layers(self, h, caches, length, start, stop, memory=None, retrieval_layers=()):
         return self.model.extend_layers(h, caches, length, start, stop, memory, retrieval_layers)
+
+    def layer_with_attention(self, h, layer: int, attend):
+        return self.model.layers[layer].with_attention(h, attend)
 
     def memory_kv(self, h, layer: int):
         return self.model.layers[layer].memory_kv(h)

@@ -6,7 +6,7 @@ import dataclasses
 import json
 import os
 
-from memlong_jax.llama.config import PRESETS, ConfigError, LlamaConfig, parse_setting
+from memlong_jax.llama.config import PRESETS, ConfigError, LlamaConfig, apply_overrides
 
 CHOICES = {
     "mem_dtype": ("bfloat16", "float16", "float32"),
@@ -99,20 +99,8 @@ class MemLongConfig:
             raise ConfigError(f"incomplete MemLong settings: {err}") from None
 
     def with_overrides(self, assignments) -> "MemLongConfig":
-        """Apply `key=value` strings (`retrieval_layers=13,17,21`); unknown keys and keys given
-        twice are errors. Values are parsed by the field's type."""
-        fields = {f.name: f for f in dataclasses.fields(self)}
-        changes: dict = {}
-        for item in assignments:
-            key, sep, value = item.partition("=")
-            key = key.strip()
-            if not sep or key not in fields:
-                raise ConfigError(f"bad setting {item!r}: expected key=value with key one of "
-                                  f"{', '.join(fields)}")
-            if key in changes:
-                raise ConfigError(f"setting {key!r} given twice")
-            changes[key] = parse_setting(key, getattr(self, key), value.strip())
-        return self.replace(**changes)
+        """Apply `key=value` strings (`retrieval_layers=13,17,21`); see `apply_overrides`."""
+        return apply_overrides(self, assignments, "MemLong")
 
     def validate(self, model: LlamaConfig) -> "MemLongConfig":
         """Raise `ConfigError` naming the first bad field; return self when all is well."""
