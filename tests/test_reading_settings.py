@@ -59,9 +59,11 @@ def test_per_layer_true_positions_with_context_is_full_attention(params, length,
     np.testing.assert_allclose(nll, full_nll(params, ids[:, :length], window), atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("missing", sorted(READ_ALL))
+@pytest.mark.parametrize("missing", ["memory_kv", "memory_positions"])
 def test_each_setting_is_needed_for_full_attention(params, missing):
-    """Upstream's value for any one of the three settings breaks the equality."""
+    """Upstream's value for either reading setting breaks the equality. (`prefix_context` is
+    not needed for it: with per-layer memory the prefix chunks already read every earlier chunk
+    at true positions, which is exact full attention chunk by chunk.)"""
     ids = random_ids(5, length=32)
     mcfg = EVERYTHING.replace(**READ_ALL).replace(**{missing: {
         "prefix_context": "chunk", "memory_positions": "zero", "memory_kv": "shared"}[missing]})
@@ -98,7 +100,7 @@ def test_true_positions_follow_the_write_order(params):
             first = int(memory.insert_time[b, slot]) * 4 + 1   # stream position of its 1st token
             np.testing.assert_array_equal(got[b, 4 * i:4 * i + 4],
                                           np.arange(first, first + 4) - stream_start)
-    assert (got[np.asarray(jnp.repeat(found, 4, axis=1))] < 0).all()
+    assert (got[np.asarray(jnp.repeat(found, 4, axis=1))] <= 0).all()   # the window starts at 1
 
 
 @pytest.mark.parametrize("settings", [READ_ALL, dict(memory_positions="true"),

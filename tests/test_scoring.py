@@ -46,7 +46,7 @@ def base_nll(params, ids):
 def test_single_window_is_the_base_model_in_every_mode(scorer, params):
     ids = random_ids(0, 16)   # fits the local window: memory stays empty
     expected = base_nll(params, ids)[:, -PROTOCOL.predictions(16):]
-    for mode in scoring.MODES:
+    for mode in scoring.DEFAULT_MODES:
         _, nll = scorer.window_nll(mode, ids)
         np.testing.assert_allclose(np.asarray(nll), expected, atol=1e-4, err_msg=mode)
 
@@ -85,9 +85,9 @@ def test_blockwise_attention_with_memory_scores_as_the_dense_path(params, monkey
     ids = random_ids(4, 48)
     protocol = PROTOCOL.validate(MCFG.chunk_size)
     dense = {m: np.asarray(scoring.Scorer(MODULE, params, MCFG, protocol).window_nll(m, ids)[1])
-             for m in scoring.MODES}
+             for m in scoring.DEFAULT_MODES}
     monkeypatch.setattr(attention, "BLOCKWISE", {jax.default_backend(): (8, 4)})
-    for mode in scoring.MODES:
+    for mode in scoring.DEFAULT_MODES:
         _, nll = scoring.Scorer(MODULE, params, MCFG, protocol).window_nll(mode, ids)
         np.testing.assert_allclose(np.asarray(nll), dense[mode], atol=1e-5, err_msg=mode)
     assert np.abs(dense["memlong"] - dense["local"]).max() > 1e-3
@@ -111,7 +111,7 @@ def test_windows_never_overlap_and_stay_inside(n_tokens, length, max_windows, mi
 
 def test_evaluate_aggregates_and_resets_memory_per_window(scorer):
     ids = random_ids(2, 100)[0]   # two 48-token windows; the 4-token tail is not scored
-    results = scoring.evaluate(scorer, [("doc", ids)], scoring.MODES)
+    results = scoring.evaluate(scorer, [("doc", ids)], scoring.DEFAULT_MODES)
     rows = {(r["length"], r["mode"]): r for r in results["rows"]}
     for (length, mode), row in rows.items():
         means = [w["mean_nll"] for w in results["windows"]
@@ -134,7 +134,7 @@ def test_carry_memory_changes_only_memlong(params):
                                     carry_memory=carry)
         scorer = scoring.Scorer(MODULE, params, MCFG, protocol)
         results[carry] = {(w["mode"], w["start"]): w["mean_nll"]
-                          for w in scoring.evaluate(scorer, [("doc", ids)], scoring.MODES)["windows"]}
+                          for w in scoring.evaluate(scorer, [("doc", ids)], scoring.DEFAULT_MODES)["windows"]}
     for key, value in results[False].items():
         if key == ("memlong", 48):   # the second window retrieves from the first when carried
             assert abs(results[True][key] - value) > 1e-4
