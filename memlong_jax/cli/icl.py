@@ -8,9 +8,9 @@ import os
 import sys
 import time
 
-from tqdm import tqdm
 
-from memlong_jax.cli.options import add_model_options, load_encoder, load_model, versions
+from memlong_jax.cli.options import (add_model_options, load_encoder, load_model, progress_bars,
+                                     versions)
 from memlong_jax.errors import (ArgumentParser, UserError, check_writable_file, entry_point,
                                 write_atomically, write_json)
 from memlong_jax.eval.icl.evaluation import evaluate, table, write_csv
@@ -85,19 +85,9 @@ def main(argv=None) -> None:
     encoder = load_encoder(mcfg, args.encoder)
 
     start = time.perf_counter()
-    bars = []
-
-    def progress(total):
-        bars.append(tqdm(total=total, unit="item", disable=args.quiet, file=sys.stderr,
-                         dynamic_ncols=True))
-        return bars[-1]
-
-    try:
+    with progress_bars("item", args.quiet) as progress:
         results = evaluate(model, args.data, settings, mcfg, encoder, args.batch_size,
                            args.batch_tokens, args.max_context, progress)
-    finally:
-        for bar in bars:
-            bar.close()
     results["config"] = {
         "checkpoint": os.path.basename(os.path.normpath(args.checkpoint)),
         "checkpoint_path": os.path.abspath(args.checkpoint),

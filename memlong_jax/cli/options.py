@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import platform
+import sys
 
 import flax
 import jax
 import numpy as np
+from tqdm import tqdm
 
 import memlong_jax as ml
 from memlong_jax.errors import UserError
@@ -45,3 +48,20 @@ def versions() -> dict:
     return {"python": platform.python_version(), "jax": jax.__version__,
             "flax": flax.__version__, "numpy": np.__version__,
             "device": str(jax.devices()[0].device_kind), "machine": platform.machine()}
+
+
+@contextlib.contextmanager
+def progress_bars(unit: str, quiet: bool):
+    """A factory `progress(total)` of tqdm bars on stderr; every bar it made is closed on exit."""
+    bars = []
+
+    def progress(total):
+        bars.append(tqdm(total=total, unit=unit, disable=quiet, file=sys.stderr,
+                         dynamic_ncols=True))
+        return bars[-1]
+
+    try:
+        yield progress
+    finally:
+        for bar in bars:
+            bar.close()

@@ -9,9 +9,9 @@ import subprocess
 import sys
 import time
 
-from tqdm import tqdm
 
-from memlong_jax.cli.options import add_model_options, load_encoder, load_model, versions
+from memlong_jax.cli.options import (add_model_options, load_encoder, load_model, progress_bars,
+                                     versions)
 from memlong_jax.cli.score import parse_length
 from memlong_jax.errors import (ArgumentParser, UserError, check_writable_file, entry_point,
                                 write_atomically, write_json)
@@ -127,18 +127,8 @@ def main(argv=None) -> None:
     settings.validate(mcfg.chunk_size)      # before the encoder loads
     encoder = load_encoder(mcfg, args.encoder) if "memlong" in settings.rows else None
 
-    bars = []
-
-    def progress(total):
-        bars.append(tqdm(total=total, unit="cell", disable=args.quiet, file=sys.stderr,
-                         dynamic_ncols=True))
-        return bars[-1]
-
-    try:
+    with progress_bars("cell", args.quiet) as progress:
         results = evaluate(model, settings, mcfg, encoder, texts, progress)
-    finally:
-        for bar in bars:
-            bar.close()
     results["config"] = {
         "checkpoint": os.path.basename(os.path.normpath(args.checkpoint)),
         "checkpoint_path": os.path.abspath(args.checkpoint),
