@@ -7,6 +7,8 @@ import json
 import os
 import random
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
@@ -107,3 +109,14 @@ def toy_corpus(path, seed: int, repeats: int = 200) -> str:
     line = " ".join(rng.choice(words) for _ in range(12)) + ".\n"
     path.write_text(line * repeats)
     return str(path)
+
+
+def sharp_params(module, seed: int = 0):
+    """Random params for `module` with 2-d weights scaled by 4: a sharper model, so that memory
+    reading errors show in the NLL."""
+    p = module.init(jax.random.PRNGKey(seed), jnp.zeros((1, 4), jnp.int32))["params"]
+    return jax.tree_util.tree_map(lambda x: x * 4.0 if x.ndim == 2 else x, p)
+
+
+def random_token_ids(seed, vocab_size: int, batch=2, length=40):
+    return jax.random.randint(jax.random.PRNGKey(seed), (batch, length), 0, vocab_size)

@@ -19,6 +19,8 @@ from memlong_jax.memlong import memory as mem_ops
 from memlong_jax.memlong import scan
 from memlong_jax.memlong.config import MEMLONG_PRESETS
 
+from helpers import random_token_ids, sharp_params
+
 CFG = PRESETS["tiny"]
 MCFG = MEMLONG_PRESETS["tiny"].validate(CFG).replace(query_mode="chunk")  # tau 4, 8 slots, k 2
 MODULE = LlamaForCausalLM(CFG)
@@ -28,12 +30,11 @@ MODES = [dict(query_mode="chunk"), dict(query_mode="chunk", continuation=True, t
 
 @pytest.fixture(scope="module")
 def params():
-    p = MODULE.init(jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32))["params"]
-    return jax.tree_util.tree_map(lambda x: x * 4.0 if x.ndim == 2 else x, p)  # sharper model
+    return sharp_params(MODULE)
 
 
 def random_ids(seed, batch=2, length=40):
-    return jax.random.randint(jax.random.PRNGKey(seed), (batch, length), 0, CFG.vocab_size)
+    return random_token_ids(seed, CFG.vocab_size, batch, length)
 
 
 @functools.partial(jax.jit, static_argnames=("mcfg", "window"))

@@ -15,6 +15,8 @@ from memlong_jax.memlong import scan
 from memlong_jax.memlong.config import MEMLONG_PRESETS
 from memlong_jax.llama.model import LlamaForCausalLM
 
+from helpers import random_token_ids, sharp_params
+
 CFG = PRESETS["tiny"]
 MODULE = LlamaForCausalLM(CFG)
 # Every layer reads memory, top-k covers the whole memory (8 chunks of 4 tokens).
@@ -25,12 +27,11 @@ READ_ALL = dict(prefix_context="window", memory_positions="true", memory_kv="per
 
 @pytest.fixture(scope="module")
 def params():
-    p = MODULE.init(jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32))["params"]
-    return jax.tree_util.tree_map(lambda x: x * 4.0 if x.ndim == 2 else x, p)  # sharper model
+    return sharp_params(MODULE)
 
 
 def random_ids(seed, batch=2, length=40):
-    return jax.random.randint(jax.random.PRNGKey(seed), (batch, length), 0, CFG.vocab_size)
+    return random_token_ids(seed, CFG.vocab_size, batch, length)
 
 
 @functools.partial(jax.jit, static_argnames=("mcfg", "window"))
