@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import struct
 
 import flax.linen as nn
 import jax
@@ -13,9 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import traverse_util
-from tensorboardX.proto import event_pb2
 
-from helpers import toy_corpus
+from helpers import tensorboard_scalars, toy_corpus
 import memlong_jax as ml
 from memlong_jax.errors import run_cli
 from memlong_jax.llama.config import ConfigError, PRESETS as MODEL_PRESETS
@@ -270,15 +268,8 @@ def test_adapter_travels_and_merges_like_the_checkpoint(trained, capsys):
 def test_tensorboard_events_hold_the_logged_scalars(trained):
     """Every scalar of metrics.jsonl is in the TensorBoard event file, at its step."""
     tmp_path = trained[0]
-    (events,) = os.listdir(tmp_path / "out" / "tb")
-    data = (tmp_path / "out" / "tb" / events).read_bytes()
-    logged, pos = {}, 0
-    while pos < len(data):   # TFRecord framing: length, its CRC, payload, its CRC
-        (length,) = struct.unpack("<Q", data[pos:pos + 8])
-        event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + length])
-        for value in event.summary.value:
-            logged[(event.step, value.tag)] = value.simple_value
-        pos += 16 + length
+    logged = {(step, tag): value
+              for step, tag, value in tensorboard_scalars(tmp_path / "out" / "tb")}
     rows = [json.loads(line) for line in open(tmp_path / "out" / "metrics.jsonl")]
     expected = {(row["step"], tag): value for row in rows for tag, value in row.items()
                 if tag not in ("step", "time") and isinstance(value, (int, float))}

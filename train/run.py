@@ -224,7 +224,8 @@ class Trainer:
                                out_shardings=(self.state_sh, self.mem_sh, rep))
         self.flops = metrics.step_flops(model, m, t)
         self.peak = metrics.peak_tflops(jax.devices()[0].device_kind, t.peak_tflops)
-        self.log = metrics.MetricsLog(t.output_dir, t.tensorboard, enabled=self.main)
+        self.log = metrics.MetricsLog(t.output_dir, t.tensorboard, enabled=self.main,
+                                      purge_step=self.start + 1 if self.start else None)
         self._eval_fn = None
         self.compile_s = None
 
