@@ -367,10 +367,3 @@ def full_state(module, mcfg, emb_dim: int, seed: int = 0):
 def unit_vectors(shape, seed: int = 1):
     x = np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
     return x / np.linalg.norm(x, axis=-1, keepdims=True)
-
-
-def emb_dim_of(mcfg, cfg) -> int:
-    if mcfg.retriever != "text":
-        return cfg.hidden_size
-    from memlong_jax.memlong.retrievers.text_encoder import read_config
-    return read_config().hidden_size

@@ -150,16 +150,13 @@ def jax_worker(job: dict) -> dict:
     model = ml.load(job["checkpoint"], job["dtype"])
     mcfg = load_for_checkpoint(job["checkpoint"], model.config).with_overrides(job["overrides"])
     n, mode = job["length"], job["mode"]
-    if mode != "memlong":   # local/full never retrieve; the Scorer would demand an encoder
-        mcfg = mcfg.replace(retriever="hidden")
     mcfg = mcfg.validate(model.config)
     protocol = scoring.Protocol((n,), job["local_window"], job["scored_tokens"]).validate(
         mcfg.chunk_size)
-    encoder = None
-    if mode == "memlong" and mcfg.retriever == "text":
-        from memlong_jax.memlong.retrievers.text_encoder import load_text_encoder
-        encoder = load_text_encoder()
-    scorer = scoring.Scorer(model.module, model.params, mcfg, protocol, encoder, model.tokenizer)
+    retriever = model.retriever(mcfg)
+    if mode == "memlong":
+        retriever.encoder   # the text encoder loads now, outside the timings (hidden: None)
+    scorer = scoring.Scorer(model.module, model.params, mcfg, protocol, retriever)
     window = lambda start, length: np.asarray(tokens[start:start + length])[None]
 
     compile_s, warm_s = 0.0, None

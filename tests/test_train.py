@@ -18,6 +18,7 @@ import memlong_jax as ml
 from memlong_jax.errors import run_cli
 from memlong_jax.llama.config import ConfigError, PRESETS as MODEL_PRESETS
 from memlong_jax.llama.model import LlamaForCausalLM
+from memlong_jax.memlong.retrievers import make_retriever
 from train import config as cfgmod
 from train import data as datamod
 from train import lora, step as stepmod
@@ -341,11 +342,11 @@ def test_key_table_matches_the_encoder_and_spares_it(tmp_path, capsys):
     tok = datamod.load_tokenizer("auto", "", model.vocab_size)
     tokens = datamod.token_file(datamod.list_sources(data), tok, str(tmp_path / "cache"))
     ids = np.asarray(tokens[:8 * tau * 3], np.int32).reshape(2, 3, 4 * tau)  # [accum, B, S]
-    live = datamod.RetrieverEmbeddings("", tok, tau, False)
-    want, _ = live(ids)
+    live = make_retriever(run.memlong, tok)
+    want, _ = datamod.host_embeddings(live, ids)
     for name, atol in (("keys.npz", 1e-5), ("keys16.npz", 2e-3)):
         table = datamod.KeyTable(str(tmp_path / name), tau)
-        got, _ = datamod.RetrieverEmbeddings("", tok, tau, False, table)(ids)
+        got, _ = datamod.host_embeddings(make_retriever(run.memlong, tok, key_table=table), ids)
         assert got.shape == want.shape == (2, 3, 4, 384)
         np.testing.assert_allclose(got, want, atol=atol)
     with pytest.raises(UserError, match="missing from the key table"):
