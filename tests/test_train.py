@@ -393,3 +393,18 @@ def test_remat_policy_recomputes_and_changes_nothing(policy):
     got = jax.value_and_grad(lambda p: loss(remat, p))(params)
     for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(expected)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+
+
+def test_train_from_trains_only_the_layers_from_there(tmp_path):
+    run, model = resolve(tmp_path, "train_from=3")
+    params = load_base(run, model)
+    _, trainable = split_params(run, model, params)
+    layers = {p[1] for p in traverse_util.flatten_dict(trainable) if p[0] == "model"
+              and p[1].startswith("layers_")}
+    assert layers == {"layers_3"}
+    _, default = split_params(*resolve(tmp_path), params)
+    assert {p[1] for p in traverse_util.flatten_dict(default)
+            if p[1].startswith("layers_")} == {"layers_2", "layers_3"}   # above memory layer 1
+    for bad in ("train_from=1", "train_from=4"):
+        with pytest.raises(ConfigError, match="train_from"):
+            resolve(tmp_path, bad)

@@ -54,6 +54,7 @@ class TrainConfig:
     adam_eps: float = 1e-8
     seed: int = 42
     trainable: str = "lora"
+    train_from: int = -1
     lora_rank: int = 8
     lora_alpha: float = 16.0
     lora_dropout: float = 0.05
@@ -126,6 +127,8 @@ HELP = {
     "seed": "seed of random init, LoRA init and LoRA dropout",
     "trainable": "lora (LoRA on lora_targets of the layers above the memory layer) or upper "
                  "(every parameter of those layers); plus their norms and the final norm",
+    "train_from": "first layer that trains (-1: the one above the memory layer; a higher one "
+                  "trains fewer layers; layers up to the memory layer never get gradients)",
     "lora_rank": "LoRA rank r", "lora_alpha": "LoRA alpha (scale alpha/r)",
     "lora_dropout": "LoRA dropout (on input features, see train/lora.py)",
     "lora_targets": "comma-separated projections that get LoRA",
@@ -279,6 +282,10 @@ def validate(run: Resolved, model: LlamaConfig) -> Resolved:
         raise ConfigError(f"lora_dropout must be in [0, 1), got {t.lora_dropout}")
     if m.memory_layer >= model.num_hidden_layers - 1:
         raise ConfigError("nothing to train: the memory layer is the last layer")
+    if t.train_from != -1 and not m.memory_layer < t.train_from < model.num_hidden_layers:
+        raise ConfigError(f"train_from must be -1 or in {m.memory_layer + 1}.."
+                          f"{model.num_hidden_layers - 1} (above the memory layer), got "
+                          f"{t.train_from}")
     if t.trainable == "lora":
         bad = [x for x in t.lora_target_list if x not in ("q_proj", "k_proj", "v_proj", "o_proj",
                                                           "gate_proj", "up_proj", "down_proj")]

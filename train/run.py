@@ -106,7 +106,8 @@ def ensure_writable(path: str) -> None:
 def dry_run_report(run: cfgmod.Resolved, model: LlamaConfig) -> str:
     t, m = run.train, run.memlong
     abstract = checkpoint.abstract_params(model, DTYPES[t.param_dtype])
-    spec = lora.plan(abstract, model, m, t.trainable, t.lora_target_list, t.train_norms)
+    spec = lora.plan(abstract, model, m, t.trainable, t.lora_target_list, t.train_norms,
+                     t.train_from)
     frozen, trainable = jax.eval_shape(
         lambda p: lora.split(p, spec, t.lora_rank, jax.random.PRNGKey(0)), abstract)
     tx, _ = stepmod.make_optimizer(t, max(1, t.steps))
