@@ -31,7 +31,8 @@ import numpy as np
 
 from bench import common
 from memlong_jax.eval import scoring
-from memlong_jax.memlong import blockmem, scan
+from memlong_jax.memlong import blockmem
+from memlong_jax.memlong.retrievers import make_retriever
 
 NAME = "block_cost"
 
@@ -80,23 +81,21 @@ def memlong_flops(model, length: int) -> dict:
     """FLOPs per token of one memlong window of `length` (scoring's path: prefix ingested in
     host blocks, then the final local window)."""
     mcfg = model.memlong_config
+    retriever = make_retriever(mcfg, model.tokenizer)
     protocol = scoring.Protocol((length,))
-    scorer = scoring.Scorer(model.module, model.params, mcfg, protocol)
+    scorer = scoring.Scorer(model.module, model.params, mcfg, protocol, retriever)
     window = protocol.final_window(length)
     block = scoring.HOST_BLOCK_CHUNKS * mcfg.chunk_size
-    emb_dim = common.emb_dim_of(mcfg, model.config)
-    state = jax.eval_shape(lambda: scan.init_state(model.module, mcfg, 1, emb_dim
-                                                   if mcfg.retriever == "text" else None))
+    emb_dim = retriever.embedding_size(model.config)
+    state = jax.eval_shape(lambda: retriever.empty_state(model.module, mcfg, 1))
     params = shapes(model.params)
-    text = mcfg.retriever == "text"
     args = lambda n: (jax.ShapeDtypeStruct((1, n), jnp.int32),
                       jax.ShapeDtypeStruct((1, n // mcfg.chunk_size, emb_dim), jnp.float32)
-                      if text else None)
+                      if retriever.host_side else None)
     total, prefix = 0.0, length - window
     for start in range(0, prefix, block):
-        n = min(block, prefix - start)
-        total += flops(scorer._ingest, params, state, *args(n))
-    query = jax.ShapeDtypeStruct((1, emb_dim), jnp.float32) if text and \
+        total += flops(scorer._ingest, params, state, *args(min(block, prefix - start)))
+    query = jax.ShapeDtypeStruct((1, emb_dim), jnp.float32) if retriever.host_side and \
         mcfg.query_mode == "segment" else None
     total += flops(scorer._final_window_nll, params, state, *args(window), query)
     return {"length": length, "flops_per_token": total / length, "memlong": mcfg.to_dict()}

@@ -31,7 +31,7 @@ ppl16k() {
     --json "$OUT/ppl_16k.json"
 }
 cost() {
-  $PY -m bench.block_cost "$CKPT" --json "$OUT/cost.json"
+  $PY -m bench.block_cost --checkpoint "$CKPT" --out "$OUT/cost.json"
 }
 report() {
   $PY -m experiments.block_report

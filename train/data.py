@@ -10,6 +10,8 @@
   batch row (= replica row); micro-step j reads block j of every slice. Consecutive micro-steps
   of a row therefore see consecutive blocks of the same documents, which is what the memory
   carried across steps relies on. The cursor is the number of micro-steps consumed.
+* Optionally a fraction of each stream's episodes of consecutive blocks carries recall items
+  (`train.recall_mix`): a pure function of seed, stream and micro-step, so resuming is exact.
 """
 
 from __future__ import annotations
@@ -24,8 +26,7 @@ from memlong_jax.errors import UserError
 from memlong_jax.io.documents import JSONL_SUFFIXES, expand_paths, file_documents, pydoc_text
 from memlong_jax.io.safe_paths import contained_file
 from memlong_jax.io.tokenizer import read_tokenizer
-from memlong_jax.memlong.retrievers.text_encoder import load_text_encoder, read_config
-from memlong_jax.memlong.retrievers.text_pipeline import segment_query, text_embeddings
+from memlong_jax.memlong.retrievers import Retriever
 
 PYDOC = "pydoc"
 
@@ -184,8 +185,9 @@ class Blocks:
 class Streams:
     """`streams` contiguous slices of the training blocks, walked in lockstep."""
 
-    def __init__(self, blocks: Blocks, streams: int, grad_accum: int):
+    def __init__(self, blocks: Blocks, streams: int, grad_accum: int, mix=None):
         self.blocks, self.streams, self.grad_accum = blocks, streams, grad_accum
+        self.mix = mix   # a train.recall_mix.RecallMix, or None: the blocks as they are
         per_stream = blocks.n_train // streams
         # Whole optimizer steps per epoch, so a step never straddles an epoch boundary.
         self.steps_per_epoch = per_stream // grad_accum
@@ -207,8 +209,13 @@ class Streams:
         rows = range(self.streams) if rows is None else rows
         for i in range(self.grad_accum):
             for r in rows:
-                out[i, r] = self.blocks.block(self.block_index(step * self.grad_accum + i, r))
+                out[i, r] = self.tokens(step * self.grad_accum + i, r)
         return out
+
+    def tokens(self, micro_step: int, row: int) -> np.ndarray:
+        """The block that stream `row` reads at `micro_step` (recall episodes mixed in)."""
+        real = lambda micro: self.blocks.block(self.block_index(micro, row))
+        return real(micro_step) if self.mix is None else self.mix.block(row, micro_step, real)
 
     def cursor(self, step: int) -> dict:
         micro = step * self.grad_accum
@@ -255,41 +262,16 @@ class KeyTable:
         return self.vectors[rows].reshape(*ids.shape[:-1], ids.shape[-1] // self.tau, -1)
 
 
-class RetrieverEmbeddings:
-    """Host side of the `text` retriever for training batches: key embeddings of every chunk and
-    (segment mode) the segment query, via `retrievers.text_pipeline.text_embeddings`, or the keys
-    from a `KeyTable` (the encoder is then loaded only if a segment query needs it)."""
-
-    def __init__(self, encoder_dir: str, tokenizer, tau: int, segment_query: bool,
-                 table: KeyTable | None = None):
-        self.encoder_dir, self.table = encoder_dir, table
-        self.tokenizer, self.tau, self.segment_query = tokenizer, tau, segment_query
-        self._encoder = None
-        if table is not None:
-            self.dim = table.dim
-        else:
-            self.dim = read_config(encoder_dir).hidden_size
-
-    @property
-    def encoder(self):
-        if self._encoder is None:
-            self._encoder = load_text_encoder(self.encoder_dir)
-        return self._encoder
-
-    def __call__(self, ids: np.ndarray, window: int | None = None):
-        """ids `[..., B, S]` -> key_emb `[..., B, S/tau, d]`, and in segment mode the query
-        `[..., B, d]` of the last `window` (default S) tokens, else None."""
-        lead, (batch, length) = ids.shape[:-2], ids.shape[-2:]
-        flat = ids.reshape(-1, length)
-        window = (window or length) if self.segment_query else None
-        if self.table is not None:
-            keys = self.table(flat)
-            query = None if window is None else segment_query(self.encoder, self.tokenizer, flat,
-                                                              window)
-        else:
-            keys, query = text_embeddings(self.encoder, self.tokenizer, flat, self.tau,
-                                          window=window)
-        keys = np.asarray(keys, np.float32).reshape(*lead, batch, length // self.tau, -1)
-        if query is not None:
-            query = np.asarray(query, np.float32).reshape(*lead, batch, -1)
-        return keys, query
+def host_embeddings(retriever: Retriever, ids: np.ndarray, window: int | None = None):
+    """The retriever's host-side inputs for training ids `[..., B, S]`: key_emb
+    `[..., B, S/tau, d]` and the segment query `[..., B, d]` of the last `window` (default S)
+    tokens, each None where the retriever makes it in-graph."""
+    lead, (batch, length) = ids.shape[:-2], ids.shape[-2:]
+    flat = ids.reshape(-1, length)
+    keys = retriever.chunk_keys(flat)
+    query = retriever.window_query(flat[:, -(window or length):])
+    if keys is not None:
+        keys = np.asarray(keys, np.float32).reshape(*lead, batch, *keys.shape[1:])
+    if query is not None:
+        query = np.asarray(query, np.float32).reshape(*lead, batch, -1)
+    return keys, query

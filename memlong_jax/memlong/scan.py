@@ -193,6 +193,43 @@ def write_segment(mcfg: MemLongConfig, memory: mem_ops.Memory, keys, values,
     return MemLongState(memory, key_emb[:, -1], jnp.ones((batch,), bool))
 
 
+class SegmentInputs(NamedTuple):
+    """What a segment's forward starts from: the frozen stack's output and the retrieval."""
+
+    positions: jax.Array
+    h: jax.Array          # entering the memory layer
+    keys: jax.Array       # the memory layer's pre-RoPE K/V of the segment
+    values: jax.Array
+    key_emb: jax.Array | None
+    memory: mem_ops.Memory   # hit counts updated by this retrieval
+    indices: jax.Array
+    found: jax.Array
+    true_positions: bool
+
+    def retrieved(self) -> MemoryKV:
+        return retrieved_kv(self.memory, self.indices, self.found, self.true_positions)
+
+
+def segment_inputs(module: LlamaForCausalLM, mcfg: MemLongConfig, params, state: MemLongState,
+                   ids, key_emb=None, segment_query=None, need_emb: bool = True) -> SegmentInputs:
+    """Lower stack and retrieval of segment `ids` `[B, S]` (see `segment_step`); `need_emb`:
+    the chunk embeddings are wanted even when the query does not need them (to write)."""
+    tau, length = mcfg.chunk_size, ids.shape[1]
+    per_chunk = mcfg.query_mode == "chunk"
+    if per_chunk and length % tau:
+        raise ValueError(f"query_mode=chunk needs segments of whole chunks, got {length} tokens")
+    positions, h, x, keys, values = lower_stack(module, mcfg, params, ids)
+    if key_emb is None and (need_emb or per_chunk):
+        key_emb = pooled_chunks(x, tau)
+    if segment_query is None and mcfg.query_mode == "segment":
+        segment_query = pooled_chunks(x, length)[:, 0]
+    query = chunk_queries(state, key_emb) if per_chunk else retrieval_query(mcfg, state,
+                                                                            segment_query)
+    memory, indices, found = retrieve_chunks(mcfg, state.memory, *query)
+    return SegmentInputs(positions, h, keys, values, key_emb, memory, indices, found,
+                         mcfg.memory_positions == "true")
+
+
 def segment_step(module: LlamaForCausalLM, mcfg: MemLongConfig, params, state: MemLongState,
                  ids, key_emb=None, segment_query=None, full: bool = True, head_at=None,
                  write: bool = True):
@@ -204,22 +241,12 @@ def segment_step(module: LlamaForCausalLM, mcfg: MemLongConfig, params, state: M
     `[B, P, V]`). With `write=False` the segment is not written to memory (its retrieval still
     counts hits), and S need not be a multiple of tau.
     """
-    tau, length = mcfg.chunk_size, ids.shape[1]
-    per_chunk = mcfg.query_mode == "chunk"
-    if per_chunk and length % tau:
-        raise ValueError(f"query_mode=chunk needs segments of whole chunks, got {length} tokens")
-    positions, h, x, keys, values = lower_stack(module, mcfg, params, ids)
-    if key_emb is None and (write or per_chunk):
-        key_emb = pooled_chunks(x, tau)
-    if segment_query is None and mcfg.query_mode == "segment":
-        segment_query = pooled_chunks(x, length)[:, 0]
-    query = chunk_queries(state, key_emb) if per_chunk else retrieval_query(mcfg, state,
-                                                                            segment_query)
-    memory, indices, found = retrieve_chunks(mcfg, state.memory, *query)
-
+    seg = segment_inputs(module, mcfg, params, state, ids, key_emb, segment_query, write)
+    positions, h, keys, values, key_emb, memory = (seg.positions, seg.h, seg.keys, seg.values,
+                                                   seg.key_emb, seg.memory)
     logits = None
     if full or mcfg.memory_kv == "per_layer":
-        retrieved = retrieved_kv(memory, indices, found, mcfg.memory_positions == "true")
+        retrieved = seg.retrieved()
         stop = module.config.num_hidden_layers if full else max(mcfg.retrieval_layers) + 1
         h, layer_kv = upper_stack(module, mcfg, params, h, positions, retrieved, stop)
         keys, values = (keys, values) if layer_kv is None else layer_kv

@@ -31,6 +31,7 @@ from memlong_jax.eval.block_generation import BlockGenerator
 from memlong_jax.memlong.blockmem import BlockConfig
 from memlong_jax.memlong import scan
 from memlong_jax.memlong.config import MemLongConfig
+from memlong_jax.memlong.retrievers import Retriever, make_retriever
 from memlong_jax.llama.model import LlamaForCausalLM
 
 PLAIN_ROWS = ("local", "full")
@@ -78,6 +79,9 @@ class Reader:
         self._generators: dict = {}
         self._ingesters: dict = {}
 
+    def retriever(self, mcfg: MemLongConfig) -> Retriever:
+        return make_retriever(mcfg, self.tokenizer, self.encoder)
+
     def mode_config(self, query_mode: str) -> MemLongConfig:
         return self.mcfg.replace(query_mode=query_mode).validate(self.module.config)
 
@@ -85,9 +89,8 @@ class Reader:
                block: BlockConfig | None = None) -> scoring.Scorer:
         key = (mcfg, protocol, block)
         if key not in self._scorers:
-            encoder = self.encoder if mcfg.retriever == "text" else None
             self._scorers[key] = scoring.Scorer(self.module, self.params, mcfg, protocol,
-                                                encoder, self.tokenizer, block)
+                                                self.retriever(mcfg), block)
         return self._scorers[key]
 
     def head_tokens(self, length: int) -> int:
@@ -109,16 +112,15 @@ class Reader:
         block = scoring.HOST_BLOCK_CHUNKS * mcfg.chunk_size
         for start in range(0, head_ids.shape[1], block):
             ids = head_ids[:, start:start + block]
-            key_emb, _ = scorer.retrieval_inputs(ids)
+            key_emb = scorer.retriever.chunk_keys(ids)
             state = jax.block_until_ready(ingest(self.params, state, jnp.asarray(ids), key_emb))
         return state
 
     def _generator(self, query_mode: str) -> generation.Generator:
         if query_mode not in self._generators:
             mcfg = self.mode_config(query_mode)
-            encoder = self.encoder if mcfg.retriever == "text" else None
             self._generators[query_mode] = generation.Generator(
-                self.module, mcfg, self.window, self.tokenizer, encoder)
+                self.module, mcfg, self.window, self.retriever(mcfg))
         return self._generators[query_mode]
 
     def start(self, row: str, prompts: np.ndarray, memory=None):
