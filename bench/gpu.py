@@ -298,7 +298,7 @@ class Runner:
             module = LlamaForCausalLM(cfg, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
             protocol = scoring.Protocol((self.layout["window"],), self.layout["window"],
                                         self.layout["scored"]).validate(mcfg.chunk_size)
-            # retriever=hidden: no text encoder or tokenizer is needed (Scorer.retrieval_inputs)
+            # retriever=hidden: no text encoder or tokenizer (the default Scorer retriever)
             self.scorers[name] = scoring.Scorer(module, params, mcfg, protocol)
         return self.scorers[name]
 

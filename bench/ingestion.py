@@ -76,16 +76,18 @@ def main() -> None:
 
     import jax.numpy as jnp
     from memlong_jax.memlong import scan
+    from memlong_jax.memlong.retrievers import make_retriever
 
     peak = common.matmul_peak((512, 1024) if args.quick else (1024, 2048, 3072))
     model, source = common.load_smollm2(args.checkpoint)
     cfg, mcfg = model.config, model.memlong_config
     prefix = common.parse_tokens(args.prefix)
     tau = mcfg.chunk_size
-    emb_dim = common.emb_dim_of(mcfg, cfg)
+    retriever = make_retriever(mcfg, model.tokenizer)
+    emb_dim = retriever.embedding_size(cfg)
     ids = jnp.asarray(text_ids(model, prefix))
     key_emb = (jnp.asarray(common.unit_vectors((1, prefix // tau, emb_dim)))
-               if mcfg.retriever == "text" else None)
+               if retriever.host_side else None)
     state = common.full_state(model.module, mcfg, emb_dim)
     flops = prefix_flops_per_token(cfg, mcfg)
     rows = []
@@ -100,11 +102,8 @@ def main() -> None:
         print(f"block_chunks {g:3d}: {rows[-1]['tokens_per_s']:.0f} tok/s, {gflops:.1f} GFLOP/s "
               f"= {rows[-1]['fraction_of_peak']:.0%} of {peak['gflops']:.1f}", file=sys.stderr)
     host = None
-    if mcfg.retriever == "text":
-        from memlong_jax.memlong.retrievers.text_encoder import load_text_encoder
-        from memlong_jax.memlong.retrievers.text_pipeline import text_embeddings
-        encoder = load_text_encoder()
-        run = lambda: text_embeddings(encoder, model.tokenizer, np.asarray(ids), tau)
+    if retriever.host_side:
+        run = lambda: retriever.chunk_keys(np.asarray(ids))
         run()  # compiles the encoder's padded shapes
         times = []
         for _ in range(args.repeats):

@@ -83,17 +83,19 @@ def measure(model, base_mcfg, memory_tokens: int, backend: str, args) -> dict:
     import jax
     import jax.numpy as jnp
     from memlong_jax.memlong import scan
+    from memlong_jax.memlong.retrievers import make_retriever
 
     mcfg = base_mcfg.replace(memory_tokens=memory_tokens, backend=backend)
     cfg, g, tau = model.config, args.block_chunks, base_mcfg.chunk_size
-    emb_dim = common.emb_dim_of(mcfg, cfg)
+    retriever = make_retriever(mcfg)
+    emb_dim = retriever.embedding_size(cfg)
     key = jax.random.PRNGKey(3)
     kv_shape = (1, g * tau, cfg.num_key_value_heads, cfg.head_dim)
     keys = jax.random.normal(key, kv_shape, jnp.float32)
     values = jax.random.normal(jax.random.fold_in(key, 1), kv_shape, jnp.float32)
     emb = jnp.asarray(common.unit_vectors((1, g, emb_dim)))
     ids = jax.random.randint(key, (1, g * tau), 0, cfg.vocab_size)
-    text = mcfg.retriever == "text"
+    text = retriever.host_side
     state = common.full_state(model.module, mcfg, emb_dim)
     row = {"backend": backend, "memory_tokens": memory_tokens,
            "capacity_chunks": mcfg.capacity_chunks, "block_chunks": g}

@@ -150,16 +150,13 @@ def jax_worker(job: dict) -> dict:
     model = ml.load(job["checkpoint"], job["dtype"])
     mcfg = load_for_checkpoint(job["checkpoint"], model.config).with_overrides(job["overrides"])
     n, mode = job["length"], job["mode"]
-    if mode != "memlong":   # local/full never retrieve; the Scorer would demand an encoder
-        mcfg = mcfg.replace(retriever="hidden")
     mcfg = mcfg.validate(model.config)
     protocol = scoring.Protocol((n,), job["local_window"], job["scored_tokens"]).validate(
         mcfg.chunk_size)
-    encoder = None
-    if mode == "memlong" and mcfg.retriever == "text":
-        from memlong_jax.memlong.retrievers.text_encoder import load_text_encoder
-        encoder = load_text_encoder()
-    scorer = scoring.Scorer(model.module, model.params, mcfg, protocol, encoder, model.tokenizer)
+    retriever = model.retriever(mcfg)
+    if mode == "memlong":
+        retriever.encoder   # the text encoder loads now, outside the timings (hidden: None)
+    scorer = scoring.Scorer(model.module, model.params, mcfg, protocol, retriever)
     window = lambda start, length: np.asarray(tokens[start:start + length])[None]
 
     compile_s, warm_s = 0.0, None
@@ -183,19 +180,12 @@ def jax_worker(job: dict) -> dict:
 
 def torch_worker(job: dict) -> dict:
     import torch
-    from transformers import AutoModelForCausalLM
 
     tokens = np.load(job["tokens"], mmap_mode="r")
     n = job["length"]
     context = min(n, job["torch_context"])
     predictions = min(job["scored_tokens"], job["local_window"], n) - 1
-    gguf = common.smollm2_gguf()
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    start = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(
-        os.path.dirname(gguf), gguf_file=os.path.basename(gguf), dtype=torch.float32)
-    model = model.eval().to(device)
-    load_s = time.perf_counter() - start
+    model, device, load_s = common.torch_smollm2()
 
     def score(ids):
         ids = torch.as_tensor(np.asarray(ids[-context:], np.int64)[None], device=device)

@@ -76,13 +76,14 @@ def build(name: str, overrides: list[str], load_base=None):
     fresh = lambda tree: jax.tree_util.tree_map(lambda x: jnp.array(x, copy=True), tree)
     state = fresh({"step": jnp.int32(0), "trainable": trainable, "opt_state": tx.init(trainable),
                    "rng": jax.random.PRNGKey(t.seed)})
-    emb_dim = setup.emb_dim_for(run, model)
+    retriever = setup.make_run_retriever(run)
+    emb_dim = retriever.embedding_size(model)
     mem = fresh(scan.init_state(module, m, t.rows_per_replica, emb_dim))
     rng = np.random.default_rng(0)
     shape = (t.grad_accum, t.rows_per_replica)
     batch = {"ids": jnp.asarray(rng.integers(0, model.vocab_size, shape + (t.seq_len,),
                                              np.int32))}
-    if emb_dim is not None:
+    if retriever.host_side:
         unit = lambda s: (lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True))(
             rng.standard_normal(s).astype(np.float32))
         batch["key_emb"] = jnp.asarray(unit(shape + (t.seq_len // m.chunk_size, emb_dim)))

@@ -17,7 +17,8 @@ from memlong_jax.io.tokenizer import load_tokenizer
 from memlong_jax.llama.config import DTYPES, LlamaConfig
 from memlong_jax.llama.model import LlamaForCausalLM
 from memlong_jax.memlong.config import MemLongConfig, default_for, load_for_checkpoint
-from memlong_jax.memlong.retrievers.text_encoder import load_text_encoder
+from memlong_jax.memlong.retrievers import Retriever, make_retriever
+
 
 @dataclasses.dataclass
 class Model:
@@ -56,21 +57,27 @@ class Model:
         mcfg = self.memlong_config
         protocol = scoring.Protocol((ids.shape[1],), local_window, scored_tokens or local_window)
         protocol.validate(mcfg.chunk_size)
-        if mode == "memlong" and mcfg.retriever == "text" and encoder is None:
-            encoder = self._default_encoder
         key = (protocol, id(encoder))
         if key not in self._scorers:
             self._scorers[key] = scoring.Scorer(self.module, self.params, mcfg, protocol,
-                                                encoder, self.tokenizer)
+                                                self.retriever(mcfg, encoder))
         return np.asarray(self._scorers[key].window_nll(mode, ids)[1])
 
     @functools.cached_property
     def _scorers(self) -> dict:
         return {}
 
+    def retriever(self, mcfg: MemLongConfig, encoder=None) -> Retriever:
+        """The retriever `mcfg` names, with this model's tokenizer; one per (settings, encoder),
+        so the default text encoder (all-MiniLM-L6-v2) loads once, when first used."""
+        key = (mcfg, id(encoder))
+        if key not in self._retrievers:
+            self._retrievers[key] = make_retriever(mcfg, self.tokenizer, encoder)
+        return self._retrievers[key]
+
     @functools.cached_property
-    def _default_encoder(self):
-        return load_text_encoder()
+    def _retrievers(self) -> dict:
+        return {}
 
     def generate(self, prompt_ids, max_new_tokens: int = 128, *, temperature: float = 0.0,
                  top_k: int = 0, top_p: float = 1.0, seed: int = 0, stop_ids=None,
@@ -90,12 +97,10 @@ class Model:
         if ids.ndim not in (1, 2):
             raise UserError(f"prompt ids must be [P] or [B, P], got shape {ids.shape}")
         mcfg = mcfg or self.memlong_config
-        if mcfg.retriever == "text" and encoder is None:
-            encoder = self._default_encoder
         if stop_ids is None:
             eos = self.config.eos_token_id
             stop_ids = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
-        generator = generation.Generator(self.module, mcfg, window, self.tokenizer, encoder)
+        generator = generation.Generator(self.module, mcfg, window, self.retriever(mcfg, encoder))
         steps = []
         for tokens in generator.tokens(
                 self.params, ids if ids.ndim == 2 else ids[None], max_new_tokens,

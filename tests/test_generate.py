@@ -179,12 +179,12 @@ def test_long_generation_spills_evicts_and_is_deterministic(params):
 def test_text_retriever_spills_the_text_of_the_spilled_tokens():
     """Text retriever: every chunk in memory is embedded from the text of exactly its tokens
     (upstream embeds text from the start of the sequence instead)."""
-    from memlong_jax.memlong.retrievers import load_text_encoder
+    from memlong_jax.memlong.retrievers import load_text_encoder, make_retriever
     tokenizer, encoder = byte_tokenizer(), load_text_encoder()
     mcfg = MCFG.replace(retriever="text")
     p = random_params(3)
     prompt = np.asarray(tokenizer.encode(real_text(200)).ids[40:60], np.int32)[None]
-    gen_obj = generation.Generator(MODULE, mcfg, WINDOW, tokenizer, encoder)
+    gen_obj = generation.Generator(MODULE, mcfg, WINDOW, make_retriever(mcfg, tokenizer, encoder))
     state, _ = gen_obj.start(p, prompt)             # 4 tokens to memory, 16 in the cache
     state = gen_obj.spill(state)                    # the cache's oldest 8 follow
     texts = [tokenizer.decode(prompt[0, i:i + 4].tolist()) for i in (0, 4, 8)]

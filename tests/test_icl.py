@@ -16,6 +16,7 @@ from memlong_jax.errors import run_cli
 from memlong_jax.cli.icl import main as icl_main
 from memlong_jax.eval import icl
 from memlong_jax.memlong import scan
+from memlong_jax.memlong.retrievers import make_retriever
 
 
 SST2 = icl.TASKS["sst-2"]
@@ -124,8 +125,9 @@ def scorer_for(model, mcfg=None, encoder=None, batch_size=4):
     mcfg = mcfg or model.memlong_config
     key = (mcfg.replace(memory_tokens=mcfg.chunk_size), encoder is not None)
     if key not in _SCORERS:
-        _SCORERS[key] = icl.ICLScorer(model.module, model.params, mcfg, model.tokenizer,
-                                      encoder, capacity_chunks=128)
+        _SCORERS[key] = icl.ICLScorer(model.module, model.params, mcfg,
+                                      make_retriever(mcfg, model.tokenizer, encoder),
+                                      capacity_chunks=128)
     _SCORERS[key].batch_size = batch_size
     return _SCORERS[key]
 

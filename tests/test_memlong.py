@@ -240,7 +240,7 @@ def test_text_retriever_embeds_decoded_chunks(smollm2_converted, minilm):
     """Text retriever on a small LLaMA with SmolLM2's vocabulary: each stored chunk embedding
     is the encoder's embedding of that chunk's decoded text; the scan runs under jit."""
     from memlong_jax.io.tokenizer import load_tokenizer
-    from memlong_jax.memlong.retrievers.text_pipeline import decode_chunks, text_embeddings
+    from memlong_jax.memlong.retrievers import TextRetriever
 
     tokenizer = load_tokenizer(smollm2_converted)
     cfg = CFG.replace(vocab_size=tokenizer.get_vocab_size())
@@ -249,7 +249,8 @@ def test_text_retriever_embeds_decoded_chunks(smollm2_converted, minilm):
     mcfg = MCFG.replace(retriever="text", memory_tokens=64)
     ids = np.asarray(tokenizer.encode(real_text(4000)).ids[:48], np.int32).reshape(2, 24)
 
-    texts = decode_chunks(tokenizer, ids, mcfg.chunk_size)
+    retriever = TextRetriever(tokenizer, mcfg.chunk_size, True, minilm)
+    texts = np.asarray(retriever.chunk_texts(ids), object).reshape(2, 6)
     # each chunk's text straight from the vocabulary (byte-level BPE: the token strings are bytes
     # mapped to printable characters), independent of the tokenizer's decoder
     byte_of = {char: byte for byte, char in _bytes_to_unicode().items()}
@@ -258,7 +259,7 @@ def test_text_retriever_embeds_decoded_chunks(smollm2_converted, minilm):
         for c in range(6):
             pieces = "".join(tokenizer.id_to_token(int(i)) for i in ids[row, 4 * c:4 * c + 4])
             assert texts[row][c] == bytes(byte_of[ch] for ch in pieces).decode("utf-8")
-    key_emb, query = text_embeddings(minilm, tokenizer, ids, mcfg.chunk_size, window=8)
+    key_emb, query = retriever.chunk_keys(ids), retriever.window_query(ids[:, -8:])
     assert key_emb.shape == (2, 6, 384) and query.shape == (2, 384)
     np.testing.assert_allclose(np.linalg.norm(key_emb, axis=-1), 1.0, atol=1e-5)
 

@@ -15,6 +15,7 @@ from memlong_jax.llama.config import PRESETS
 from memlong_jax.llama.model import LlamaForCausalLM
 from memlong_jax.memlong import scan
 from memlong_jax.memlong.config import MEMLONG_PRESETS
+from memlong_jax.memlong.retrievers import make_retriever
 
 CFG = PRESETS["tiny"]
 MCFG = MEMLONG_PRESETS["tiny"]          # tau 4, top-2, 8 memory slots, in-graph retriever
@@ -164,8 +165,9 @@ def test_text_retriever_feeds_chunk_and_segment_embeddings(params):
     ids = np.asarray([tokenizer.encode("The whale surfaced near the ship at dawn. " * 2).ids[:48]])
     for query_mode in ("causal", "segment"):
         mcfg = MCFG.replace(retriever="text", query_mode=query_mode)
-        scorer = scoring.Scorer(MODULE, params, mcfg, PROTOCOL, encoder, tokenizer)
-        key_emb, query = scorer.retrieval_inputs(ids, segment_query=True)
+        scorer = scoring.Scorer(MODULE, params, mcfg, PROTOCOL,
+                                make_retriever(mcfg, tokenizer, encoder))
+        key_emb, query = scorer.retriever.chunk_keys(ids), scorer.retriever.window_query(ids)
         assert key_emb.shape == (1, 12, encoder.config.hidden_size)
         np.testing.assert_allclose(np.linalg.norm(np.asarray(key_emb), axis=-1), 1.0, atol=1e-5)
         assert (query is None) == (query_mode == "causal")

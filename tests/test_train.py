@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import struct
 
 import flax.linen as nn
 import jax
@@ -13,13 +12,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import traverse_util
-from tensorboardX.proto import event_pb2
 
-from helpers import toy_corpus
+from helpers import tensorboard_scalars, toy_corpus
 import memlong_jax as ml
 from memlong_jax.errors import run_cli
 from memlong_jax.llama.config import ConfigError, PRESETS as MODEL_PRESETS
 from memlong_jax.llama.model import LlamaForCausalLM
+from memlong_jax.memlong.retrievers import make_retriever
 from train import config as cfgmod
 from train import data as datamod
 from train import lora, step as stepmod
@@ -276,15 +275,8 @@ def test_adapter_travels_and_merges_like_the_checkpoint(trained, capsys):
 def test_tensorboard_events_hold_the_logged_scalars(trained):
     """Every scalar of metrics.jsonl is in the TensorBoard event file, at its step."""
     tmp_path = trained[0]
-    (events,) = os.listdir(tmp_path / "out" / "tb")
-    data = (tmp_path / "out" / "tb" / events).read_bytes()
-    logged, pos = {}, 0
-    while pos < len(data):   # TFRecord framing: length, its CRC, payload, its CRC
-        (length,) = struct.unpack("<Q", data[pos:pos + 8])
-        event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + length])
-        for value in event.summary.value:
-            logged[(event.step, value.tag)] = value.simple_value
-        pos += 16 + length
+    logged = {(step, tag): value
+              for step, tag, value in tensorboard_scalars(tmp_path / "out" / "tb")}
     rows = [json.loads(line) for line in open(tmp_path / "out" / "metrics.jsonl")]
     expected = {(row["step"], tag): value for row in rows for tag, value in row.items()
                 if tag not in ("step", "time") and isinstance(value, (int, float))}
@@ -356,11 +348,11 @@ def test_key_table_matches_the_encoder_and_spares_it(tmp_path, capsys):
     tok = datamod.load_tokenizer("auto", "", model.vocab_size)
     tokens = datamod.token_file(datamod.list_sources(data), tok, str(tmp_path / "cache"))
     ids = np.asarray(tokens[:8 * tau * 3], np.int32).reshape(2, 3, 4 * tau)  # [accum, B, S]
-    live = datamod.RetrieverEmbeddings("", tok, tau, False)
-    want, _ = live(ids)
+    live = make_retriever(run.memlong, tok)
+    want, _ = datamod.host_embeddings(live, ids)
     for name, atol in (("keys.npz", 1e-5), ("keys16.npz", 2e-3)):
         table = datamod.KeyTable(str(tmp_path / name), tau)
-        got, _ = datamod.RetrieverEmbeddings("", tok, tau, False, table)(ids)
+        got, _ = datamod.host_embeddings(make_retriever(run.memlong, tok, key_table=table), ids)
         assert got.shape == want.shape == (2, 3, 4, 384)
         np.testing.assert_allclose(got, want, atol=atol)
     with pytest.raises(UserError, match="missing from the key table"):

@@ -26,8 +26,7 @@ from memlong_jax.errors import UserError
 from memlong_jax.io.documents import JSONL_SUFFIXES, expand_paths, file_documents, pydoc_text
 from memlong_jax.io.safe_paths import contained_file
 from memlong_jax.io.tokenizer import read_tokenizer
-from memlong_jax.memlong.retrievers.text_encoder import load_text_encoder, read_config
-from memlong_jax.memlong.retrievers.text_pipeline import segment_query, text_embeddings
+from memlong_jax.memlong.retrievers import Retriever
 
 PYDOC = "pydoc"
 
@@ -263,41 +262,16 @@ class KeyTable:
         return self.vectors[rows].reshape(*ids.shape[:-1], ids.shape[-1] // self.tau, -1)
 
 
-class RetrieverEmbeddings:
-    """Host side of the `text` retriever for training batches: key embeddings of every chunk and
-    (segment mode) the segment query, via `retrievers.text_pipeline.text_embeddings`, or the keys
-    from a `KeyTable` (the encoder is then loaded only if a segment query needs it)."""
-
-    def __init__(self, encoder_dir: str, tokenizer, tau: int, segment_query: bool,
-                 table: KeyTable | None = None):
-        self.encoder_dir, self.table = encoder_dir, table
-        self.tokenizer, self.tau, self.segment_query = tokenizer, tau, segment_query
-        self._encoder = None
-        if table is not None:
-            self.dim = table.dim
-        else:
-            self.dim = read_config(encoder_dir).hidden_size
-
-    @property
-    def encoder(self):
-        if self._encoder is None:
-            self._encoder = load_text_encoder(self.encoder_dir)
-        return self._encoder
-
-    def __call__(self, ids: np.ndarray, window: int | None = None):
-        """ids `[..., B, S]` -> key_emb `[..., B, S/tau, d]`, and in segment mode the query
-        `[..., B, d]` of the last `window` (default S) tokens, else None."""
-        lead, (batch, length) = ids.shape[:-2], ids.shape[-2:]
-        flat = ids.reshape(-1, length)
-        window = (window or length) if self.segment_query else None
-        if self.table is not None:
-            keys = self.table(flat)
-            query = None if window is None else segment_query(self.encoder, self.tokenizer, flat,
-                                                              window)
-        else:
-            keys, query = text_embeddings(self.encoder, self.tokenizer, flat, self.tau,
-                                          window=window)
-        keys = np.asarray(keys, np.float32).reshape(*lead, batch, length // self.tau, -1)
-        if query is not None:
-            query = np.asarray(query, np.float32).reshape(*lead, batch, -1)
-        return keys, query
+def host_embeddings(retriever: Retriever, ids: np.ndarray, window: int | None = None):
+    """The retriever's host-side inputs for training ids `[..., B, S]`: key_emb
+    `[..., B, S/tau, d]` and the segment query `[..., B, d]` of the last `window` (default S)
+    tokens, each None where the retriever makes it in-graph."""
+    lead, (batch, length) = ids.shape[:-2], ids.shape[-2:]
+    flat = ids.reshape(-1, length)
+    keys = retriever.chunk_keys(flat)
+    query = retriever.window_query(flat[:, -(window or length):])
+    if keys is not None:
+        keys = np.asarray(keys, np.float32).reshape(*lead, batch, *keys.shape[1:])
+    if query is not None:
+        query = np.asarray(query, np.float32).reshape(*lead, batch, -1)
+    return keys, query

@@ -23,6 +23,7 @@ import numpy as np
 from tqdm import tqdm
 
 from memlong_jax.errors import ArgumentParser, entry_point, write_atomically
+from memlong_jax.memlong.retrievers import make_retriever
 from train import config as cfgmod
 from train import data as datamod
 
@@ -51,20 +52,20 @@ def main(argv=None) -> None:
     t, tau = run.train, run.memlong.chunk_size
     if not args.out.endswith(".npz"):
         parser.error("OUT must end in .npz")
-    if run.memlong.retriever != "text":
+    if not make_retriever(run.memlong).host_side:
         parser.error(f"the run's retriever is {run.memlong.retriever!r}: only the text retriever "
                      "has keys to precompute (--set memlong.retriever=text)")
 
     tokenizer = datamod.load_tokenizer(t.tokenizer, t.init_from, model.vocab_size)
     tokens = datamod.token_file(datamod.list_sources(t.data), tokenizer, t.cache_dir)
     chunks = distinct_chunks(tokens, tau)
-    retriever = datamod.RetrieverEmbeddings(t.encoder_dir, tokenizer, tau, False)
+    retriever = make_retriever(run.memlong, tokenizer, encoder_dir=t.encoder_dir)
 
     parts = []
     with tqdm(total=len(chunks), unit="chunk", disable=args.quiet, file=sys.stderr) as bar:
         for start in range(0, len(chunks), ENCODE_BATCH):
             batch = chunks[start:start + ENCODE_BATCH]
-            keys, _ = retriever(batch.reshape(1, -1))
+            keys = retriever.chunk_keys(batch.reshape(1, -1))
             parts.append(keys.reshape(len(batch), -1))
             bar.update(len(batch))
     vectors = np.concatenate(parts).astype(np.float16 if args.float16 else np.float32)

@@ -17,15 +17,19 @@ from memlong_jax.memlong.config import MemLongConfig
 
 
 class MetricsLog:
-    """`metrics.jsonl` (one object per logged step, flushed at once) plus TensorBoard."""
+    """`metrics.jsonl` (one object per logged step, flushed at once) plus TensorBoard.
 
-    def __init__(self, directory: str, tensorboard: bool, enabled: bool = True):
+    A run resumed at step s passes `purge_step=s + 1`: TensorBoard then hides the scalars the
+    interrupted run logged after its last checkpoint, which this run logs again."""
+
+    def __init__(self, directory: str, tensorboard: bool, enabled: bool = True,
+                 purge_step: int | None = None):
         self.enabled = enabled
         if not enabled:
             return
         self._jsonl = open(os.path.join(directory, "metrics.jsonl"), "a")
-        self._tb = SummaryWriter(os.path.join(directory, "tb"), filename_suffix=f".{os.getpid()}") \
-            if tensorboard else None
+        self._tb = SummaryWriter(os.path.join(directory, "tb"), filename_suffix=f".{os.getpid()}",
+                                 purge_step=purge_step) if tensorboard else None
 
     def write(self, step: int, values: dict) -> None:
         if not self.enabled:

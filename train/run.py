@@ -115,7 +115,7 @@ def dry_run_report(run: cfgmod.Resolved, model: LlamaConfig) -> str:
     data = 1 if t.mesh_data == -1 else t.mesh_data
     sizes = {"data": data, "fsdp": t.mesh_fsdp}
     try:
-        emb_dim = setup.emb_dim_for(run, model)
+        emb_dim = setup.make_run_retriever(run).embedding_size(model)
         emb_note = ""
     except UserError:
         emb_dim, emb_note = 1024, " (text encoder not installed: assumed 1024-d, bge-m3)"
@@ -182,13 +182,8 @@ class Trainer:
                                    t.seed, t.recall_kind_list) if t.recall_fraction else None
         self.streams = datamod.Streams(self.blocks, self.n_streams, t.grad_accum, mix)
         self.total_steps = t.steps or self.streams.steps_per_epoch
-        self.retriever = None
-        if m.retriever == "text":
-            table = datamod.KeyTable(t.key_table, m.chunk_size) if t.key_table else None
-            self.retriever = datamod.RetrieverEmbeddings(t.encoder_dir, self.tokenizer,
-                                                         m.chunk_size, m.query_mode == "segment",
-                                                         table)
-        self.emb_dim = self.retriever.dim if self.retriever else None
+        self.retriever = setup.make_run_retriever(run, self.tokenizer)
+        self.emb_dim = self.retriever.embedding_size(model)
 
         # model, trainable split, optimizer, memory
         base = setup.load_base(run, model)
@@ -228,7 +223,8 @@ class Trainer:
                                out_shardings=(self.state_sh, self.mem_sh, rep))
         self.flops = metrics.step_flops(model, m, t)
         self.peak = metrics.peak_tflops(jax.devices()[0].device_kind, t.peak_tflops)
-        self.log = metrics.MetricsLog(t.output_dir, t.tensorboard, enabled=self.main)
+        self.log = metrics.MetricsLog(t.output_dir, t.tensorboard, enabled=self.main,
+                                      purge_step=self.start + 1 if self.start else None)
         self._eval_fn = self._signal_fn = None
         self.compile_s = None
 
@@ -267,8 +263,8 @@ class Trainer:
         rows = self.local_rows
         ids = self.streams.batch(step, rows)  # zeros in the rows other hosts feed
         out = {"ids": self._global(ids, 1)}
-        if self.retriever is not None:
-            keys, query = self.retriever(ids[:, rows])  # this host's rows only
+        if self.retriever.host_side:
+            keys, query = datamod.host_embeddings(self.retriever, ids[:, rows])  # this host's
             out["key_emb"] = self._global(self._all_rows(keys), 1)
             if query is not None:
                 out["query"] = self._global(self._all_rows(query), 1)
@@ -306,8 +302,8 @@ class Trainer:
         total, count = 0.0, 0.0
         for ids in windows:
             key_emb = query = None
-            if self.retriever is not None:
-                key_emb, query = self.retriever(ids, window=t.eval_window)
+            if self.retriever.host_side:
+                key_emb, query = datamod.host_embeddings(self.retriever, ids, t.eval_window)
                 key_emb = self._global(key_emb, 0)
                 query = None if query is None else self._global(query, 0)
             s, n = self._eval_fn(self.state["trainable"], self.frozen, self._global(ids, 0),

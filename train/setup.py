@@ -14,8 +14,9 @@ from memlong_jax.io import checkpoint
 from memlong_jax.llama.config import DTYPES, LlamaConfig
 from memlong_jax.llama.model import LlamaForCausalLM
 from memlong_jax.memlong.config import MemLongConfig
-from memlong_jax.memlong.retrievers.text_encoder import read_config
+from memlong_jax.memlong.retrievers import Retriever, make_retriever
 from train import config as cfgmod
+from train import data as datamod
 from train import lora
 
 CONVERT_HINT = {
@@ -26,10 +27,12 @@ CONVERT_HINT = {
 }
 
 
-def emb_dim_for(run: cfgmod.Resolved, model: LlamaConfig) -> int | None:
-    if run.memlong.retriever != "text":
-        return None
-    return read_config(run.train.encoder_dir).hidden_size
+def make_run_retriever(run: cfgmod.Resolved, tokenizer=None) -> Retriever:
+    """The run's retriever: the text one takes its keys from `key_table` when set, else from
+    the encoder in `encoder_dir` (which then also makes segment queries)."""
+    t, m = run.train, run.memlong
+    table = datamod.KeyTable(t.key_table, m.chunk_size) if t.key_table else None
+    return make_retriever(m, tokenizer, encoder_dir=t.encoder_dir, key_table=table)
 
 
 def load_base(run: cfgmod.Resolved, model: LlamaConfig):

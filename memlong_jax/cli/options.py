@@ -13,7 +13,7 @@ from tqdm import tqdm
 
 import memlong_jax as ml
 from memlong_jax.errors import UserError
-from memlong_jax.memlong.retrievers.text_encoder import load_text_encoder
+from memlong_jax.memlong.retrievers import make_retriever
 
 
 def add_model_options(parser, set_examples: str = "query_mode=segment, retriever=hidden, "
@@ -37,10 +37,9 @@ def load_model(args):
 
 
 def load_encoder(mcfg, encoder_dir: str | None):
-    """The text retriever's encoder when the settings use one, else None."""
-    if mcfg.retriever != "text":
-        return None
-    return load_text_encoder(encoder_dir)
+    """The text retriever's encoder when the settings use one, else None; loaded now, so that
+    a bad directory fails before any work and loading is not timed as scoring."""
+    return make_retriever(mcfg, encoder_dir=encoder_dir).encoder
 
 
 def versions() -> dict:

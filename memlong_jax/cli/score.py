@@ -148,8 +148,8 @@ def main(argv=None) -> None:
                            if protocol.min_doc_tokens else ""))
 
     encoder = load_encoder(mcfg, args.encoder) if "memlong" in modes else None
-    scorer = scoring.Scorer(model.module, model.params, mcfg, protocol, encoder, model.tokenizer,
-                            block)
+    scorer = scoring.Scorer(model.module, model.params, mcfg, protocol,
+                            model.retriever(mcfg, encoder), block)
 
     bar = tqdm(total=total, unit="tok", unit_scale=True, disable=args.quiet, file=sys.stderr,
                dynamic_ncols=True)

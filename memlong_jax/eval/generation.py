@@ -18,8 +18,8 @@ embeddings, sampling keys, stop tokens):
 * `spill` (only when the cache is full): its oldest `spill_size` tokens (half, in whole chunks)
   go into memory: the memory layer's pre-RoPE K/V straight from its cache, and embeddings pooled
   from the memory layer's normed inputs kept beside the cache (hidden retriever, as
-  `scan.pooled_chunks`) or made on the host from those very tokens' text (text retriever, as
-  `text_pipeline`; upstream embeds text from the start of the sequence instead);
+  `scan.pooled_chunks`) or made on the host from those very tokens' text (text retriever,
+  `retrievers.TextRetriever`; upstream embeds text from the start of the sequence instead);
   the cache shifts left and the chunks for the new window are retrieved.
 
 Design choices:
@@ -63,8 +63,7 @@ from memlong_jax.llama.attention import MemoryKV
 from memlong_jax.llama.model import LlamaForCausalLM
 from memlong_jax.memlong import scan
 from memlong_jax.memlong.config import MemLongConfig
-from memlong_jax.memlong.retrievers.text_encoder import TextEncoder
-from memlong_jax.memlong.retrievers.text_pipeline import text_embeddings
+from memlong_jax.memlong.retrievers import HIDDEN, Retriever
 
 DEFAULT_WINDOW = 2048
 
@@ -314,43 +313,18 @@ class TokenStream:
 class Generator(TokenStream):
     """Runs `start` / `decode` / `spill` for one model, MemLong config and window.
 
-    The text retriever (`mcfg.retriever == "text"`) needs the LM `tokenizer` and a text
-    `encoder`: chunk text is embedded here on the host, before the jitted calls, as in scoring.
+    `retriever` (`retrievers.make_retriever`) makes the text retriever's embeddings on the host,
+    before the jitted calls, as in scoring; the hidden one pools in-graph.
     """
 
     module: LlamaForCausalLM
     mcfg: MemLongConfig
     window: int = DEFAULT_WINDOW
-    tokenizer: object | None = None
-    encoder: TextEncoder | None = None
+    retriever: Retriever = HIDDEN
 
     def __post_init__(self):
         self.mcfg.validate(self.module.config)
         check_window(self.mcfg, self.window)
-        if self._text and (self.tokenizer is None or self.encoder is None):
-            raise UserError("the text retriever needs the LM tokenizer and a text encoder "
-                            "(or use retriever=hidden)")
-
-    @property
-    def _text(self) -> bool:
-        return self.mcfg.retriever == "text"
-
-    def _window_query(self, ids):
-        """The text retriever's segment query for the window `ids` `[B, S]` (None otherwise)."""
-        if not self._text or self.mcfg.query_mode != "segment":
-            return None
-        texts = self.tokenizer.decode_batch(ids.tolist(), skip_special_tokens=True)
-        return self.encoder.encode_texts(texts)
-
-    def _query_embedding(self, ids):
-        """The text retriever's embedding `[B, d]` of one chunk `ids` `[B, tau]`."""
-        return self._chunk_embeddings(ids)[:, 0]
-
-    def _chunk_embeddings(self, ids):
-        """The text retriever's key embeddings `[B, n, d]` of `ids` `[B, n*tau]` (else None)."""
-        if not self._text or not ids.shape[1]:
-            return None
-        return text_embeddings(self.encoder, self.tokenizer, ids, self.mcfg.chunk_size)[0]
 
     def start(self, params, prompt_ids, mstate: scan.MemLongState | None = None):
         """Prompt `[B, P]` (P >= 1) -> (state, logits for the first new token). `mstate`: a
@@ -362,23 +336,22 @@ class Generator(TokenStream):
         ids = ids.astype(np.int32)
         tau = self.mcfg.chunk_size
         prefix = max(0, -(-(ids.shape[1] - self.window) // tau) * tau)
+        keys, query = self.retriever.chunk_keys, self.retriever.window_query
         if mstate is None:
-            emb_dim = self.encoder.config.hidden_size if self._text else None
-            mstate = scan.init_state(self.module, self.mcfg, ids.shape[0], emb_dim)
+            mstate = self.retriever.empty_state(self.module, self.mcfg, ids.shape[0])
         tail = ids[:, prefix:]
         tail_emb = None
         if self.mcfg.query_mode == "chunk":
-            tail_emb = self._chunk_embeddings(tail[:, :tail.shape[1] // tau * tau])
+            tail_emb = keys(tail[:, :tail.shape[1] // tau * tau])
         return start(self.module, self.mcfg, self.window, params, mstate, ids[:, :prefix],
-                     tail, self._chunk_embeddings(ids[:, :prefix]), self._window_query(tail),
-                     tail_emb)
+                     tail, keys(ids[:, :prefix]), query(tail), tail_emb)
 
     def spill(self, gen: GenState) -> GenState:
         """`spill`, with the text retriever's embeddings made from the cached ids."""
         n = spill_size(self.mcfg, self.window)
-        ids = np.asarray(gen.ids) if self._text else None
-        return spill(self.mcfg, gen, None if ids is None else self._chunk_embeddings(ids[:, :n]),
-                     None if ids is None else self._window_query(ids[:, n:]))
+        ids = np.asarray(gen.ids) if self.retriever.host_side else None
+        return spill(self.mcfg, gen, None if ids is None else self.retriever.chunk_keys(ids[:, :n]),
+                     None if ids is None else self.retriever.window_query(ids[:, n:]))
 
     def step(self, params, gen: GenState, tokens):
         """Feed one token per row -> (state, next-token logits); spills first if the cache is
@@ -387,6 +360,8 @@ class Generator(TokenStream):
             gen = self.spill(gen)
         length, tau = int(gen.length), self.mcfg.chunk_size
         if self.mcfg.query_mode == "chunk" and length % tau == 0:
-            done = np.asarray(gen.ids)[:, length - tau:length] if self._text else None
-            gen = refresh(self.mcfg, gen, None if done is None else self._query_embedding(done))
+            done = (np.asarray(gen.ids)[:, length - tau:length] if self.retriever.host_side
+                    else None)
+            gen = refresh(self.mcfg, gen,
+                          None if done is None else self.retriever.chunk_keys(done)[:, 0])
         return decode(self.module, self.mcfg, params, gen, jnp.asarray(tokens, jnp.int32))

@@ -35,7 +35,7 @@ from memlong_jax.errors import UserError
 from memlong_jax.llama.model import LlamaForCausalLM
 from memlong_jax.memlong import blockmem, scan
 from memlong_jax.memlong.config import MemLongConfig
-from memlong_jax.memlong.retrievers.text_pipeline import text_embeddings
+from memlong_jax.memlong.retrievers import HIDDEN, Retriever
 
 MODES = ("memlong", "local", "full", "block")
 DEFAULT_MODES = ("memlong", "local", "full")
@@ -95,13 +95,14 @@ class Protocol:
 
 class Scorer:
     """Jitted window scorers for the modes of one model; each (mode, length) compiles once
-    ahead of time, and the compile time is recorded apart from the scoring time. `block`: the
-    block memory settings (needed for the `block` mode only)."""
+    ahead of time, and the compile time is recorded apart from the scoring time. `retriever`:
+    the one `mcfg` names (`retrievers.make_retriever`; default: the in-graph hidden one).
+    `block`: the block memory settings (needed for the `block` mode only)."""
 
     def __init__(self, module: LlamaForCausalLM, params, mcfg: MemLongConfig, protocol: Protocol,
-                 encoder=None, tokenizer=None, block: blockmem.BlockConfig | None = None):
+                 retriever: Retriever = HIDDEN, block: blockmem.BlockConfig | None = None):
         self.module, self.params, self.mcfg, self.protocol = module, params, mcfg, protocol
-        self.encoder, self.tokenizer, self.block = encoder, tokenizer, block
+        self.retriever, self.block = retriever, block
         for length in protocol.lengths if block else ():
             if length % block.chunk:
                 raise UserError(f"length {length} is not a multiple of the block memory's "
@@ -110,8 +111,7 @@ class Scorer:
         self.last_compile_seconds = 0.0
 
     def empty_state(self, batch: int = 1) -> scan.MemLongState:
-        emb_dim = self.encoder.config.hidden_size if self.mcfg.retriever == "text" else None
-        return scan.init_state(self.module, self.mcfg, batch, emb_dim)
+        return self.retriever.empty_state(self.module, self.mcfg, batch)
 
     def _ingest(self, params, state, ids, key_emb):
         return scan.ingest_prefix(self.module, self.mcfg, params, state, ids, key_emb,
@@ -162,18 +162,6 @@ class Scorer:
             self.last_compile_seconds += time.perf_counter() - start
         return self._compiled[key](*args)
 
-    def retrieval_inputs(self, ids, segment_query: bool = False):
-        """Text-retriever embeddings of the chunks of `ids` `[B, S]`, and with `segment_query` in
-        `segment` mode the query from the text of all of `ids`; None for the in-graph retriever."""
-        if self.mcfg.retriever != "text":
-            return None, None
-        if self.encoder is None or self.tokenizer is None:
-            raise UserError("the text retriever needs a text encoder and the LM's tokenizer")
-        query_window = ids.shape[1] if segment_query and self.mcfg.query_mode == "segment" else None
-        key_emb, query = text_embeddings(self.encoder, self.tokenizer, ids, self.mcfg.chunk_size,
-                                         query_window)
-        return jnp.asarray(key_emb), None if query is None else jnp.asarray(query)
-
     def _memlong_window(self, ids, state, progress):
         """Prefix into memory block by block from the host, then the final local window."""
         final = self.protocol.final_window(ids.shape[1])
@@ -182,12 +170,12 @@ class Scorer:
         state = self.empty_state(ids.shape[0]) if state is None else state
         for start in range(0, prefix, block):
             chunk_ids = ids[:, start:min(start + block, prefix)]
-            key_emb, _ = self.retrieval_inputs(chunk_ids)
+            key_emb = self.retriever.chunk_keys(chunk_ids)
             state = jax.block_until_ready(self._call(("ingest", chunk_ids.shape[1]), self._ingest,
                                                      self.params, state, chunk_ids, key_emb))
             progress(chunk_ids.shape[1])   # counted once done, not when dispatched
         window = ids[:, prefix:]
-        key_emb, query = self.retrieval_inputs(window, segment_query=True)
+        key_emb, query = self.retriever.chunk_keys(window), self.retriever.window_query(window)
         state, nll = jax.block_until_ready(self._call(
             ("memlong", final), self._final_window_nll, self.params, state, window, key_emb, query))
         progress(final)

@@ -12,7 +12,7 @@ from memlong_jax.eval.icl.prompts import Settings, build_groups, label_token_ids
 from memlong_jax.eval.icl.scorer import ICLScorer, argmax_correct, memory_capacity
 from memlong_jax.eval.icl.tasks import DEFAULT_DATA, ROWS, TASKS
 from memlong_jax.memlong.config import MemLongConfig
-from memlong_jax.memlong.retrievers.text_encoder import load_text_encoder
+from memlong_jax.memlong.retrievers import make_retriever
 
 
 
@@ -29,8 +29,7 @@ def evaluate(model, data_dir: str = DEFAULT_DATA, settings: Settings = Settings(
     mcfg = (mcfg or model.memlong_config).validate(model.config)
     if max_context is None:
         max_context = model.config.max_position_embeddings
-    if mcfg.retriever == "text" and encoder is None:
-        encoder = load_text_encoder()
+    retriever = make_retriever(mcfg, model.tokenizer, encoder)
     tokenizer, tau = model.tokenizer, mcfg.chunk_size
     data = load_data(data_dir, settings)
     labels = {d.task.name: label_token_ids(tokenizer, d.task) for d in data}
@@ -38,7 +37,7 @@ def evaluate(model, data_dir: str = DEFAULT_DATA, settings: Settings = Settings(
     for d in data:
         label_len = max(len(t) for t in labels[d.task.name])
         plan += build_groups(tokenizer, tau, d, settings, max_context, label_len)
-    scorer = ICLScorer(model.module, model.params, mcfg, tokenizer, encoder,
+    scorer = ICLScorer(model.module, model.params, mcfg, retriever,
                        memory_capacity(plan, tau), batch_size, batch_tokens)
     bar = None if progress is None else progress(sum(len(g.queries) for g in plan if g.queries))
     gold = {d.task.name: [d.test[i].label for i in d.items] for d in data}

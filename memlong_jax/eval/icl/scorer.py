@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,19 +11,19 @@ from memlong_jax.eval.icl.prompts import Group, Query
 from memlong_jax.eval.icl.tasks import bucket
 from memlong_jax.memlong import scan
 from memlong_jax.memlong.config import MemLongConfig
-
+from memlong_jax.memlong.retrievers import HIDDEN, Retriever
 
 
 class ICLScorer:
     """Batched, jitted label scoring of queries with per-row memory (see the module doc)."""
 
-    def __init__(self, module, params, mcfg: MemLongConfig, tokenizer, encoder=None,
+    def __init__(self, module, params, mcfg: MemLongConfig, retriever: Retriever = HIDDEN,
                  capacity_chunks: int = 0, batch_size: int = 8, batch_tokens: int = 8192):
         capacity = max(capacity_chunks, mcfg.top_k, 2)
         self.mcfg = mcfg.replace(memory_tokens=capacity * mcfg.chunk_size)
         self.base = scoring.Scorer(module, params, self.mcfg,
-                                   scoring.Protocol((mcfg.chunk_size,)), encoder, tokenizer)
-        self.module, self.params, self.tokenizer, self.encoder = module, params, tokenizer, encoder
+                                   scoring.Protocol((mcfg.chunk_size,)), retriever)
+        self.module, self.params, self.retriever = module, params, retriever
         self.batch_size, self.batch_tokens = batch_size, batch_tokens
         self.compile_seconds = 0.0
 
@@ -88,9 +87,9 @@ class ICLScorer:
                 ids[row, -len(stream):] = stream
         pad = np.asarray([n - c for c in chunks], np.int32)
         key_emb = None
-        if self.mcfg.retriever == "text":   # embeddings of the real chunks only, in one batch
+        if self.retriever.host_side:   # embeddings of the real chunks only, in one batch
             real = np.concatenate([s for s in streams if len(s)])[None]
-            emb = np.asarray(self.base.retrieval_inputs(real)[0][0])
+            emb = np.asarray(self.retriever.chunk_keys(real)[0])
             key_emb = np.zeros((len(streams), n, emb.shape[-1]), np.float32)
             start = 0
             for row, c in enumerate(chunks):
@@ -99,13 +98,6 @@ class ICLScorer:
             key_emb = jnp.asarray(key_emb)
         return self._call("ingest", self._ingest, self.base.empty_state(len(streams)),
                           jnp.asarray(ids), key_emb, jnp.asarray(pad))
-
-    def _segment_queries(self, windows: list[np.ndarray]):
-        if self.mcfg.retriever != "text" or self.mcfg.query_mode != "segment":
-            return None
-        texts = self.tokenizer.decode_batch([w.tolist() for w in windows],
-                                            skip_special_tokens=True)
-        return jnp.asarray(self.encoder.encode_texts(texts))
 
     def _score_batch(self, queries: list[Query], labels: list[np.ndarray]):
         n_labels, longest = len(labels), max(len(t) for t in labels)
@@ -135,7 +127,7 @@ class ICLScorer:
         scores, argmax = self._call("window", self._window, state, jnp.asarray(ids),
                                     jnp.asarray(heads), jnp.asarray(targets, jnp.int32),
                                     jnp.asarray(mask), jnp.asarray(prompt_len),
-                                    self._segment_queries(windows))
+                                    self.retriever.window_query(windows))
         scores, argmax = np.asarray(scores), np.asarray(argmax)
         if longest == 1:
             return scores, argmax

@@ -22,7 +22,7 @@ import numpy as np
 
 from memlong_jax.errors import UserError
 from memlong_jax.memlong.config import CHOICES, MemLongConfig
-from memlong_jax.memlong.retrievers.text_encoder import load_text_encoder
+from memlong_jax.memlong.retrievers import make_retriever
 from memlong_jax.eval.recall import prompts
 from memlong_jax.eval.recall.reader import Reader
 
@@ -129,8 +129,8 @@ def evaluate(model, settings: Settings = Settings(), mcfg: MemLongConfig | None 
     settings = settings.validate(mcfg.chunk_size)
     max_context = settings.max_context or model.config.max_position_embeddings
     rows = settings.row_names()
-    if encoder is None and mcfg.retriever == "text" and "memlong" in settings.rows:
-        encoder = load_text_encoder()
+    if "memlong" in settings.rows:   # the text retriever's encoder, loaded once for every row
+        encoder = make_retriever(mcfg, encoder=encoder).encoder
     tokenizer = model.tokenizer
     needs_text = any(t in settings.tasks for t in ("needle", "repeat"))
     haystack = prompts.Haystack(tokenizer, haystack_texts) if needs_text else None

@@ -27,6 +27,7 @@ import numpy as np
 from memlong_jax.eval import generation, scoring
 from memlong_jax.memlong import scan
 from memlong_jax.memlong.config import MemLongConfig
+from memlong_jax.memlong.retrievers import Retriever, make_retriever
 from memlong_jax.llama.model import LlamaForCausalLM
 
 PLAIN_ROWS = ("local", "full")
@@ -70,15 +71,17 @@ class Reader:
         self._generators: dict = {}
         self._ingesters: dict = {}
 
+    def retriever(self, mcfg: MemLongConfig) -> Retriever:
+        return make_retriever(mcfg, self.tokenizer, self.encoder)
+
     def mode_config(self, query_mode: str) -> MemLongConfig:
         return self.mcfg.replace(query_mode=query_mode).validate(self.module.config)
 
     def scorer(self, mcfg: MemLongConfig, protocol: scoring.Protocol) -> scoring.Scorer:
         key = (mcfg, protocol)
         if key not in self._scorers:
-            encoder = self.encoder if mcfg.retriever == "text" else None
             self._scorers[key] = scoring.Scorer(self.module, self.params, mcfg, protocol,
-                                                encoder, self.tokenizer)
+                                                self.retriever(mcfg))
         return self._scorers[key]
 
     def head_tokens(self, length: int) -> int:
@@ -100,16 +103,15 @@ class Reader:
         block = scoring.HOST_BLOCK_CHUNKS * mcfg.chunk_size
         for start in range(0, head_ids.shape[1], block):
             ids = head_ids[:, start:start + block]
-            key_emb, _ = scorer.retrieval_inputs(ids)
+            key_emb = scorer.retriever.chunk_keys(ids)
             state = jax.block_until_ready(ingest(self.params, state, jnp.asarray(ids), key_emb))
         return state
 
     def _generator(self, query_mode: str) -> generation.Generator:
         if query_mode not in self._generators:
             mcfg = self.mode_config(query_mode)
-            encoder = self.encoder if mcfg.retriever == "text" else None
             self._generators[query_mode] = generation.Generator(
-                self.module, mcfg, self.window, self.tokenizer, encoder)
+                self.module, mcfg, self.window, self.retriever(mcfg))
         return self._generators[query_mode]
 
     def start(self, row: str, prompts: np.ndarray, memory=None):
