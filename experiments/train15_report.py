@@ -25,7 +25,8 @@ END = "<!-- END GENERATED train15 -->"
 LEVERS = (("upstream", "upstream reading (shared K/V of layer 15, position 0; layers 15,19,23,27)"),
           ("l15_every4", "per-layer K/V, true positions, prefix with context; layers 15,19,23,27"),
           ("l15_all", "the same, every layer 15..29 reads memory"),
-          ("l8_all", "the same with memory layer 8, every layer 8..29 reads memory"))
+          ("l8_all", "the same with memory layer 8, every layer 8..29 reads memory"),
+          ("l8_all_near", "l8_all with `near` positions and continuation chunks"))
 
 
 def load(path: str) -> dict | None:
@@ -57,7 +58,7 @@ def lever_section(folder: str) -> str:
             ["`full` attention", fmt(base_repeat.get(("full", 2048))), "",
              fmt(base_key.get(("full", 4096)), 2)]]
     for name, text in LEVERS:
-        rep = load(f"{folder}/{name}_repeat_2k.json")
+        rep = load(f"{folder}/{name}_repeat_2k.json") or load(f"{folder}/{name}_repeat_2k_8k.json")
         key = load(f"{folder}/{name}_passkey_4k.json")
         if not rep and not key:
             rows.append([text, "not run", "", "not run"])
