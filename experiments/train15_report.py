@@ -91,13 +91,13 @@ def curve_section(metrics: str) -> str:
 
 def recall_section(measured: str) -> str:
     """Repeat (2nd-copy NLL) and passkey (accuracy, log p) per row and length: the trained
-    model's rows, the base model's `local`/`full`, and the untrained model with the same
-    reading (experiments/results/levers/l8_all_near_*)."""
+    model's rows, the base model's `local`/`full`, and the base model read as the recipe reads
+    (untrained_same_reading_*): the same items (Jane Eyre, seed 0) in every row."""
     sources = [("trained", load(f"{measured}/trained_repeat.json"),
                 load(f"{measured}/trained_passkey.json")),
                ("base", load(f"{measured}/base_repeat.json"), None),
                ("untrained, same reading",
-                load(os.path.join(RESULTS, "levers", "l8_all_near_repeat_2k_8k.json")), None)]
+                load(f"{measured}/untrained_same_reading_repeat.json"), None)]
     out = []
     for task, metric, title, digits in (
             ("repeat", "nll_second", "`repeat`: NLL of the second copy (nats/token; lower is "
