@@ -35,7 +35,8 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = norm()
         self.self_attn = Attention(cfg.hidden_size, cfg.num_attention_heads,
                                    cfg.num_key_value_heads, cfg.head_dim, self.dtype,
-                                   self.param_dtype)
+                                   self.param_dtype,
+                                   (cfg.blockwise_min_length, cfg.blockwise_block))
         self.post_attention_layernorm = norm()
         self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size, self.dtype, self.param_dtype)
 
