@@ -24,8 +24,10 @@ from memlong_jax.memlong import scan
 from memlong_jax.memlong.config import MemLongConfig
 from train import lora
 
-def make_module(model: LlamaConfig, dtype: str, remat: str) -> LlamaForCausalLM:
-    return LlamaForCausalLM(model, dtype=DTYPES[dtype], remat_policy=remat)
+def make_module(model: LlamaConfig, dtype: str, remat: str,
+                scan_layers: bool = False) -> LlamaForCausalLM:
+    return LlamaForCausalLM(model, dtype=DTYPES[dtype], remat_policy=remat,
+                            scan_layers=scan_layers)
 
 
 def make_schedule(lr: float, warmup: int, total: int, shape: str = "linear"):
