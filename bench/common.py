@@ -291,6 +291,22 @@ def smollm2_gguf() -> str:
     return os.path.join(spec.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
 
 
+def torch_smollm2():
+    """(transformers model, device, load seconds): SmolLM2 from the same GGUF, fp32, eval mode;
+    the reference the torch rows of every benchmark run."""
+    import torch   # heavy: only torch worker processes load it
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()   # the GGUF de-quantisation bar would flood the log
+    gguf = smollm2_gguf()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    start = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(
+        os.path.dirname(gguf), gguf_file=os.path.basename(gguf), dtype=torch.float32)
+    return model.eval().to(device), device, time.perf_counter() - start
+
+
 def parse_tokens(text: str) -> int:
     """`4096`, `4k` (4096), `1M` (1048576)."""
     text = text.strip().lower()

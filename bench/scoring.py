@@ -180,19 +180,12 @@ def jax_worker(job: dict) -> dict:
 
 def torch_worker(job: dict) -> dict:
     import torch
-    from transformers import AutoModelForCausalLM
 
     tokens = np.load(job["tokens"], mmap_mode="r")
     n = job["length"]
     context = min(n, job["torch_context"])
     predictions = min(job["scored_tokens"], job["local_window"], n) - 1
-    gguf = common.smollm2_gguf()
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    start = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(
-        os.path.dirname(gguf), gguf_file=os.path.basename(gguf), dtype=torch.float32)
-    model = model.eval().to(device)
-    load_s = time.perf_counter() - start
+    model, device, load_s = common.torch_smollm2()
 
     def score(ids):
         ids = torch.as_tensor(np.asarray(ids[-context:], np.int64)[None], device=device)

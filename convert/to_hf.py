@@ -19,6 +19,7 @@ from tqdm import tqdm
 from memlong_jax.errors import atomic_output_dir, entry_point
 from memlong_jax.io import checkpoint
 from memlong_jax.io.hf_sources import TOKENIZER_FILES, copy_tokenizer_files
+from memlong_jax.io.tokenizer import load_tokenizer
 from convert.layout import get_path, tensor_slots
 from convert.safetensors_writer import write_safetensors
 from memlong_jax.io.safe_paths import refuse_overwrite
@@ -55,6 +56,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
 
     config = checkpoint.load_config(args.ckpt)
+    load_tokenizer(args.ckpt)   # a damaged tokenizer.json is refused, not passed on
     refuse_overwrite([args.out], directories=[args.ckpt])
     params = checkpoint.load_params(args.ckpt, config)
     with atomic_output_dir(args.out) as tmp:

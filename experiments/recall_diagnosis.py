@@ -40,10 +40,7 @@ from tqdm import tqdm
 import memlong_jax as ml
 from bench import common   # run record, atomic JSON
 from memlong_jax.eval.scoring import Protocol, Scorer
-from memlong_jax.llama.attention import MemoryKV, causal_mask, grouped_attention, with_memory
-from memlong_jax.llama.layers import apply_rope, rope_cos_sin
-from memlong_jax.llama.model import layer_memory
-from memlong_jax.memlong import scan
+from memlong_jax.memlong import diagnostics, scan
 
 CKPT = "/work/main/demo_out/smollm2-135m"
 DATA = os.path.join(common.SHARED_DATA, "pg19_like")
@@ -84,32 +81,8 @@ def ingest(module, mcfg, params, state, prefix):
 
 @functools.partial(jax.jit, static_argnames=("module", "mcfg"))
 def memory_mass(module, mcfg, params, state, ids):
-    """Attention mass on memory `[layers, heads]` of the final window `ids` `[1, S]`, averaged
-    over its queries, per retrieval layer: attention with values 1 on memory slots and 0 on
-    local ones is that mass (the same `with_memory` + `grouped_attention` the model uses)."""
-    cfg = module.config
-    apply = functools.partial(module.apply, {"params": params})
-    positions, h, x, _, _ = scan.lower_stack(module, mcfg, params, ids)
-    memory, indices, found = scan.retrieve_chunks(
-        mcfg, state.memory, *scan.retrieval_query(mcfg, state, None))
-    retrieved = scan.retrieved_kv(memory, indices, found, mcfg.memory_positions == "true")
-    cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta)
-    masses = []
-    for layer in range(mcfg.memory_layer, max(mcfg.retrieval_layers) + 1):
-        if layer in mcfg.retrieval_layers:
-            x, k, _ = apply(h, layer, method=module.memory_kv)
-            kernel = params["model"][f"layers_{layer}"]["self_attn"]["q_proj"]["kernel"]
-            q = (x @ kernel).reshape(*x.shape[:2], cfg.num_attention_heads, cfg.head_dim)
-            mem = layer_memory(retrieved, layer, mcfg.retrieval_layers, cfg.head_dim,
-                               cfg.rope_theta)
-            ones = MemoryKV(mem.keys, jnp.ones_like(mem.keys), mem.valid)
-            keys, values, mask = with_memory(apply_rope(k, cos, sin), jnp.zeros_like(k),
-                                             causal_mask(k.shape[1], k.shape[1]), ones)
-            out = grouped_attention(apply_rope(q, cos, sin), keys, values, mask)
-            masses.append(out[..., 0].astype(jnp.float32).mean(axis=(0, 1)))
-        h = apply(h, positions, layer, layer + 1, retrieved, mcfg.retrieval_layers,
-                  method=module.run_layers)
-    return jnp.stack(masses)
+    """Attention mass on memory `[layers, heads]` of the final window `ids` `[1, S]`."""
+    return diagnostics.segment_memory_mass(module, mcfg, params, state, ids).mean(axis=0)
 
 
 def summarise(nll: np.ndarray, local: np.ndarray, full: np.ndarray) -> dict:

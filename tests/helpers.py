@@ -6,10 +6,12 @@ from __future__ import annotations
 import json
 import os
 import random
+import struct
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from tensorboardX.proto import event_pb2
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
 from memlong_jax.io.documents import pydoc_text
@@ -158,3 +160,22 @@ def reference_score(module, mcfg, params, state, ids, window: int, key_emb=None,
     if prefix_out is not None:
         nll = jnp.concatenate([prefix_out, nll], axis=1)
     return state, nll, logits
+
+
+def tensorboard_scalars(directory) -> list:
+    """[(step, tag, value)] as TensorBoard shows a run's event files: read oldest first, and a
+    SessionLog START at step s (a resumed run's purge_step) hides the older scalars at steps >= s."""
+    def created(name):   # events.out.tfevents.<unix time>.<host>.<pid>
+        return int(name.split(".")[3]), os.path.getmtime(os.path.join(directory, name))
+
+    scalars = []
+    for name in sorted(os.listdir(directory), key=created):
+        data, pos = open(os.path.join(directory, name), "rb").read(), 0
+        while pos < len(data):   # TFRecord framing: length, its CRC, payload, its CRC
+            (length,) = struct.unpack("<Q", data[pos:pos + 8])
+            event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + length])
+            pos += 16 + length
+            if event.session_log.status == event_pb2.SessionLog.START:
+                scalars = [s for s in scalars if s[0] < event.step]
+            scalars += [(event.step, value.tag, value.simple_value) for value in event.summary.value]
+    return scalars

@@ -22,7 +22,7 @@ import jax
 import numpy as np
 import pytest
 
-from helpers import random_torch_llama, save_torch_llama, toy_corpus
+from helpers import random_torch_llama, save_torch_llama, tensorboard_scalars, toy_corpus
 from memlong_jax.errors import run_cli
 from test_train_scale import _final_state, _logged_steps
 from train import resume
@@ -43,7 +43,7 @@ def env(tmp_path_factory):
 def train_args(data, out, cache):
     return ["--config", "tiny", "--set", f"data={data}", f"output_dir={out}",
             f"cache_dir={cache}", f"steps={STEPS}", "log_every=1", "checkpoint_every=3",
-            "keep_checkpoints=3", "eval_batches=0", "progress=false", "tensorboard=false"]
+            "keep_checkpoints=3", "eval_batches=0", "progress=false"]
 
 
 def start(args, env, module="train.run", **kw):
@@ -153,6 +153,8 @@ def test_lock_signals_damage_and_data_change(reference, env, tmp_path, capsys):
     assert step == STEPS
     assert_same_state(state, final)
     assert metrics(out) == rows and [r["step"] for r in rows] == list(range(1, STEPS + 1))
+    shown = [(step, value) for step, tag, value in tensorboard_scalars(out / "tb") if tag == "loss"]
+    assert shown == [(r["step"], pytest.approx(r["loss"], rel=1e-6)) for r in rows]   # each once
 
     # 6. The data rewritten to the same size (upper case): refused, unless explicitly allowed.
     text = open(data).read()

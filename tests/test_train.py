@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import struct
 
 import flax.linen as nn
 import jax
@@ -13,9 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import traverse_util
-from tensorboardX.proto import event_pb2
 
-from helpers import toy_corpus
+from helpers import tensorboard_scalars, toy_corpus
 import memlong_jax as ml
 from memlong_jax.errors import run_cli
 from memlong_jax.llama.config import ConfigError, PRESETS as MODEL_PRESETS
@@ -197,7 +195,8 @@ def trained(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("tiny")
     data = toy_corpus(tmp_path / "toy.txt", seed=5)
     run, model = resolve(tmp_path, f"data={data}", "steps=24", "log_every=1", "lr=1e-2",
-                         "eval_batches=1", f"export_dir={tmp_path / 'export'}",
+                         "eval_batches=1", "signal_every=8", "recall_fraction=0.5",
+                         "recall_kinds=repeat", f"export_dir={tmp_path / 'export'}",
                          f"export_hf={tmp_path / 'hf'}")
     trainer = Trainer(run, model)
     trainer.train()
@@ -215,6 +214,11 @@ def test_tiny_loss_falls_and_only_trainable_moves(trained):
                 "retrieved_frac", "hits_per_chunk", "compile_s"):
         assert any(key in r for r in rows), key
     assert 0.5 <= rows[-2]["mem_fill"] <= 1.0 and rows[-2]["retrieved_frac"] == 1.0
+    signals = [r for r in rows if "memory_gain" in r]
+    assert [r["step"] for r in signals] == [0, 8, 16]
+    for r in signals:
+        assert r["memory_gain"] == pytest.approx(r["signal_loss_no_memory"] - r["signal_loss"])
+        assert all(0 <= r[f"memory_mass_l{layer}"] <= 1 for layer in run.memlong.retrieval_layers)
 
     base = load_base(run, model)
     frozen0, trainable0 = split_params(run, model, base)
@@ -271,15 +275,8 @@ def test_adapter_travels_and_merges_like_the_checkpoint(trained, capsys):
 def test_tensorboard_events_hold_the_logged_scalars(trained):
     """Every scalar of metrics.jsonl is in the TensorBoard event file, at its step."""
     tmp_path = trained[0]
-    (events,) = os.listdir(tmp_path / "out" / "tb")
-    data = (tmp_path / "out" / "tb" / events).read_bytes()
-    logged, pos = {}, 0
-    while pos < len(data):   # TFRecord framing: length, its CRC, payload, its CRC
-        (length,) = struct.unpack("<Q", data[pos:pos + 8])
-        event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + length])
-        for value in event.summary.value:
-            logged[(event.step, value.tag)] = value.simple_value
-        pos += 16 + length
+    logged = {(step, tag): value
+              for step, tag, value in tensorboard_scalars(tmp_path / "out" / "tb")}
     rows = [json.loads(line) for line in open(tmp_path / "out" / "metrics.jsonl")]
     expected = {(row["step"], tag): value for row in rows for tag, value in row.items()
                 if tag not in ("step", "time") and isinstance(value, (int, float))}
@@ -388,3 +385,18 @@ def test_remat_policy_recomputes_and_changes_nothing(policy):
     got = jax.value_and_grad(lambda p: loss(remat, p))(params)
     for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(expected)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+
+
+def test_train_from_trains_only_the_layers_from_there(tmp_path):
+    run, model = resolve(tmp_path, "train_from=3")
+    params = load_base(run, model)
+    _, trainable = split_params(run, model, params)
+    layers = {p[1] for p in traverse_util.flatten_dict(trainable) if p[0] == "model"
+              and p[1].startswith("layers_")}
+    assert layers == {"layers_3"}
+    _, default = split_params(*resolve(tmp_path), params)
+    assert {p[1] for p in traverse_util.flatten_dict(default)
+            if p[1].startswith("layers_")} == {"layers_2", "layers_3"}   # above memory layer 1
+    for bad in ("train_from=1", "train_from=4"):
+        with pytest.raises(ConfigError, match="train_from"):
+            resolve(tmp_path, bad)

@@ -17,6 +17,7 @@ from memlong_jax.llama.config import PRESETS as MODEL_PRESETS
 from memlong_jax.llama.config import ConfigError, LlamaConfig, parse_setting
 from memlong_jax.llama.model import REMAT_POLICIES
 from memlong_jax.memlong.config import MEMLONG_PRESETS, MemLongConfig
+from train.recall_mix import KINDS as RECALL_KINDS
 
 MEMLONG_PREFIX = "memlong."
 
@@ -53,6 +54,7 @@ class TrainConfig:
     adam_eps: float = 1e-8
     seed: int = 42
     trainable: str = "lora"
+    train_from: int = -1
     lora_rank: int = 8
     lora_alpha: float = 16.0
     lora_dropout: float = 0.05
@@ -65,10 +67,14 @@ class TrainConfig:
     mesh_data: int = -1
     mesh_fsdp: int = 1
     val_fraction: float = 0.05
+    recall_fraction: float = 0.0
+    recall_episode: int = 4
+    recall_kinds: str = "repeat,facts,passkey"
     eval_every: int = 0
     eval_batches: int = 2
     eval_length: int = 128
     eval_window: int = 32
+    signal_every: int = 0
     log_every: int = 10
     checkpoint_every: int = 20
     keep_checkpoints: int = 3
@@ -87,6 +93,10 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    @property
+    def recall_kind_list(self) -> tuple[str, ...]:
+        return tuple(k.strip() for k in self.recall_kinds.split(",") if k.strip())
 
     @property
     def lora_target_list(self) -> tuple[str, ...]:
@@ -118,6 +128,8 @@ HELP = {
     "seed": "seed of random init, LoRA init and LoRA dropout",
     "trainable": "lora (LoRA on lora_targets of the layers above the memory layer) or upper "
                  "(every parameter of those layers); plus their norms and the final norm",
+    "train_from": "first layer that trains (-1: the one above the memory layer; a higher one "
+                  "trains fewer layers; layers up to the memory layer never get gradients)",
     "lora_rank": "LoRA rank r", "lora_alpha": "LoRA alpha (scale alpha/r)",
     "lora_dropout": "LoRA dropout (on input features, see train/lora.py)",
     "lora_targets": "comma-separated projections that get LoRA",
@@ -129,11 +141,19 @@ HELP = {
                    "compiles; same numbers up to fp32 summation order)",
     "mesh_data": "devices on the `data` mesh axis (-1: all devices / mesh_fsdp)",
     "mesh_fsdp": "devices on the `fsdp` mesh axis (params and optimizer state sharded)",
+    "recall_fraction": "fraction of each stream's episodes turned into recall episodes "
+                       "(train/recall_mix.py: something said early in the episode is needed in "
+                       "its last block); 0 = plain text",
+    "recall_episode": "blocks per recall episode (the last one asks, the others state)",
+    "recall_kinds": "comma-separated recall episode kinds: repeat, facts, passkey",
     "val_fraction": "last fraction of blocks held out for validation (no shuffling, as upstream)",
     "eval_every": "validate every N steps (0: only at the end)",
     "eval_batches": "validation batches per evaluation (0: no validation)",
     "eval_length": "tokens per validation window, memory reset per window",
     "eval_window": "scored tail of each validation window (the paper's last-2048 protocol)",
+    "signal_every": "every N steps, before the update: the batch's loss with and without "
+                    "memory (memory_gain, nats) and the attention mass on memory per retrieval "
+                    "layer (train/signals.py); 0 = off",
     "log_every": "write metrics every N steps", "checkpoint_every": "checkpoint every N steps",
     "keep_checkpoints": "keep the last N checkpoints",
     "async_checkpoint": "write checkpoints in the background",
@@ -231,7 +251,7 @@ def validate(run: Resolved, model: LlamaConfig) -> Resolved:
     for key in positive:
         if getattr(t, key) <= 0:
             raise ConfigError(f"{key} must be positive, got {getattr(t, key)}")
-    for key in ("steps", "warmup_steps", "eval_every", "eval_batches"):
+    for key in ("steps", "warmup_steps", "eval_every", "eval_batches", "signal_every"):
         if getattr(t, key) < 0:
             raise ConfigError(f"{key} must be >= 0, got {getattr(t, key)}")
     if t.seq_len % m.chunk_size:
@@ -251,12 +271,24 @@ def validate(run: Resolved, model: LlamaConfig) -> Resolved:
     for key in ("adam_b1", "adam_b2"):
         if not 0 <= getattr(t, key) < 1:
             raise ConfigError(f"{key} must be in [0, 1), got {getattr(t, key)}")
+    if not 0 <= t.recall_fraction <= 1:
+        raise ConfigError(f"recall_fraction must be in [0, 1], got {t.recall_fraction}")
+    if t.recall_episode < 2:
+        raise ConfigError(f"recall_episode must be at least 2 blocks, got {t.recall_episode}")
+    kinds = t.recall_kind_list
+    if not kinds or not set(kinds) <= set(RECALL_KINDS):
+        raise ConfigError(f"recall_kinds must name some of {', '.join(RECALL_KINDS)}, got "
+                          f"{t.recall_kinds!r}")
     if not 0 <= t.val_fraction < 1:
         raise ConfigError(f"val_fraction must be in [0, 1), got {t.val_fraction}")
     if not 0 <= t.lora_dropout < 1:
         raise ConfigError(f"lora_dropout must be in [0, 1), got {t.lora_dropout}")
     if m.memory_layer >= model.num_hidden_layers - 1:
         raise ConfigError("nothing to train: the memory layer is the last layer")
+    if t.train_from != -1 and not m.memory_layer < t.train_from < model.num_hidden_layers:
+        raise ConfigError(f"train_from must be -1 or in {m.memory_layer + 1}.."
+                          f"{model.num_hidden_layers - 1} (above the memory layer), got "
+                          f"{t.train_from}")
     if t.trainable == "lora":
         bad = [x for x in t.lora_target_list if x not in ("q_proj", "k_proj", "v_proj", "o_proj",
                                                           "gate_proj", "up_proj", "down_proj")]

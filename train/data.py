@@ -10,6 +10,8 @@
   batch row (= replica row); micro-step j reads block j of every slice. Consecutive micro-steps
   of a row therefore see consecutive blocks of the same documents, which is what the memory
   carried across steps relies on. The cursor is the number of micro-steps consumed.
+* Optionally a fraction of each stream's episodes of consecutive blocks carries recall items
+  (`train.recall_mix`): a pure function of seed, stream and micro-step, so resuming is exact.
 """
 
 from __future__ import annotations
@@ -183,8 +185,9 @@ class Blocks:
 class Streams:
     """`streams` contiguous slices of the training blocks, walked in lockstep."""
 
-    def __init__(self, blocks: Blocks, streams: int, grad_accum: int):
+    def __init__(self, blocks: Blocks, streams: int, grad_accum: int, mix=None):
         self.blocks, self.streams, self.grad_accum = blocks, streams, grad_accum
+        self.mix = mix   # a train.recall_mix.RecallMix, or None: the blocks as they are
         per_stream = blocks.n_train // streams
         # Whole optimizer steps per epoch, so a step never straddles an epoch boundary.
         self.steps_per_epoch = per_stream // grad_accum
@@ -206,8 +209,13 @@ class Streams:
         rows = range(self.streams) if rows is None else rows
         for i in range(self.grad_accum):
             for r in rows:
-                out[i, r] = self.blocks.block(self.block_index(step * self.grad_accum + i, r))
+                out[i, r] = self.tokens(step * self.grad_accum + i, r)
         return out
+
+    def tokens(self, micro_step: int, row: int) -> np.ndarray:
+        """The block that stream `row` reads at `micro_step` (recall episodes mixed in)."""
+        real = lambda micro: self.blocks.block(self.block_index(micro, row))
+        return real(micro_step) if self.mix is None else self.mix.block(row, micro_step, real)
 
     def cursor(self, step: int) -> dict:
         micro = step * self.grad_accum

@@ -33,10 +33,11 @@ MLP = ("gate_proj", "up_proj", "down_proj")
 NORMS = ("input_layernorm", "post_attention_layernorm")
 
 
-def first_trainable_layer(mcfg: MemLongConfig) -> int:
-    """Layers strictly above the memory layer train (the memory layer itself stays frozen so
-    stored K/V never go stale, as in the paper)."""
-    return mcfg.memory_layer + 1
+def first_trainable_layer(mcfg: MemLongConfig, train_from: int = -1) -> int:
+    """By default layers strictly above the memory layer train (the memory layer itself stays
+    frozen so stored K/V never go stale, as in the paper); `train_from` > memory layer starts
+    higher (fewer trainable parameters)."""
+    return mcfg.memory_layer + 1 if train_from < 0 else train_from
 
 
 def _layer_of(path) -> int | None:
@@ -46,9 +47,9 @@ def _layer_of(path) -> int | None:
 
 
 def plan(params, model: LlamaConfig, mcfg: MemLongConfig, mode: str, targets=ATTN,
-         train_norms: bool = True) -> dict:
+         train_norms: bool = True, train_from: int = -1) -> dict:
     """flat path -> "lora" | "full" for each trainable base leaf."""
-    start = first_trainable_layer(mcfg)
+    start = first_trainable_layer(mcfg, train_from)
     out = {}
     for path in traverse_util.flatten_dict(params):
         layer = _layer_of(path)

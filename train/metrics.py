@@ -17,15 +17,19 @@ from memlong_jax.memlong.config import MemLongConfig
 
 
 class MetricsLog:
-    """`metrics.jsonl` (one object per logged step, flushed at once) plus TensorBoard."""
+    """`metrics.jsonl` (one object per logged step, flushed at once) plus TensorBoard.
 
-    def __init__(self, directory: str, tensorboard: bool, enabled: bool = True):
+    A run resumed at step s passes `purge_step=s + 1`: TensorBoard then hides the scalars the
+    interrupted run logged after its last checkpoint, which this run logs again."""
+
+    def __init__(self, directory: str, tensorboard: bool, enabled: bool = True,
+                 purge_step: int | None = None):
         self.enabled = enabled
         if not enabled:
             return
         self._jsonl = open(os.path.join(directory, "metrics.jsonl"), "a")
-        self._tb = SummaryWriter(os.path.join(directory, "tb"), filename_suffix=f".{os.getpid()}") \
-            if tensorboard else None
+        self._tb = SummaryWriter(os.path.join(directory, "tb"), filename_suffix=f".{os.getpid()}",
+                                 purge_step=purge_step) if tensorboard else None
 
     def write(self, step: int, values: dict) -> None:
         if not self.enabled:
@@ -77,8 +81,9 @@ def step_flops(cfg: LlamaConfig, mcfg: MemLongConfig, t) -> dict:
         trained = sum(p[x] for x in t.lora_target_list)
     else:
         trained = layer
+    weight_grads = n - (m + 1 if t.train_from < 0 else t.train_from)   # layers that train
     per_token = (2 * layer * (m + 1) + 2 * (p["k_proj"] + p["v_proj"])
-                 + upper * (4 * layer + 2 * trained) + 4 * head)
+                 + upper * 4 * layer + weight_grads * 2 * trained + 4 * head)
     s = t.seq_len
     causal_keys = (s + 1) / 2
     mem_keys = mcfg.top_k * mcfg.chunk_size
@@ -94,7 +99,7 @@ def step_flops(cfg: LlamaConfig, mcfg: MemLongConfig, t) -> dict:
             d_in = cfg.num_attention_heads * cfg.head_dim if x == "o_proj" else (
                 cfg.intermediate_size if x == "down_proj" else cfg.hidden_size)
             d_out = p[x] // d_in
-            per_step_lora += upper * 3 * 2 * d_in * t.lora_rank * d_out
+            per_step_lora += weight_grads * 3 * 2 * d_in * t.lora_rank * d_out
         per_step_lora *= t.grad_accum  # merged again in every micro-step
     total = tokens * (per_token + attn) + per_step_lora
     return {"tokens_per_replica": tokens, "flops_per_token": per_token + attn,

@@ -36,7 +36,8 @@ from memlong_jax.llama.config import DTYPES, LlamaConfig
 from memlong_jax.memlong import scan
 from train import config as cfgmod
 from train import data as datamod
-from train import export, lora, metrics, resume, setup, sharding, step as stepmod
+from train import (export, lora, metrics, recall_mix, resume, setup, sharding, signals,
+                   step as stepmod)
 from train.run_lock import RunLock
 from train.checkpointing import Checkpoints, abstract_like, state_to_tree, tree_to_state
 
@@ -44,7 +45,7 @@ from train.checkpointing import Checkpoints, abstract_like, state_to_tree, tree_
 OPERATIONAL = {"log_every", "checkpoint_every", "keep_checkpoints", "async_checkpoint",
                "progress", "tensorboard", "peak_tflops", "export_dir", "export_hf",
                "eval_every", "eval_batches", "output_dir", "cache_dir", "init_from",
-               "mesh_data", "mesh_fsdp", "encoder_dir", "allow_data_change"}
+               "mesh_data", "mesh_fsdp", "encoder_dir", "allow_data_change", "signal_every"}
 
 
 
@@ -105,7 +106,8 @@ def ensure_writable(path: str) -> None:
 def dry_run_report(run: cfgmod.Resolved, model: LlamaConfig) -> str:
     t, m = run.train, run.memlong
     abstract = checkpoint.abstract_params(model, DTYPES[t.param_dtype])
-    spec = lora.plan(abstract, model, m, t.trainable, t.lora_target_list, t.train_norms)
+    spec = lora.plan(abstract, model, m, t.trainable, t.lora_target_list, t.train_norms,
+                     t.train_from)
     frozen, trainable = jax.eval_shape(
         lambda p: lora.split(p, spec, t.lora_rank, jax.random.PRNGKey(0)), abstract)
     tx, _ = stepmod.make_optimizer(t, max(1, t.steps))
@@ -176,7 +178,9 @@ class Trainer:
         self.fingerprint = datamod.fingerprint(files, self.tokenizer)
         tokens = datamod.token_file(files, self.tokenizer, t.cache_dir, key=self.fingerprint)
         self.blocks = datamod.Blocks(tokens, t.seq_len, t.val_fraction)
-        self.streams = datamod.Streams(self.blocks, self.n_streams, t.grad_accum)
+        mix = recall_mix.RecallMix(self.tokenizer, t.seq_len, t.recall_fraction, t.recall_episode,
+                                   t.seed, t.recall_kind_list) if t.recall_fraction else None
+        self.streams = datamod.Streams(self.blocks, self.n_streams, t.grad_accum, mix)
         self.total_steps = t.steps or self.streams.steps_per_epoch
         self.retriever = setup.make_run_retriever(run, self.tokenizer)
         self.emb_dim = self.retriever.embedding_size(model)
@@ -219,8 +223,9 @@ class Trainer:
                                out_shardings=(self.state_sh, self.mem_sh, rep))
         self.flops = metrics.step_flops(model, m, t)
         self.peak = metrics.peak_tflops(jax.devices()[0].device_kind, t.peak_tflops)
-        self.log = metrics.MetricsLog(t.output_dir, t.tensorboard, enabled=self.main)
-        self._eval_fn = None
+        self.log = metrics.MetricsLog(t.output_dir, t.tensorboard, enabled=self.main,
+                                      purge_step=self.start + 1 if self.start else None)
+        self._eval_fn = self._signal_fn = None
         self.compile_s = None
 
     def _resume(self, state, mem):
@@ -307,6 +312,13 @@ class Trainer:
         loss = total / count
         return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0)), "val_tokens": count}
 
+    def memory_signals(self, batch) -> dict:
+        """`train.signals` on this step's batch before its update (memory gain, mass)."""
+        if self._signal_fn is None:
+            self._signal_fn = jax.jit(signals.make_signal_step(self.module, self.m, self.t))
+        out = self._signal_fn(self.state["trainable"], self.frozen, self.mem, batch)
+        return {k: float(v) for k, v in jax.device_get(out).items()}
+
     # -- loop
 
     def train(self) -> None:
@@ -332,6 +344,9 @@ class Trainer:
                 compiled = self.step_fn.lower(self.state, self.frozen, self.mem, batch).compile()
                 self.compile_s = time.perf_counter() - c0
                 window_t0 = time.perf_counter()
+            if t.signal_every and step % t.signal_every == 0:
+                self.log.write(step, self.memory_signals(batch))
+                window_t0, window_steps = time.perf_counter(), 0
             self.state, self.mem, out = compiled(self.state, self.frozen, self.mem, batch)
             window_steps += 1
             done = step + 1

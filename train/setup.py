@@ -58,7 +58,8 @@ def base_dtypes(params) -> dict:
 
 def split_params(run, model, params):
     t = run.train
-    spec = lora.plan(params, model, run.memlong, t.trainable, t.lora_target_list, t.train_norms)
+    spec = lora.plan(params, model, run.memlong, t.trainable, t.lora_target_list, t.train_norms,
+                     t.train_from)
     rng = jax.random.fold_in(jax.random.PRNGKey(t.seed), 1)
     return jax.jit(lambda p, key: lora.split(p, spec, t.lora_rank, key))(params, rng)
 

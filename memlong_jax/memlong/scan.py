@@ -188,65 +188,77 @@ def write_segment(mcfg: MemLongConfig, memory: mem_ops.Memory, keys, values,
     return MemLongState(memory, key_emb[:, -1], jnp.ones((batch,), bool))
 
 
-def _retrieve(mcfg: MemLongConfig, state: MemLongState, x, key_emb, segment_query):
-    """Retrieval for a segment whose memory-layer input is `x` `[B, S, D]`: (memory with hits
-    counted, the picked chunks' K/V). key_emb `[B, S/tau, d]` is needed in `chunk` mode;
-    segment_query `[B, d]` (None: pooled from `x`) in `segment` mode."""
-    if mcfg.query_mode == "chunk":
-        query = chunk_queries(state, key_emb)
-    else:
-        if segment_query is None and mcfg.query_mode == "segment":
-            segment_query = pooled_chunks(x, x.shape[1])[:, 0]
-        query = retrieval_query(mcfg, state, segment_query)
+class SegmentInputs(NamedTuple):
+    """What a segment's forward starts from: the frozen stack's output and the retrieval."""
+
+    positions: jax.Array
+    h: jax.Array          # entering the memory layer
+    keys: jax.Array       # the memory layer's pre-RoPE K/V of the segment
+    values: jax.Array
+    key_emb: jax.Array | None
+    memory: mem_ops.Memory   # hit counts updated by this retrieval
+    indices: jax.Array
+    found: jax.Array
+    true_positions: bool
+
+    def retrieved(self) -> MemoryKV:
+        return retrieved_kv(self.memory, self.indices, self.found, self.true_positions)
+
+
+def segment_inputs(module: LlamaForCausalLM, mcfg: MemLongConfig, params, state: MemLongState,
+                   ids, key_emb=None, segment_query=None, need_emb: bool = True) -> SegmentInputs:
+    """Lower stack and retrieval of segment `ids` `[B, S]`, as every step starts; `need_emb`:
+    the chunk embeddings are wanted even when the query does not need them (to write).
+    key_emb `[B, S/tau, d]` and segment_query `[B, d]` come from a host-side retriever
+    (`retrievers.Retriever`); None: pooled in-graph from the memory layer's input."""
+    tau, length = mcfg.chunk_size, ids.shape[1]
+    per_chunk = mcfg.query_mode == "chunk"
+    if per_chunk and length % tau:
+        raise ValueError(f"query_mode=chunk needs segments of whole chunks, got {length} tokens")
+    positions, h, x, keys, values = lower_stack(module, mcfg, params, ids)
+    if key_emb is None and (need_emb or per_chunk):
+        key_emb = pooled_chunks(x, tau)
+    if segment_query is None and mcfg.query_mode == "segment":
+        segment_query = pooled_chunks(x, length)[:, 0]
+    query = chunk_queries(state, key_emb) if per_chunk else retrieval_query(mcfg, state,
+                                                                            segment_query)
     memory, indices, found = retrieve_chunks(mcfg, state.memory, *query)
-    return memory, retrieved_kv(memory, indices, found, mcfg.memory_positions == "true")
-
-
-def _check_whole_chunks(mcfg: MemLongConfig, ids) -> None:
-    if mcfg.query_mode == "chunk" and ids.shape[1] % mcfg.chunk_size:
-        raise ValueError(f"query_mode=chunk needs segments of whole chunks, got {ids.shape[1]} "
-                         "tokens")
+    return SegmentInputs(positions, h, keys, values, key_emb, memory, indices, found,
+                         mcfg.memory_positions == "true")
 
 
 def forward_step(module: LlamaForCausalLM, mcfg: MemLongConfig, params, state: MemLongState,
                  ids, key_emb=None, segment_query=None):
     """Retrieve -> forward -> write for `ids` `[B, S]`, S a multiple of tau: (new state, logits
-    `[B, S, V]`). key_emb `[B, S/tau, d]` and segment_query `[B, d]` come from a host-side
-    retriever (`retrievers.Retriever`); None: pooled in-graph from the memory layer's input."""
-    _check_whole_chunks(mcfg, ids)
-    lm = module.bind({"params": params})
-    positions, h, x, keys, values = lower_stack(module, mcfg, params, ids)
-    key_emb = pooled_chunks(x, mcfg.chunk_size) if key_emb is None else key_emb
-    memory, retrieved = _retrieve(mcfg, state, x, key_emb, segment_query)
+    `[B, S, V]`)."""
+    seg = segment_inputs(module, mcfg, params, state, ids, key_emb, segment_query)
+    lm, keys, values = module.bind({"params": params}), seg.keys, seg.values
     stop = module.config.num_hidden_layers
     if mcfg.memory_kv == "per_layer":
-        h, keys, values = per_layer_stack(lm, mcfg, h, positions, retrieved, stop)
+        h, keys, values = per_layer_stack(lm, mcfg, seg.h, seg.positions, seg.retrieved(), stop)
     else:
-        h = lm.model.run_layers(h, positions, mcfg.memory_layer, stop, retrieved,
+        h = lm.model.run_layers(seg.h, seg.positions, mcfg.memory_layer, stop, seg.retrieved(),
                                 mcfg.retrieval_layers)
-    return write_segment(mcfg, memory, keys, values, key_emb), lm.final(h)
+    return write_segment(mcfg, seg.memory, keys, values, seg.key_emb), lm.final(h)
 
 
 def read_step(module: LlamaForCausalLM, mcfg: MemLongConfig, params, state: MemLongState, ids,
-              segment_query=None, head_at=None):
+              key_emb=None, segment_query=None, head_at=None):
     """Retrieve -> forward for `ids` `[B, S]` without writing them to memory (S need not be a
     multiple of tau, except in `chunk` mode): (state with the retrieval's hits counted, logits).
     `head_at` int `[B, P]`: run the final norm and LM head only at these positions (logits
     `[B, P, V]`)."""
-    _check_whole_chunks(mcfg, ids)
-    lm = module.bind({"params": params})
-    positions, h, x, _, _ = lower_stack(module, mcfg, params, ids)
-    key_emb = pooled_chunks(x, mcfg.chunk_size) if mcfg.query_mode == "chunk" else None
-    memory, retrieved = _retrieve(mcfg, state, x, key_emb, segment_query)
-    stop = module.config.num_hidden_layers
+    seg = segment_inputs(module, mcfg, params, state, ids, key_emb, segment_query,
+                         need_emb=False)
+    lm, stop = module.bind({"params": params}), module.config.num_hidden_layers
     if mcfg.memory_kv == "per_layer":
-        h = per_layer_stack(lm, mcfg, h, positions, retrieved, stop)[0]
+        h = per_layer_stack(lm, mcfg, seg.h, seg.positions, seg.retrieved(), stop)[0]
     else:
-        h = lm.model.run_layers(h, positions, mcfg.memory_layer, stop, retrieved,
+        h = lm.model.run_layers(seg.h, seg.positions, mcfg.memory_layer, stop, seg.retrieved(),
                                 mcfg.retrieval_layers)
     if head_at is not None:
         h = jnp.take_along_axis(h, head_at[..., None], axis=1)
-    return state._replace(memory=memory), lm.final(h)
+    return state._replace(memory=seg.memory), lm.final(h)
 
 
 def ingest_step(module: LlamaForCausalLM, mcfg: MemLongConfig, params, state: MemLongState,
@@ -254,15 +266,13 @@ def ingest_step(module: LlamaForCausalLM, mcfg: MemLongConfig, params, state: Me
     """Retrieve (hits only) -> write for a prefix segment `ids` `[B, S]` whose logits nobody
     needs: only the layers that produce what memory stores run (below the memory layer, or up
     to the last retrieval layer with `memory_kv=per_layer`)."""
-    _check_whole_chunks(mcfg, ids)
-    positions, h, x, keys, values = lower_stack(module, mcfg, params, ids)
-    key_emb = pooled_chunks(x, mcfg.chunk_size) if key_emb is None else key_emb
-    memory, retrieved = _retrieve(mcfg, state, x, key_emb, segment_query)
+    seg = segment_inputs(module, mcfg, params, state, ids, key_emb, segment_query)
+    keys, values = seg.keys, seg.values
     if mcfg.memory_kv == "per_layer":
-        lm = module.bind({"params": params})
-        _, keys, values = per_layer_stack(lm, mcfg, h, positions, retrieved,
+        _, keys, values = per_layer_stack(module.bind({"params": params}), mcfg, seg.h,
+                                          seg.positions, seg.retrieved(),
                                           max(mcfg.retrieval_layers) + 1)
-    return write_segment(mcfg, memory, keys, values, key_emb)
+    return write_segment(mcfg, seg.memory, keys, values, seg.key_emb)
 
 
 def ingest_segments(module: LlamaForCausalLM, mcfg: MemLongConfig, params, state: MemLongState,

@@ -67,8 +67,8 @@ class ICLScorer:
             pooled = jnp.where(real, x, 0.0).sum(axis=1) / prompt_len[:, None]
             segment_query = pooled / jnp.maximum(
                 jnp.linalg.norm(pooled, axis=-1, keepdims=True), 1e-12)
-        _, logits = scan.read_step(self.module, self.mcfg, params, state, ids, segment_query,
-                                   head_at)
+        _, logits = scan.read_step(self.module, self.mcfg, params, state, ids,
+                                   segment_query=segment_query, head_at=head_at)
         logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
         picked = jnp.take_along_axis(logp, targets, axis=2)
         return jnp.where(mask, picked, 0.0).sum(axis=1), jnp.argmax(logits[:, 0], axis=-1)
