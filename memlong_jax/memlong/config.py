@@ -7,12 +7,16 @@ import json
 import os
 
 from memlong_jax.llama.config import PRESETS, ConfigError, LlamaConfig, apply_overrides
+from memlong_jax.memlong.memory import POLICIES
+from memlong_jax.memlong.retrieval import BACKENDS
 
+# The allowed values of each choice field; eviction policies and backends are defined where
+# they are implemented.
 CHOICES = {
     "mem_dtype": ("bfloat16", "float16", "float32"),
-    "eviction": ("paper", "fifo_half"),
+    "eviction": POLICIES,
     "retriever": ("text", "hidden"),
-    "backend": ("device", "faiss", "faiss-hnsw"),
+    "backend": tuple(BACKENDS),
     "query_mode": ("causal", "segment", "chunk"),
     "prefix_context": ("chunk", "window"),
     "memory_positions": ("zero", "true"),
