@@ -102,7 +102,7 @@ def init_state(module: LlamaForCausalLM, mcfg: MemLongConfig, mstate: scan.MemLo
     kv = lambda n, dtype: jnp.zeros((batch, n, cfg.num_key_value_heads, cfg.head_dim), dtype)
     mem = jnp.zeros((batch, mcfg.top_k * mcfg.chunk_size, cfg.num_key_value_heads,
                      cfg.head_dim * len(mcfg.kv_layers)), jnp.dtype(mcfg.mem_dtype))
-    positions = jnp.zeros(mem.shape[:2], jnp.int32) if mcfg.memory_positions == "true" else None
+    positions = None if mcfg.memory_positions == "zero" else jnp.zeros(mem.shape[:2], jnp.int32)
     return GenState(mstate, MemoryKV(mem, mem, jnp.zeros(mem.shape[:2], bool), positions),
                     tuple((kv(window, module.dtype), kv(window, module.dtype))
                           for _ in range(cfg.num_hidden_layers)),
@@ -115,7 +115,7 @@ def _retrieve(mcfg: MemLongConfig, gen: GenState, query, query_ok):
     `[B, d]` queries or one per chunk `[B, n, d]`)."""
     memory, indices, found = scan.retrieve_chunks(mcfg, gen.memlong.memory, query, query_ok)
     return (gen._replace(memlong=gen.memlong._replace(memory=memory)),
-            scan.retrieved_kv(memory, indices, found, mcfg.memory_positions == "true"))
+            scan.retrieved_kv(memory, indices, found, mcfg.memory_positions))
 
 
 def _retrieve_window(mcfg: MemLongConfig, gen: GenState, x, segment_query) -> GenState:

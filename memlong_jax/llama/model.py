@@ -72,7 +72,7 @@ def layer_memory(memory: MemoryKV | None, layer: int, retrieval_layers, head_dim
                  theta: float):
     """The memory that `layer` reads: None outside `retrieval_layers`; with keys of
     len(retrieval_layers) * head_dim (`memory_kv=per_layer`), this layer's slice (layers in
-    ascending order); keys with `positions` rotated there (`memory_positions=true`)."""
+    ascending order); keys with `positions` rotated there (`memory_positions=true|near`)."""
     if memory is None or layer not in retrieval_layers:
         return None
     if memory.keys.shape[-1] != head_dim:

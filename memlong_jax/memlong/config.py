@@ -19,7 +19,7 @@ CHOICES = {
     "backend": tuple(BACKENDS),
     "query_mode": ("causal", "segment", "chunk"),
     "prefix_context": ("chunk", "window"),
-    "memory_positions": ("zero", "true"),
+    "memory_positions": ("zero", "true", "near"),
     "memory_kv": ("shared", "per_layer"),
 }
 
@@ -48,8 +48,10 @@ class MemLongConfig:
     Reading-side settings (upstream: the first value of each; see docs/recall_diagnosis.md):
     prefix_context    `chunk`: prefix chunks are computed alone (upstream scoring) or `window`:
                       the prefix runs as segments of the local window, as training writes them
-    memory_positions  `zero`: memory keys unrotated (RoPE position 0) or `true`: rotated at
-                      their original positions relative to the queries'
+    memory_positions  `zero`: memory keys unrotated (RoPE position 0), `true`: rotated at
+                      their original positions relative to the queries', or `near`: the
+                      retrieved chunks packed in write order right before the segment (distant
+                      text read as if it were just before the local window; issue 15)
     memory_kv         `shared`: every retrieval layer reads the memory layer's K/V or
                       `per_layer`: each retrieval layer stores and reads its own (the prefix
                       then runs through the layers up to the last retrieval layer)

@@ -145,18 +145,25 @@ def retrieve_chunks(mcfg: MemLongConfig, memory: mem_ops.Memory, query, query_ok
     return memory, indices, found
 
 
-def retrieved_kv(memory: mem_ops.Memory, indices, found,
-                 true_positions: bool = False) -> MemoryKV:
+def retrieved_kv(memory: mem_ops.Memory, indices, found, positions: str = "zero") -> MemoryKV:
     """The picked chunks' K/V for attention: one list `[B, k*tau]`, or per query chunk
-    (`[B, n, k]` picks) `[B, n, k*tau]`; gradients never flow into memory. With
-    `true_positions`, each memory token's RoPE position relative to a segment whose first token
-    is at position 1 and follows the newest chunk written (a stream written in order)."""
+    (`[B, n, k]` picks) `[B, n, k*tau]`; gradients never flow into memory. `positions`
+    (`memory_positions`): `zero` leaves the keys unrotated; `true` gives each memory token its
+    RoPE position relative to a segment whose first token is at position 1 and follows the
+    newest chunk written (a stream written in order); `near` packs the picks (of each query) in
+    write order right before the segment, the newest ending at position 0, as if the retrieved
+    text had come just before the local window however far back it was written."""
     batch, tau = indices.shape[0], memory.tau
     flat = indices.reshape(batch, -1)
     kv = mem_ops.gather_chunks(memory, flat, found.reshape(batch, -1))
-    if true_positions:
-        start = (memory.insert_time[jnp.arange(batch)[:, None], flat]
-                 - memory.clock[:, None]) * tau
+    if positions != "zero":
+        times = memory.insert_time[jnp.arange(batch)[:, None], flat]
+        if positions == "true":
+            start = (times - memory.clock[:, None]) * tau
+        else:
+            times = times.reshape(indices.shape)
+            earlier = (found[..., None, :] & (times[..., None, :] < times[..., :, None])).sum(-1)
+            start = ((earlier - found.sum(-1, keepdims=True)) * tau).reshape(batch, -1)
         kv = (*kv, (start[..., None] + jnp.arange(1, tau + 1)).reshape(batch, -1))
     if indices.ndim == 3:
         kv = tuple(a.reshape(batch, indices.shape[1], -1, *a.shape[2:]) for a in kv)
@@ -199,10 +206,10 @@ class SegmentInputs(NamedTuple):
     memory: mem_ops.Memory   # hit counts updated by this retrieval
     indices: jax.Array
     found: jax.Array
-    true_positions: bool
+    positions_mode: str   # memory_positions
 
     def retrieved(self) -> MemoryKV:
-        return retrieved_kv(self.memory, self.indices, self.found, self.true_positions)
+        return retrieved_kv(self.memory, self.indices, self.found, self.positions_mode)
 
 
 def segment_inputs(module: LlamaForCausalLM, mcfg: MemLongConfig, params, state: MemLongState,
@@ -224,7 +231,7 @@ def segment_inputs(module: LlamaForCausalLM, mcfg: MemLongConfig, params, state:
                                                                             segment_query)
     memory, indices, found = retrieve_chunks(mcfg, state.memory, *query)
     return SegmentInputs(positions, h, keys, values, key_emb, memory, indices, found,
-                         mcfg.memory_positions == "true")
+                         mcfg.memory_positions)
 
 
 def forward_step(module: LlamaForCausalLM, mcfg: MemLongConfig, params, state: MemLongState,
