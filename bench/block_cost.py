@@ -85,7 +85,7 @@ def memlong_flops(model, length: int) -> dict:
     protocol = scoring.Protocol((length,))
     scorer = scoring.Scorer(model.module, model.params, mcfg, protocol, retriever)
     window = protocol.final_window(length)
-    block = scoring.HOST_BLOCK_CHUNKS * mcfg.chunk_size
+    block = mcfg.host_block_chunks * mcfg.chunk_size
     emb_dim = retriever.embedding_size(model.config)
     state = jax.eval_shape(lambda: retriever.empty_state(model.module, mcfg, 1))
     params = shapes(model.params)
