@@ -1,23 +1,27 @@
-"""Per-token cost of block memory (`blockmem.score_chunks`) by memory capacity, and of MemLong's
-32k window, in FLOPs counted by XLA and in seconds.
+"""Per-token cost of block memory (`blockmem.score_chunks`) by memory capacity, next to
+MemLong's 32k window: FLOPs by formula, seconds measured.
 
     .venv/bin/python -m bench.block_cost                # -> bench/results/block_cost.json
     .venv/bin/python -m bench.block_cost --quick        # smoke test -> out/bench-quick/
 
 Why: issue 18 asks for a per-token cost that stays flat from 8k to 128k tokens and within 2x of
 MemLong's per token at 32k. Block memory runs on fixed shapes: a chunk's work depends on the
-memory's capacity (`memory_tokens`: retrieval scores and bookkeeping over every slot), never on
-how many tokens came before, so a capacity of C tokens is what a C-token document needs and the
-per-token cost at length C is the cost of one host block with that capacity.
+memory's capacity (`memory_tokens`: retrieval scores over every slot), never on how many
+tokens came before, so a capacity of C tokens is what a C-token document needs and the cost
+per token at length C is the cost of one host block with that capacity.
 
-What runs: SmolLM2-135M (the converted checkpoint; a random init of the same shape if absent).
-FLOPs: `compiled.cost_analysis()` of one host block of `--tokens` tokens (head included, as
-scoring runs it), lowered on shapes only, so capacities too large for this machine's memory
-are counted too. Seconds: the same call with the state threaded through the repeats, for the
-capacities listed in `--timed` (each needs 2 x 30 layers x capacity x 3 KV heads x 64 x 4 bytes
-of fp32 K/V: 1.5 GB at 32k). MemLong at 32k: the checkpoint's settings, the 30k-token prefix
-ingested in 8k host blocks plus the final 2k window scored, both FLOP-counted the same way
-(text-retriever embeddings given, their host encoder not counted).
+FLOPs per token of block memory, as the fixed shapes run them (L layers, W_layer the weights
+of one decoder layer, H heads of size D, KV groups, B block size, C chunk, S capacity blocks):
+    2 * L * W_layer + 2 * d * vocab                          (layers; head: every token scored)
+    + L * 4 * H * D * (sinks + top_k * B + window + C)      (joint softmax over every key slot)
+    + L * 2 * H * D * B                                      (representatives inside each block)
+    + L * 2 * KV * D * S / C                                 (block selection, once per chunk)
+MemLong: `bench.gpu.score_flops` (prefix through m layers in tau-chunks, final window through
+all layers with retrieved memory). XLA's `cost_analysis` is not used: it counts a `lax.scan`
+body once, not once per step.
+Seconds: one host block of `--tokens` tokens, the state threaded through the repeats
+(`common.time_carried`), for the capacities in `--timed` (fp32 K/V: 2 x L x capacity x KV x D x
+4 bytes, 1.5 GB at 32k, 6 GB at 128k).
 """
 
 from __future__ import annotations
@@ -25,14 +29,13 @@ from __future__ import annotations
 import functools
 import time
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
 from bench import common
-from memlong_jax.eval import scoring
+from bench.gpu import score_flops
 from memlong_jax.memlong import blockmem
-from memlong_jax.memlong.retrievers import make_retriever
+from train.metrics import layer_params
 
 NAME = "block_cost"
 
@@ -46,66 +49,50 @@ def build_parser():
                    help="capacities also timed (default: %(default)s)")
     p.add_argument("--tokens", default="1k", help="tokens per call (default: %(default)s)")
     p.add_argument("--memlong-length", default="32k", help="(default: %(default)s)")
+    p.add_argument("--memlong-window", default="2k", help="(default: %(default)s)")
     p.add_argument("--repeats", type=int, default=3, help="timed calls each (default: 3)")
     return p
 
 
-def shapes(tree):
-    return jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
-
-
-def flops(fn, *args) -> float:
-    analysis = jax.jit(fn).lower(*args).compile().cost_analysis()
-    analysis = analysis[0] if isinstance(analysis, list) else analysis
-    return float(analysis["flops"])
+def block_flops(cfg, bcfg) -> dict:
+    """FLOPs per token of block memory (module docstring)."""
+    layers, heads, dim = cfg.num_hidden_layers, cfg.num_attention_heads, cfg.head_dim
+    keys = bcfg.tile_slots + bcfg.window + bcfg.chunk
+    parts = {"matmul": 2 * layers * sum(layer_params(cfg).values())
+             + 2 * cfg.hidden_size * cfg.vocab_size,
+             "attention": layers * 4 * heads * dim * keys,
+             "representatives": layers * 2 * heads * dim * bcfg.block_size,
+             "selection": layers * 2 * cfg.num_key_value_heads * dim * bcfg.capacity_blocks
+             / bcfg.chunk}
+    return {"total": sum(parts.values()), **parts}
 
 
 def block_row(model, bcfg, tokens: int, timed: bool, repeats: int) -> dict:
-    module = model.module
-    score = functools.partial(blockmem.score_chunks, module, bcfg)
-    state = jax.eval_shape(lambda: blockmem.init_state(module, bcfg, 1))
-    ids = jax.ShapeDtypeStruct((1, tokens), jnp.int32)
-    row = {"capacity": bcfg.memory_tokens,
-           "flops_per_token": flops(score, shapes(model.params), state, ids, ids) / tokens}
+    row = {"capacity": bcfg.memory_tokens, "flops_per_token": block_flops(model.config, bcfg)}
     if timed:
-        real = jnp.asarray(np.random.default_rng(0).integers(0, model.config.vocab_size,
-                                                             (1, tokens)), jnp.int32)
-        step = lambda s, params, x: score(params, s, x, x)[0]
-        t = common.time_carried(step, blockmem.init_state(module, bcfg, 1), model.params, real,
-                                repeats=repeats)
+        score = functools.partial(blockmem.score_chunks, model.module, bcfg)
+        ids = jnp.asarray(np.random.default_rng(0).integers(0, model.config.vocab_size,
+                                                            (1, tokens)), jnp.int32)
+        step = lambda state, params, x: score(params, state, x, x)[0]
+        t = common.time_carried(step, blockmem.init_state(model.module, bcfg, 1), model.params,
+                                ids, repeats=repeats)
         row.update(t, s_per_token=t["median_s"] / tokens)
     return row
 
 
-def memlong_flops(model, length: int) -> dict:
-    """FLOPs per token of one memlong window of `length` (scoring's path: prefix ingested in
-    host blocks, then the final local window)."""
+def memlong_row(model, length: int, window: int) -> dict:
     mcfg = model.memlong_config
-    retriever = make_retriever(mcfg, model.tokenizer)
-    protocol = scoring.Protocol((length,))
-    scorer = scoring.Scorer(model.module, model.params, mcfg, protocol, retriever)
-    window = protocol.final_window(length)
-    block = mcfg.host_block_chunks * mcfg.chunk_size
-    emb_dim = retriever.embedding_size(model.config)
-    state = jax.eval_shape(lambda: retriever.empty_state(model.module, mcfg, 1))
-    params = shapes(model.params)
-    args = lambda n: (jax.ShapeDtypeStruct((1, n), jnp.int32),
-                      jax.ShapeDtypeStruct((1, n // mcfg.chunk_size, emb_dim), jnp.float32)
-                      if retriever.host_side else None)
-    total, prefix = 0.0, length - window
-    for start in range(0, prefix, block):
-        total += flops(scorer._ingest, params, state, *args(min(block, prefix - start)))
-    query = jax.ShapeDtypeStruct((1, emb_dim), jnp.float32) if retriever.host_side and \
-        mcfg.query_mode == "segment" else None
-    total += flops(scorer._final_window_nll, params, state, *args(window), query)
-    return {"length": length, "flops_per_token": total / length, "memlong": mcfg.to_dict()}
+    flops = score_flops(model.config, mcfg, "memlong", length, window, window - 1)
+    return {"length": length, "window": window,
+            "flops_per_token": {k: v / length for k, v in flops.items()},
+            "memlong": mcfg.to_dict()}
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
     started, git = time.perf_counter(), common.git_commit()
     if args.quick:
-        args.capacities, args.timed, args.tokens, args.memlong_length = "1k,2k", "1k", "256", "4k"
+        args.capacities, args.timed, args.tokens = "8k,32k", "8k", "256"
     model, source = common.load_smollm2(args.checkpoint)
     tokens = common.parse_tokens(args.tokens)
     timed = set(common.parse_list(args.timed))
@@ -114,7 +101,8 @@ def main(argv=None):
         bcfg = blockmem.BlockConfig(memory_tokens=capacity).validate(model.config)
         rows.append(block_row(model, bcfg, tokens, capacity in timed, args.repeats))
         print(rows[-1], flush=True)
-    memlong = memlong_flops(model, common.parse_tokens(args.memlong_length))
+    memlong = memlong_row(model, common.parse_tokens(args.memlong_length),
+                          common.parse_tokens(args.memlong_window))
     print(memlong, flush=True)
     config = {"model": source, "block": blockmem.BlockConfig().__dict__, "tokens": tokens}
     common.finish(NAME, args, config, {"block": rows, "memlong": memlong}, started, git)

@@ -40,12 +40,12 @@ repeat_base()     { recall base_repeat "$BASE" --tasks repeat --depths 0 --lengt
 passkey_trained() { recall trained_passkey "$TRAINED" --tasks passkey --depths 0.5 \
                       --lengths "$LENGTHS" --rows memlong,local --query-modes segment,chunk $READ; }
 book_trained()    { score trained_book "$TRAINED" "$BOOK" --lengths 4k,16k --modes memlong,local \
-                      --set memory_tokens=32768 --set continuation=true; }
+                      --set memory_tokens=32768 --set continuation=true --set query_mode=chunk; }
 wiki_trained()    { score trained_wiki "$TRAINED" ../shared/data/wikitext/wikitext2_raw_test.txt \
-                      --lengths 4k --modes memlong,local --join --set memory_tokens=32768 \
+                      --lengths 4k --modes memlong,local --join --set memory_tokens=32768 --set query_mode=chunk \
                       --set continuation=true; }
 latex_trained()   { score trained_latex "$TRAINED" ../shared/data/proofpile_like/carleson_blueprint.tex \
-                      --lengths 4k --modes memlong,local --set memory_tokens=32768 \
+                      --lengths 4k --modes memlong,local --set memory_tokens=32768 --set query_mode=chunk \
                       --set continuation=true; }
 book_base()       { score base_book "$BASE" "$BOOK" --lengths 4k,16k --modes local,full; }
 

@@ -11,7 +11,6 @@ missing (a run that did not finish) shows as a missing row, never as a number.
 from __future__ import annotations
 
 import argparse
-import glob
 import json
 import os
 import sys
@@ -26,7 +25,8 @@ END = "<!-- END GENERATED train15 -->"
 LEVERS = (("upstream", "upstream reading (shared K/V of layer 15, position 0; layers 15,19,23,27)"),
           ("l15_every4", "per-layer K/V, true positions, prefix with context; layers 15,19,23,27"),
           ("l15_all", "the same, every layer 15..29 reads memory"),
-          ("l8_all", "the same with memory layer 8, every layer 8..29 reads memory"))
+          ("l8_all", "the same with memory layer 8, every layer 8..29 reads memory"),
+          ("l8_all_near", "l8_all with `near` positions and continuation chunks"))
 
 
 def load(path: str) -> dict | None:
@@ -58,7 +58,7 @@ def lever_section(folder: str) -> str:
             ["`full` attention", fmt(base_repeat.get(("full", 2048))), "",
              fmt(base_key.get(("full", 4096)), 2)]]
     for name, text in LEVERS:
-        rep = load(f"{folder}/{name}_repeat_2k.json")
+        rep = load(f"{folder}/{name}_repeat_2k.json") or load(f"{folder}/{name}_repeat_2k_8k.json")
         key = load(f"{folder}/{name}_passkey_4k.json")
         if not rep and not key:
             rows.append([text, "not run", "", "not run"])
@@ -89,18 +89,69 @@ def curve_section(metrics: str) -> str:
     return table(header, body) + "\n"
 
 
+def recall_section(measured: str) -> str:
+    """Repeat (2nd-copy NLL) and passkey (accuracy, log p) per row and length: the trained
+    model's rows, the base model's `local`/`full`, and the untrained model with the same
+    reading (experiments/results/levers/l8_all_near_*)."""
+    sources = [("trained", load(f"{measured}/trained_repeat.json"),
+                load(f"{measured}/trained_passkey.json")),
+               ("base", load(f"{measured}/base_repeat.json"), None),
+               ("untrained, same reading",
+                load(os.path.join(RESULTS, "levers", "l8_all_near_repeat_2k_8k.json")), None)]
+    out = []
+    for task, metric, title, digits in (
+            ("repeat", "nll_second", "`repeat`: NLL of the second copy (nats/token; lower is "
+             "better)", 3),
+            ("passkey", "accuracy", "`passkey`: exact match (items per cell in the JSON)", 2),
+            ("passkey", "logprob", "`passkey`: log-probability of the key (nats)", 2)):
+        table_rows, lengths = [], set()
+        found = []
+        for name, rep, key in sources:
+            data = rep if task == "repeat" else key
+            values = cells(data, task, metric)
+            for (row, length), value in values.items():
+                lengths.add(length)
+            for row in sorted({r for r, _ in values}):
+                found.append((f"{name}: {row}", {n: v for (r, n), v in values.items()
+                                                 if r == row}))
+        if not found:
+            continue
+        lengths = sorted(lengths)
+        for label_, values in found:
+            table_rows.append([label_] + [
+                ("n/a" if values.get(n) is None else
+                 f"{100 * values[n]:.0f}%" if metric == "accuracy" else fmt(values[n], digits))
+                for n in lengths])
+        out.append(f"**{title}**\n\n" + table(["row"] + [label(n) for n in lengths],
+                                                 table_rows))
+    return "\n\n".join(out) + "\n" if out else "_no recall measurements yet_\n"
+
+
+def ppl_section(measured: str) -> str:
+    """PPL per (text, model, mode, length) from the score JSONs."""
+    rows = []
+    for name, text in (("book", "Jane Eyre (held out)"), ("wiki", "WikiText-2 raw test"),
+                       ("latex", "carleson_blueprint.tex")):
+        for model in ("trained", "base"):
+            data = load(f"{measured}/{model}_{name}.json")
+            for r in (data or {}).get("rows", []):
+                rows.append([text, model, r["mode"], label(r["length"]), r["windows"],
+                             fmt(r["ppl"], 2)])
+    if not rows:
+        return "_no perplexity measurements yet_\n"
+    return table(["text", "model", "mode", "length", "windows", "PPL"], rows) + "\n"
+
+
 def render(folder: str, measured: str, metrics: str) -> str:
-    parts = ["### Issue 15, phase 1: reading levers without training (1 item per cell)\n",
-             lever_section(folder), "\n\n### Issue 15: the training run's memory signals\n",
-             curve_section(metrics)]
-    runs = sorted(glob.glob(os.path.join(measured, "*.json")))
-    if runs:
-        parts.append("\n### Issue 15: measurements (files in experiments/results/train15/)\n")
-        for path in runs:
-            data = load(path)
-            parts.append(f"- `{os.path.basename(path)}`: {len(data.get('records', data.get('rows', [])))} "
-                         "records\n")
-    return "\n".join(parts) + "\n"
+    return "\n".join([
+        "### Issue 15, phase 1: reading levers without training (1 item per cell)\n",
+        lever_section(folder),
+        "\n### Issue 15: the training run's memory signals (every 10 steps)\n",
+        curve_section(metrics),
+        "\n### Issue 15: recall, trained vs untrained (1 item per cell unless the JSON says "
+        "more)\n", recall_section(measured),
+        "\n### Issue 15: perplexity, the last 1023 predictions of each window\n",
+        ppl_section(measured)]) + "\n"
 
 
 def main(argv=None) -> int:
