@@ -109,23 +109,32 @@ def ppl_section(runs) -> list[str]:
     return lines + [""]
 
 
-def cost_section(cost) -> list[str]:
-    if not cost:
-        return ["## Cost per token", "", "not run", ""]
-    res = cost["results"]
-    lines = ["## Cost per token (bench/block_cost.py)", "",
-             "XLA's FLOP count of one host block of "
-             f"{cost['config']['tokens']} tokens (head included) by memory capacity; a capacity "
-             "of C tokens is what a C-token document needs, and every chunk runs on the same "
-             "shapes whatever came before it. Seconds: the same call timed (under load).", "",
-             "| capacity | GFLOP per token | ms per token (under load) |", "|---|---|---|"]
-    for r in res["block"]:
-        ms = f"{1e3 * r['s_per_token']:.1f}" if "s_per_token" in r else "not timed (RAM)"
-        lines.append(f"| {label(r['capacity'])} | {r['flops_per_token'] / 1e9:.3f} | {ms} |")
-    m = res["memlong"]
-    lines += ["", f"MemLong ({label(m['length'])} window, the checkpoint's settings, prefix "
-              f"ingestion + final window): {m['flops_per_token'] / 1e9:.3f} GFLOP per token "
-              "(its text retriever's encoder on the host not counted).", ""]
+def cost_section(cost, passkey) -> list[str]:
+    lines = ["## Cost per token", ""]
+    if cost:
+        res = cost["results"]
+        memlong = res["memlong"]["flops_per_token"]["total"]
+        lines += ["FLOPs per token by formula (bench/block_cost.py: every token through all "
+                  "layers, attention over every key slot the fixed shapes hold, head on every "
+                  "token as scoring runs it), by memory capacity; a capacity of C tokens is what "
+                  "a C-token document needs, and every chunk runs on the same shapes whatever "
+                  "came before it.", "",
+                  "| capacity | GFLOP per token | layers + head | attention | x MemLong at "
+                  f"{label(res['memlong']['length'])} |", "|---|---|---|---|---|"]
+        for r in res["block"]:
+            f = r["flops_per_token"]
+            lines.append(f"| {label(r['capacity'])} | {f['total'] / 1e9:.3f} | "
+                         f"{f['matmul'] / 1e9:.3f} | {f['attention'] / 1e9:.3f} | "
+                         f"{f['total'] / memlong:.1f} |")
+        lines += ["", f"MemLong ({label(res['memlong']['length'])} window, the checkpoint's "
+                  f"settings: prefix through {res['memlong']['memlong']['memory_layer']} layers, "
+                  f"final window through all): {memlong / 1e9:.3f} GFLOP per token.", ""]
+    if passkey:
+        lines += ["Block row wall time per prompt token in the passkey run (memory capacity "
+                  f"{passkey['config']['settings']['block']['memory_tokens']} tokens throughout; "
+                  "compilation included, one item, under load): "
+                  + ", ".join(f"{label(t['length'])}: {1e3 * t['seconds'] / t['length']:.0f} ms"
+                              for t in passkey["timing"] if t["row"] == "block") + ".", ""]
     return lines
 
 
@@ -161,7 +170,7 @@ def main(argv=None):
     text = [INTRO.format(settings=", ".join(f"`{k}={v}`" for k, v in settings.items()),
                          load=", ".join(f"{x:.0f}" for x in loads) or "not recorded")]
     text += (passkey_section(passkey) + repeat_section(repeat) + ppl_section(ppl)
-             + cost_section(cost) + diagnosis_section(at("passkey_diagnosis.jsonl")))
+             + cost_section(cost, passkey) + diagnosis_section(at("passkey_diagnosis.jsonl")))
     if os.path.exists(args.notes):
         text.append(open(args.notes).read())
     tmp = args.out + ".tmp"
