@@ -57,7 +57,7 @@ def test_every_block_at_true_positions_is_full_attention(params, sinks, window, 
     exactly its causal prefix once (sinks, memory, window, chunk), so the NLL is the full
     model's. fp32; the joint softmax only reorders sums, hence 2e-5."""
     bcfg = SMALL.replace(sink_tokens=sinks, window=window, chunk=chunk, top_k=16,
-                         memory_tokens=64, placement="true")
+                         memory_tokens=64, placement="true", previous=False)
     ids = random_ids(1)
     np.testing.assert_allclose(np.asarray(block_nll(params, ids, bcfg)), full_nll(params, ids),
                                atol=2e-5)
@@ -72,14 +72,15 @@ def test_fixed_placement_and_few_blocks_change_the_result(params):
     assert np.abs(nll - full)[:, SMALL.chunk:].min(axis=0).max() > 1e-2
 
 
-@pytest.mark.parametrize("cut", [13, 24, 37])
-def test_no_leak_from_later_tokens(params, cut):
+@pytest.mark.parametrize("cut, previous", [(13, False), (24, False), (37, False), (24, True)])
+def test_no_leak_from_later_tokens(params, cut, previous):
     """Changing the tokens from position `cut` on never changes the NLL of earlier predictions
     (block choice, representatives, hit counts and eviction all lag behind), but does change
     later ones. Memory holds 4 blocks, so eviction runs."""
     ids = random_ids(3)
+    bcfg = SMALL.replace(previous=previous)
     changed = ids.at[:, cut:].set(random_ids(4)[:, cut:])
-    before, after = np.asarray(block_nll(params, ids)), np.asarray(block_nll(params, changed))
+    before, after = (np.asarray(block_nll(params, x, bcfg)) for x in (ids, changed))
     np.testing.assert_array_equal(before[:, :cut - 1], after[:, :cut - 1])
     assert np.abs(before - after)[:, cut:].max() > 1e-3
 
@@ -109,12 +110,14 @@ def test_representatives_equal_a_loop():
                 np.testing.assert_allclose(got[b, block, g], ks[top, g].mean(0), atol=1e-5)
 
 
-def test_block_selection_equals_a_loop():
+@pytest.mark.parametrize("top_k, previous", [(3, False), (4, True), (5, True)])
+def test_block_selection_equals_a_loop(top_k, previous):
     """Summed-query scoring + top-k picks the blocks that a loop over every query, head and
-    valid block would pick by the summed scores q . representative."""
+    valid block would pick by the summed scores q . representative; with `previous`, the top
+    k // 2 and, before them, the block written just before each (when held), none twice."""
     rng = np.random.default_rng(1)
     batch, kv, heads, dim, length, size = 2, 2, 4, 16, 8, 4
-    bcfg = SMALL.replace(top_k=3, memory_tokens=32)
+    bcfg = SMALL.replace(top_k=top_k, memory_tokens=32, previous=previous)
     memory = mem_ops.init_memory(batch * kv, bcfg.capacity_blocks, size, 1, dim, dim,
                                  jnp.float32)
     blocks = 6
@@ -129,6 +132,8 @@ def test_block_selection_equals_a_loop():
     _, indices, found = blockmem.select_blocks(bcfg, memory, query.reshape(batch * kv, dim))
     q_rot = np.asarray(apply_rope(jnp.asarray(q), cos, sin))
     valid, emb = np.asarray(memory.valid), np.asarray(memory.emb)
+    written = np.asarray(memory.insert_time)
+    assert indices.shape == (batch * kv, top_k)
     for b in range(batch):
         for g in range(kv):
             row = b * kv + g
@@ -136,7 +141,12 @@ def test_block_selection_equals_a_loop():
             for slot in np.flatnonzero(valid[row]):
                 scores[slot] = sum(q_rot[b, t, h] @ emb[row, slot] for t in range(length)
                                    for h in range(g * heads // kv, (g + 1) * heads // kv))
-            best = sorted(scores, key=lambda s: (-scores[s], s))[:bcfg.top_k]
+            best = sorted(scores, key=lambda s: (-scores[s], s))[:top_k // 2 if previous
+                                                                  else top_k]
+            if previous:
+                before = [s for pick in best for s in scores if written[row, s] ==
+                          written[row, pick] - 1]
+                best = list(dict.fromkeys(before + best))
             assert list(np.asarray(indices[row])[np.asarray(found[row])]) == best
 
 
@@ -197,7 +207,7 @@ def test_generation_with_every_block_is_the_full_model(params):
     """Greedy block-memory generation (prompt in chunks, reselection, token steps, commits)
     with every block retrieved at true positions continues the prompt as the plain model does,
     logit for logit."""
-    bcfg = SMALL.replace(top_k=16, memory_tokens=64, placement="true")
+    bcfg = SMALL.replace(top_k=16, memory_tokens=64, placement="true", previous=False)
     prompt = np.asarray(random_ids(7, length=23))
     generator = BlockGenerator(MODULE, bcfg)
     state, logits = generator.start(params, prompt)

@@ -15,7 +15,7 @@ from memlong_jax.memlong import scan
 from memlong_jax.memlong.config import MEMLONG_PRESETS
 from memlong_jax.llama.model import LlamaForCausalLM
 
-from helpers import random_token_ids, sharp_params
+from helpers import random_token_ids, reference_score, sharp_params
 
 CFG = PRESETS["tiny"]
 MODULE = LlamaForCausalLM(CFG)
@@ -117,8 +117,8 @@ def test_generation_equals_scoring(params, settings):
     for t in ids[:, 37:].T:
         state, logits = gen_obj.step(params, state, t)
     score_state = scan.init_state(MODULE, mcfg, 2)
-    score_state, _, window_logits = scan.score_sequence(
-        MODULE, mcfg, params, score_state, jnp.asarray(ids), 20, window_logits=True)
+    score_state, _, window_logits = reference_score(
+        MODULE, mcfg, params, score_state, jnp.asarray(ids), 20)
     np.testing.assert_allclose(np.asarray(logits), np.asarray(window_logits)[:, -1], atol=1e-4,
                                rtol=0)
     np.testing.assert_array_equal(np.asarray(state.memlong.memory.hits),

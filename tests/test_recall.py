@@ -16,10 +16,16 @@ from memlong_jax.eval import generation
 from memlong_jax.eval.recall import Settings
 from memlong_jax.io.tokenizer import load_tokenizer
 from memlong_jax.memlong import scan
+from memlong_jax.memlong.blockmem import BlockConfig
 from memlong_jax.memlong.config import CHOICES
 
 TOK = byte_tokenizer()
 WINDOW, BUDGET = 16, 8
+# Block memory that is full attention (every block kept and retrieved, at true positions), and
+# the default kind (fixed placement, few blocks) at the same small scale.
+BLOCK_FULL = BlockConfig(block_size=8, sink_tokens=2, window=16, chunk=8, top_k=8,
+                         representatives=2, memory_tokens=64, placement="true", previous=False)
+BLOCK_SMALL = BLOCK_FULL.replace(top_k=2, placement="fixed")
 
 
 def text_of(ids) -> str:
@@ -187,6 +193,28 @@ def test_repeat_nll_rows_equal_the_plain_forward(model):
         np.testing.assert_allclose(reader.nll(row, ids, passage), direct, rtol=1e-4, atol=1e-4)
 
 
+def test_block_row_with_every_block_at_true_positions_equals_full(model):
+    """The block row reads through `BlockGenerator` and the block scorer: with every block
+    retrieved at its true position that is plain causal attention, so its answers, answer
+    log-probabilities and repeat NLL are the full row's (fp32; the joint softmax only reorders
+    sums). With two blocks at one position they differ."""
+    rng = np.random.default_rng(3)
+    prompts = rng.integers(0, 256, size=(2, 56)).astype(np.int32)
+    answers = [rng.integers(0, 256, size=3).astype(np.int32),
+               rng.integers(0, 256, size=BUDGET).astype(np.int32)]
+    ids = rng.integers(0, 256, size=(2, 64)).astype(np.int32)
+    full = recall.Reader(model, model.memlong_config, None, WINDOW, BUDGET)
+    greedy, logprob = full.answers("full", prompts, answers)
+    nll = full.nll("full", ids, 12)
+    block = recall.Reader(model, model.memlong_config, None, WINDOW, BUDGET, BLOCK_FULL)
+    block_greedy, block_logprob = block.answers("block", prompts, answers)
+    assert np.array_equal(block_greedy, greedy)
+    np.testing.assert_allclose(block_logprob, logprob, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(block.nll("block", ids, 12), nll, rtol=1e-4, atol=1e-4)
+    small = recall.Reader(model, model.memlong_config, None, WINDOW, BUDGET, BLOCK_SMALL)
+    assert np.abs(small.nll("block", ids, 12) - nll).max() > 1e-2
+
+
 def test_evaluate_runs_every_row_on_the_same_items(model):
     settings = Settings(tasks=("passkey", "repeat"), lengths=(512,), depths=(0.0, 1.0), items=1,
                         local_window=WINDOW, passage=8, max_context=256)
@@ -202,6 +230,19 @@ def test_evaluate_runs_every_row_on_the_same_items(model):
     assert full and all("n/a" in c for c in full)      # 512 > max_context 256
     repeat = [c for c in results["summary"] if c["task"] == "repeat" and "n/a" not in c]
     assert all(abs(c["copy_gain"] - (c["nll_first"] - c["nll_second"])) < 1e-9 for c in repeat)
+
+
+def test_block_row_in_evaluate_and_results_saved_after_every_cell(model):
+    settings = Settings(tasks=("repeat",), lengths=(64, 128), items=1, rows=("local", "block"),
+                        local_window=WINDOW, passage=8, block=BLOCK_SMALL)
+    saved = []
+    results = recall.evaluate(model, settings, haystack_texts=[real_text()],
+                              on_cell=lambda partial: saved.append(len(partial["records"])))
+    assert results["rows"] == ["local", "block"]
+    assert {(c["row"], c["length"]) for c in results["summary"]} == \
+        {(r, n) for r in ("local", "block") for n in (64, 128)}
+    assert all(np.isfinite(c["copy_gain"]) for c in results["summary"])
+    assert saved == [2, 4]   # repeat: after each length, once the first copy is scored
 
 
 # ---- SmolLM2 on real text (slow) -------------------------------------------------------------
@@ -266,6 +307,11 @@ def test_cli_writes_table_json_csv_and_heatmap(tiny_checkpoint, haystack_file, t
     (["--tasks", "repeat", "--lengths", "512", "--passage", "300"], "passage must be"),
     (["--tasks", "repeat", "--haystack", "/nonexistent/book.txt"], "no such file"),
     (["--set", "top_k=many"], "top_k"),
+    (["--rows", "block", "--block", "top_k=many"], "top_k"),
+    (["--rows", "block", "--block", "chunk=256", "--lengths", "128"],
+     "not a multiple of the block memory's chunk"),
+    (["--tasks", "passkey", "--rows", "block", "--block", "window=100"],
+     "multiple of block_size"),
     (["--plot", "OUT.gif"], "use a .png"),
     (["--json", "/nonexistent/dir/r.json"], "no such directory"),
 ])

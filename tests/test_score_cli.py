@@ -148,7 +148,7 @@ def test_block_mode_with_every_block_at_true_positions_scores_as_full(tiny_check
     kept and retrieved at true positions it is full attention (tests/test_blockmem.py)."""
     (tmp_path / "book.txt").write_text(TEXT)
     argv = [tiny_checkpoint, str(tmp_path / "book.txt"), *FAST, "--modes", "block,full",
-            *[f"--block={s}" for s in TINY_BLOCK + ["placement=true"]],
+            *[f"--block={s}" for s in TINY_BLOCK + ["placement=true", "previous=false"]],
             "--json", str(tmp_path / "r.json")]
     code, _, stderr = run(argv, capsys)
     assert code == 0, stderr

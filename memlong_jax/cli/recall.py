@@ -16,9 +16,10 @@ from memlong_jax.cli.score import parse_length
 from memlong_jax.errors import (ArgumentParser, UserError, check_writable_file, entry_point,
                                 write_atomically, write_json)
 from memlong_jax.eval.recall import prompts
-from memlong_jax.eval.recall.evaluation import (ROW_KINDS, Settings, evaluate, table,
-                                                write_csv, write_plot)
+from memlong_jax.eval.recall.evaluation import (DEFAULT_ROWS, ROW_KINDS, Settings, evaluate,
+                                                table, write_csv, write_plot)
 from memlong_jax.io.documents import read_documents
+from memlong_jax.memlong.blockmem import BlockConfig
 from memlong_jax.memlong.config import CHOICES
 
 # The repository's sibling ../shared/data/pg19_like (this file is memlong_jax/cli/recall.py).
@@ -26,8 +27,8 @@ DEFAULT_HAYSTACK = os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
                                 "shared", "data", "pg19_like")
 PLOT_FORMATS = (".png", ".pdf", ".svg")
 DEFAULTS = Settings()
-DESCRIPTION = """Recall beyond the local window: passkey, needle and repeat in memlong, local and
-full rows on the same items.
+DESCRIPTION = """Recall beyond the local window: passkey, needle and repeat in memlong, local,
+full and block rows on the same items.
 """
 
 
@@ -48,7 +49,11 @@ def build_parser() -> ArgumentParser:
 Tasks: passkey (landmark attention's pass key in filler text), needle (a fact in real text),
 repeat (a passage of real text that comes back at the end: copy gain). Rows, on the same items:
 memlong (one row per query mode), local (the last local window alone), full (plain attention
-over everything, up to the model's trained context).""",
+over everything, up to the model's trained context), block (training-free block memory over
+each layer's own K/V, settings via --block; not in the default rows).
+
+With --json the file is rewritten after every cell, so a run that is stopped keeps what it
+measured ("complete": false until the end).""",
                             formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", help="converted checkpoint (python -m convert.from_hf)")
     parser.add_argument("--tasks", default=",".join(DEFAULTS.tasks),
@@ -60,8 +65,15 @@ over everything, up to the model's trained context).""",
     parser.add_argument("--items", type=int, default=DEFAULTS.items,
                         help="items per (task, length, depth) (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=DEFAULTS.seed, help="(default: %(default)s)")
-    parser.add_argument("--rows", default=",".join(ROW_KINDS),
-                        help="rows to compare (default: %(default)s)")
+    parser.add_argument("--rows", default=",".join(DEFAULT_ROWS),
+                        help=f"rows to compare, of {', '.join(ROW_KINDS)} "
+                             "(default: %(default)s)")
+    parser.add_argument("--block", dest="block_overrides", action="append", default=[],
+                        metavar="KEY=VALUE",
+                        help="block memory setting of the block row, e.g. top_k=16 "
+                             "(repeatable; defaults: " + ", ".join(
+                                 f"{k}={v}" for k, v in dataclasses.asdict(BlockConfig()).items())
+                             + ")")
     parser.add_argument("--query-modes", default=None,
                         help="memlong query modes, one row each (default: every allowed mode, "
                              f"today {','.join(CHOICES['query_mode'])}; a --set query_mode=X "
@@ -97,7 +109,8 @@ def settings_from(args) -> Settings:
                     depths=parse_depths(args.depths), items=args.items, seed=args.seed,
                     rows=_names(args.rows), query_modes=modes,
                     local_window=parse_length(args.local_window), passage=args.passage,
-                    max_context=args.max_context)
+                    max_context=args.max_context,
+                    block=BlockConfig().with_overrides(args.block_overrides))
 
 
 def git_commit() -> dict:
@@ -127,27 +140,31 @@ def main(argv=None) -> None:
     settings.validate(mcfg.chunk_size)      # before the encoder loads
     encoder = load_encoder(mcfg, args.encoder) if "memlong" in settings.rows else None
 
+    def save(results, complete: bool) -> None:
+        results["config"] = {
+            "checkpoint": os.path.basename(os.path.normpath(args.checkpoint)),
+            "checkpoint_path": os.path.abspath(args.checkpoint),
+            "settings": dataclasses.asdict(settings), "rows": results["rows"],
+            "haystack": [os.path.abspath(p) for p in args.haystack] if needs_text else None,
+            "max_context": results["max_context"], "dtype": args.dtype,
+            "memlong": results["memlong"], "model": model.config.to_hf_dict(),
+            "encoder": args.encoder or ("default" if encoder else None),
+            "command": " ".join(["python -m memlong_jax.recall", *(argv or sys.argv[1:])]),
+            "versions": versions(), "git": git, "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "total_seconds": time.perf_counter() - started, "complete": complete,
+            "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
+        }
+        if args.json:
+            write_json(args.json, {key: results[key]
+                                   for key in ("config", "summary", "records", "timing")})
+
     with progress_bars("cell", args.quiet) as progress:
-        results = evaluate(model, settings, mcfg, encoder, texts, progress)
-    results["config"] = {
-        "checkpoint": os.path.basename(os.path.normpath(args.checkpoint)),
-        "checkpoint_path": os.path.abspath(args.checkpoint),
-        "settings": dataclasses.asdict(settings), "rows": results["rows"],
-        "haystack": [os.path.abspath(p) for p in args.haystack] if needs_text else None,
-        "max_context": results["max_context"], "dtype": args.dtype,
-        "memlong": results["memlong"], "model": model.config.to_hf_dict(),
-        "encoder": args.encoder or ("default" if encoder else None),
-        "command": " ".join(["python -m memlong_jax.recall", *(argv or sys.argv[1:])]),
-        "versions": versions(), "git": git, "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "total_seconds": time.perf_counter() - started,
-        "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
-    }
+        results = evaluate(model, settings, mcfg, encoder, texts, progress,
+                           on_cell=lambda partial: save(partial, complete=False))
+    save(results, complete=True)
     print(table(results))
     print(f"\n{results['config']['total_seconds']:.0f} s in all (model loading and compilation "
           f"included)")
-    if args.json:
-        write_json(args.json, {key: results[key]
-                               for key in ("config", "summary", "records", "timing")})
     if args.csv:
         write_atomically(args.csv, lambda tmp: write_csv(results, tmp))
     if args.plot:

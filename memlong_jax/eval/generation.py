@@ -9,7 +9,7 @@ embeddings, sampling keys, stop tokens):
 * `start`: the prompt's head goes into memory tau tokens at a time through
   `scan.ingest_prefix`, exactly as `score_sequence` ingests its prefix; then the prompt's tail
   (the last W - tau < L <= W tokens, or the whole prompt when it fits) becomes the local cache in
-  one forward, ordered like `segment_step`'s final window: layers below the memory layer,
+  one forward, ordered like `scan.forward_step` on the final window: layers below the memory layer,
   retrieval, the layers above with the retrieved chunks. Nothing of the tail is written to
   memory: it stays local.
 * `decode`: one token per row attends to the cache (causal) and, in the retrieval layers, to the
@@ -120,7 +120,7 @@ def _retrieve(mcfg: MemLongConfig, gen: GenState, query, query_ok):
 
 def _retrieve_window(mcfg: MemLongConfig, gen: GenState, x, segment_query) -> GenState:
     """Pick the top-k chunks for the window whose memory-layer inputs are `x` `[B, S, hidden]`
-    and keep their K/V for decoding; the query as in `scan.segment_step` (segment mode:
+    and keep their K/V for decoding; the query as in `scan.forward_step` (segment mode:
     `segment_query` from the text retriever, else `x` pooled)."""
     if segment_query is None and mcfg.query_mode == "segment":
         segment_query = scan.pooled_chunks(x, x.shape[1])[:, 0]

@@ -13,7 +13,10 @@ Tokens are processed in chunks of `chunk` tokens. When a chunk is complete (`com
 queries, summed over the chunk and over the heads of each KV group, score every stored block
 (the sum of q . representative over those queries and heads) and the `top_k` blocks of each
 group (exact top-k, `retrieval.retrieve`) become, with the sinks, the memory tile of the *next*
-chunk: the choice never depends on the tokens it serves, so nothing leaks. Each layer attends in
+chunk: the choice never depends on the tokens it serves, so nothing leaks. With `previous` (the
+default) the budget goes to the top_k // 2 best blocks and the block before each: a line that a
+block boundary cuts (a pass key's "The pass key is 680|38") is then read whole; without it
+SmolLM2 read the half holding "68038 is the pass key" and answered "the pass key". Each layer attends in
 one softmax over [sinks ; retrieved blocks ; window ; chunk so far] (`grouped_attention`
 with a mask per KV group).
 
@@ -42,7 +45,7 @@ from memlong_jax.llama.layers import apply_rope, rope_cos_sin
 from memlong_jax.llama.model import DecoderLayer, LlamaForCausalLM
 from memlong_jax.memlong import memory as mem_ops
 from memlong_jax.memlong.config import CHOICES
-from memlong_jax.memlong.retrieval import BACKENDS, retrieve
+from memlong_jax.memlong.retrieval import retrieve
 from memlong_jax.memlong.scan import token_nll
 
 PLACEMENTS = ("fixed", "true")
@@ -62,6 +65,8 @@ class BlockConfig:
     eviction         MemLong's policies: paper (hit counts) or fifo_half
     backend          top-k search: device (exact, in-graph), faiss, faiss-hnsw
     placement        fixed (retrieved keys and sinks at one position) or true (their own)
+    previous         each of top_k // 2 retrieved blocks brings the block before it, so a
+                     line cut by a block boundary is read whole (passkey: the key line)
     """
 
     block_size: int = 128
@@ -75,6 +80,7 @@ class BlockConfig:
     eviction: str = "paper"
     backend: str = "device"
     placement: str = "fixed"
+    previous: bool = True
 
     @property
     def capacity_blocks(self) -> int:
@@ -92,8 +98,8 @@ class BlockConfig:
 
     def validate(self, model: LlamaConfig) -> "BlockConfig":
         """Raise `ConfigError` naming the first bad setting; return self when all is well."""
-        choices = {"mem_dtype": CHOICES["mem_dtype"], "eviction": mem_ops.POLICIES,
-                   "backend": tuple(BACKENDS), "placement": PLACEMENTS}
+        choices = {"mem_dtype": CHOICES["mem_dtype"], "eviction": CHOICES["eviction"],
+                   "backend": CHOICES["backend"], "placement": PLACEMENTS}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"block {name} must be one of {', '.join(allowed)}, "
@@ -119,6 +125,8 @@ class BlockConfig:
             (self.top_k <= self.capacity_blocks,
              f"block memory_tokens ({self.memory_tokens}) must hold at least top_k "
              f"({self.top_k}) blocks"),
+            (not self.previous or self.top_k >= 2,
+             f"block top_k ({self.top_k}) must be at least 2 with previous blocks"),
             (self.eviction != "paper" or self.capacity_blocks >= 2,
              "block memory must hold at least 2 blocks for the 'paper' eviction policy"),
             (self.placement != "fixed" or self.window + self.chunk < model.max_position_embeddings,
@@ -313,10 +321,34 @@ def selection_query(q, cos, sin, kv: int):
     return rotated.reshape(batch, length, kv, heads // kv, dim).sum(axis=(1, 3))
 
 
+def with_previous(memory: mem_ops.Memory, indices, found):
+    """Picks `[rows, k]` -> `[rows, 2k]`: the block written just before each pick (found when
+    memory still holds it), then the picks; a slot already taken earlier in the row is not
+    found again, so no block is read twice."""
+    rows = jnp.arange(indices.shape[0])[:, None]
+    time = memory.insert_time[rows, indices]
+    match = memory.valid[:, None] & (memory.insert_time[:, None] == time[..., None] - 1)
+    before = found & match.any(-1)
+    indices = jnp.concatenate([jnp.where(before, jnp.argmax(match, -1), 0), indices], axis=1)
+    found = jnp.concatenate([before, found], axis=1)
+    k = indices.shape[1]
+    earlier = jnp.tril(jnp.ones((k, k), bool), -1)
+    repeat = ((indices[:, :, None] == indices[:, None, :]) & found[:, None, :] & earlier).any(-1)
+    found = found & ~repeat
+    return jnp.where(found, indices, 0).astype(jnp.int32), found
+
+
 def select_blocks(bcfg: BlockConfig, memory: mem_ops.Memory, query):
-    """Top-k blocks per memory row for `query` `[rows, D]`; hits counted. Returns (memory,
-    indices `[rows, k]`, found `[rows, k]`)."""
-    indices, found = retrieve(bcfg.backend, memory.emb, memory.valid, query, bcfg.top_k)
+    """Top-k blocks per memory row for `query` `[rows, D]` (with `previous`: the top k // 2 and
+    the block before each); hits counted. Returns (memory, indices `[rows, k]`, found
+    `[rows, k]`)."""
+    picks = bcfg.top_k // 2 if bcfg.previous else bcfg.top_k
+    indices, found = retrieve(bcfg.backend, memory.emb, memory.valid, query, picks)
+    if bcfg.previous:
+        indices, found = with_previous(memory, indices, found)
+        if bcfg.top_k % 2:   # an odd budget: one slot stays empty
+            indices = jnp.pad(indices, ((0, 0), (0, 1)))
+            found = jnp.pad(found, ((0, 0), (0, 1)))
     return mem_ops.count_hits(memory, indices, found), indices, found
 
 

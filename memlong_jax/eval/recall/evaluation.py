@@ -1,8 +1,10 @@
 """The recall evaluation: every (task, length) cell's items through every row, then summaries.
 
 Rows: `memlong:<mode>` for each query mode (by default every value `memlong_config.CHOICES`
-allows, so a new mode is picked up without a change here), `local` and `full` (n/a past
-`max_context`, by default the model's trained context). All rows of a cell see the same items.
+allows, so a new mode is picked up without a change here), `local`, `full` (n/a past
+`max_context`, by default the model's trained context) and, when asked for, `block` (the
+training-free block memory, `blockmem`, over the whole item). All rows of a cell see the same
+items.
 
 Scores: passkey is correct when the first integer of the greedy answer is the key; needle when
 its first word is the value; both also record the teacher-forced log-probability of the
@@ -21,31 +23,35 @@ import time
 import numpy as np
 
 from memlong_jax.errors import UserError
+from memlong_jax.memlong.blockmem import BlockConfig
 from memlong_jax.memlong.config import CHOICES, MemLongConfig
 from memlong_jax.memlong.retrievers import make_retriever
 from memlong_jax.eval.recall import prompts
 from memlong_jax.eval.recall.reader import Reader
 
-ROW_KINDS = ("memlong", "local", "full")
+ROW_KINDS = ("memlong", "local", "full", "block")
+DEFAULT_ROWS = ("memlong", "local", "full")
 ANSWER_TASKS = ("passkey", "needle")
 
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
     """What is run. `query_modes` None: every allowed query mode. `budget`: new tokens per answer
-    (the prompt holds length - budget tokens, so prompt and answer fit in `length`)."""
+    (the prompt holds length - budget tokens, so prompt and answer fit in `length`). `block`:
+    the block memory settings of the `block` row."""
 
     tasks: tuple[str, ...] = ("passkey", "repeat")
     lengths: tuple[int, ...] = (2048, 8192, 32768)
     depths: tuple[float, ...] = (0.0, 0.5, 1.0)
     items: int = 1
     seed: int = 0
-    rows: tuple[str, ...] = ROW_KINDS
+    rows: tuple[str, ...] = DEFAULT_ROWS
     query_modes: tuple[str, ...] | None = None
     local_window: int = 1024
     passage: int = 512
     budget: int = 8
     max_context: int | None = None
+    block: BlockConfig = BlockConfig()
 
     def validate(self, chunk_size: int) -> "Settings":
         bad = lambda what, values, allowed: UserError(
@@ -70,6 +76,9 @@ class Settings:
             if length <= 0 or length % tau:
                 raise UserError(f"length {length} is not a positive multiple of the chunk size "
                                 f"{tau}")
+            if "block" in self.rows and length % self.block.chunk:
+                raise UserError(f"length {length} is not a multiple of the block memory's "
+                                f"chunk ({self.block.chunk})")
         if "repeat" in self.tasks and not 2 <= self.passage <= self.local_window:
             raise UserError(f"passage must be 2..local window ({self.local_window}) tokens, "
                             f"got {self.passage}")
@@ -118,15 +127,17 @@ def _run_row(reader: Reader, tokenizer, row: str, items, settings: Settings, mem
 
 
 def evaluate(model, settings: Settings = Settings(), mcfg: MemLongConfig | None = None,
-             encoder=None, haystack_texts=(), progress=None) -> dict:
+             encoder=None, haystack_texts=(), progress=None, on_cell=None) -> dict:
     """Run `settings` on `model` (`memlong_jax.load`): {"records": one per (item, row),
     "summary": one per (task, row, length, depth), "timing": seconds per (task, length, row)}.
     `haystack_texts`: real text for needle and repeat. `progress(total)` returns a tqdm-like bar
-    (`set_description`, `update(units)`) counting (task, length, row) cells, or leave it None."""
+    (`set_description`, `update(units)`) counting (task, length, row) cells, or leave it None.
+    `on_cell(results so far)` is called after each cell (to save them as they come)."""
     if model.tokenizer is None:
         raise UserError("the checkpoint has no tokenizer; convert it with its tokenizer")
     mcfg = (mcfg or model.memlong_config).validate(model.config)
     settings = settings.validate(mcfg.chunk_size)
+    block = settings.block.validate(model.config) if "block" in settings.rows else None
     max_context = settings.max_context or model.config.max_position_embeddings
     rows = settings.row_names()
     if "memlong" in settings.rows:   # the text retriever's encoder, loaded once for every row
@@ -134,7 +145,7 @@ def evaluate(model, settings: Settings = Settings(), mcfg: MemLongConfig | None 
     tokenizer = model.tokenizer
     needs_text = any(t in settings.tasks for t in ("needle", "repeat"))
     haystack = prompts.Haystack(tokenizer, haystack_texts) if needs_text else None
-    reader = Reader(model, mcfg, encoder, settings.local_window, settings.budget)
+    reader = Reader(model, mcfg, encoder, settings.local_window, settings.budget, block)
     bar = None if progress is None else progress(len(settings.tasks) * len(settings.lengths)
                                                  * len(rows))
     records, timing = [], []
@@ -165,6 +176,8 @@ def evaluate(model, settings: Settings = Settings(), mcfg: MemLongConfig | None 
                                "seconds": time.perf_counter() - begin})
                 if bar is not None:
                     bar.update(1)
+                if on_cell is not None and task != "repeat":   # repeat: once its first copy is in
+                    on_cell(_results(records, timing, rows, mcfg, max_context))
             if task == "repeat":
                 first = reader.nll("local", np.stack([it.ids[:settings.passage] for it in items]),
                                    settings.passage).mean(axis=1)
@@ -173,6 +186,12 @@ def evaluate(model, settings: Settings = Settings(), mcfg: MemLongConfig | None 
                         record["nll_first"] = float(first[record["index"]])
                         if "nll_second" in record:
                             record["copy_gain"] = record["nll_first"] - record["nll_second"]
+                if on_cell is not None:
+                    on_cell(_results(records, timing, rows, mcfg, max_context))
+    return _results(records, timing, rows, mcfg, max_context)
+
+
+def _results(records, timing, rows, mcfg: MemLongConfig, max_context: int) -> dict:
     return {"records": records, "summary": summarize(records), "timing": timing,
             "rows": rows, "memlong": mcfg.to_dict(), "max_context": max_context}
 

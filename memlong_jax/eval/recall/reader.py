@@ -1,4 +1,5 @@
-"""Running recall items through a model in each row: `memlong:<query mode>`, `local`, `full`.
+"""Running recall items through a model in each row: `memlong:<query mode>`, `local`, `full`,
+`block`.
 
 - Answers (passkey, needle): the prompt's last `window - budget` tokens are the local KV cache
   and the answer's `budget` tokens fit in the window after them, so nothing spills while
@@ -6,10 +7,11 @@
   `scan.ingest_prefix` as generation does, then `generation.Generator.start` with that
   memory and `Generator.step` for each new token. `local`: the same tail, no memory. `full`:
   the whole prompt, plain causal attention (prefilled with the blockwise forward, then decoded
-  with the generation cache). Greedy decoding gives the generated answer; teacher forcing the
-  expected answer gives its log-probability.
+  with the generation cache). `block`: the whole prompt through block memory
+  (`block_generation.BlockGenerator`), then decoded in it. Greedy decoding gives the generated
+  answer; teacher forcing the expected answer gives its log-probability.
 - NLL (repeat): `scoring.Scorer` on the final window (memlong, with the same memory), the last
-  window alone (local) or the whole sequence (full).
+  window alone (local), the whole sequence (full) or the whole sequence through block memory.
 
 The head's memory is built once per item and shared by the query-mode rows: ingestion writes
 the same chunks in every mode (only hit counts differ, which matter to eviction alone), so it is
@@ -25,6 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from memlong_jax.eval import generation, scoring
+from memlong_jax.eval.block_generation import BlockGenerator
+from memlong_jax.memlong.blockmem import BlockConfig
 from memlong_jax.memlong import scan
 from memlong_jax.memlong.config import MemLongConfig
 from memlong_jax.memlong.retrievers import Retriever, make_retriever
@@ -60,12 +64,16 @@ def _log_softmax_at(logits, tokens) -> np.ndarray:
 
 
 class Reader:
-    """One model, its MemLong settings and local window; the rows' jitted pieces are cached."""
+    """One model, its MemLong settings, local window and block memory settings (`block` row);
+    the rows' jitted pieces are cached."""
 
-    def __init__(self, model, mcfg: MemLongConfig, encoder, window: int, budget: int):
+    def __init__(self, model, mcfg: MemLongConfig, encoder, window: int, budget: int,
+                 block: BlockConfig | None = None):
         generation.check_window(mcfg, window)
         self.module, self.params, self.tokenizer = model.module, model.params, model.tokenizer
         self.mcfg, self.encoder, self.window, self.budget = mcfg, encoder, window, budget
+        self.block = block
+        self._block_generator = None if block is None else BlockGenerator(self.module, block)
         self.plain_mcfg = mcfg.replace(retriever="hidden")   # reads no memory: no encoder
         self._scorers: dict = {}
         self._generators: dict = {}
@@ -77,11 +85,12 @@ class Reader:
     def mode_config(self, query_mode: str) -> MemLongConfig:
         return self.mcfg.replace(query_mode=query_mode).validate(self.module.config)
 
-    def scorer(self, mcfg: MemLongConfig, protocol: scoring.Protocol) -> scoring.Scorer:
-        key = (mcfg, protocol)
+    def scorer(self, mcfg: MemLongConfig, protocol: scoring.Protocol,
+               block: BlockConfig | None = None) -> scoring.Scorer:
+        key = (mcfg, protocol, block)
         if key not in self._scorers:
             self._scorers[key] = scoring.Scorer(self.module, self.params, mcfg, protocol,
-                                                self.retriever(mcfg))
+                                                self.retriever(mcfg), block)
         return self._scorers[key]
 
     def head_tokens(self, length: int) -> int:
@@ -100,7 +109,7 @@ class Reader:
                 scan.ingest_prefix, self.module, mcfg, window=self.window))
         ingest = self._ingesters[mcfg]
         state = scorer.empty_state(head_ids.shape[0])
-        block = scoring.HOST_BLOCK_CHUNKS * mcfg.chunk_size
+        block = mcfg.host_block_chunks * mcfg.chunk_size
         for start in range(0, head_ids.shape[1], block):
             ids = head_ids[:, start:start + block]
             key_emb = scorer.retriever.chunk_keys(ids)
@@ -116,6 +125,9 @@ class Reader:
 
     def start(self, row: str, prompts: np.ndarray, memory=None):
         """(state, first logits, step function) for prompts `[B, P]` in `row`."""
+        if row == "block":
+            gen, logits = self._block_generator.start(self.params, prompts)
+            return gen, logits, functools.partial(self._block_generator.step, self.params)
         if row == "full":
             capacity = -(-(prompts.shape[1] + self.budget) // self.mcfg.chunk_size) \
                 * self.mcfg.chunk_size
@@ -158,9 +170,11 @@ class Reader:
     def nll(self, row: str, ids: np.ndarray, scored: int, memory=None) -> np.ndarray:
         """NLL `[B, scored - 1]` of the last `scored - 1` tokens of `ids` `[B, L]` in `row`."""
         length = ids.shape[1]
-        if row in PLAIN_ROWS:
+        if row in PLAIN_ROWS or row == "block":
             protocol = scoring.Protocol((length,), self.window, scored)
-            return np.asarray(self.scorer(self.plain_mcfg, protocol).window_nll(row, ids)[1])
+            block = self.block if row == "block" else None
+            return np.asarray(self.scorer(self.plain_mcfg, protocol, block).window_nll(row,
+                                                                                      ids)[1])
         protocol = scoring.Protocol((self.window,), self.window, scored)
         scorer = self.scorer(self.mode_config(row.split(":", 1)[1]), protocol)
         return np.asarray(scorer.window_nll("memlong", ids[:, -self.window:], memory)[1])
