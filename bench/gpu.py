@@ -42,7 +42,7 @@ implementation does it). Weights W_layer = q, k, v, o, gate, up, down of one lay
 - memlong, window N = P prefix + W local: each prefix token 2 * (m * W_layer + W_k + W_v)
   (layers below the memory layer m, plus its K/V) + m layers of causal attention inside its
   128-token chunk ((tau + 1) / 2 keys); each window token 2 * (L * W_layer + W_k + W_v) + the LM
-  head on all W tokens (as score_sequence runs it) + causal attention ((W + 1) / 2 keys) in all L
+  head on all W tokens (as scan.window_nll runs it) + causal attention ((W + 1) / 2 keys) in all L
   layers plus top_k * tau memory keys in the retrieval layers. Retrieval scores (2 * capacity *
   hidden per chunk query), norms, RoPE, softmax and memory writes are not counted (the first is
   reported apart as `retrieval_flops`).

@@ -43,7 +43,7 @@ def build_parser():
     p = common.parser(__doc__, NAME)
     p.add_argument("--prefix", default="8k", help="prefix tokens per call (default: %(default)s)")
     p.add_argument("--block-chunks", default="8,16,32,64",
-                   help="ingest_prefix block_chunks to sweep (default: %(default)s)")
+                   help="MemLongConfig.ingest_chunks to sweep (default: %(default)s)")
     p.add_argument("--repeats", type=int, default=3, help="timed calls each (default: 3)")
     p.add_argument("--checkpoint", default=common.SMOLLM2_CKPT)
     return p
@@ -92,7 +92,7 @@ def main() -> None:
     flops = prefix_flops_per_token(cfg, mcfg)
     rows = []
     for g in common.parse_list(args.block_chunks, int):
-        fn = functools.partial(scan.ingest_prefix, model.module, mcfg, block_chunks=g)
+        fn = functools.partial(scan.ingest_prefix, model.module, mcfg.replace(ingest_chunks=g))
         t = common.time_jitted(fn, model.params, state, ids, key_emb, repeats=args.repeats)
         gflops = flops["total"] * prefix / t["min_s"] / 1e9
         rows.append({"block_chunks": g, "block_tokens": g * tau, **t,

@@ -215,7 +215,7 @@ def retrieval_section(data: dict) -> str:
         "## Retrieval and memory writes (`bench/retrieval.py`)", provenance(data),
         "Per 128-token chunk, memory full (every write evicts), state donated between calls. "
         "`prefix step` = `ingest_prefix` per chunk (frozen stack batched); `full step` = "
-        "`segment_step(full=True)` on one chunk. Shares = retrieve+write / step.",
+        "`forward_step` on one chunk. Shares = retrieve+write / step.",
         table(["backend", "memory", "chunks", "retrieve ms", "write ms", "retrieve+write ms",
                "prefix step ms", "share of prefix step", "full step ms", "share of full step"],
               rows)])

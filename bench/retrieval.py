@@ -18,9 +18,8 @@ threaded through the calls (`common.time_carried`), per chunk:
 - write: `scan.write_segment` (eviction when full, then the scatter into the memory);
 - retrieve+write: both, chunk by chunk, i.e. `ingest_prefix`'s inner loop;
 - prefix step: `scan.ingest_prefix` on the block (frozen stack batched + the loop above);
-- full step: `scan.segment_step(full=True)` on one tau-token chunk (retrieve, all 30 layers
-  with the retrieved chunks, logits, write), the per-chunk step of training and of
-  `score_sequence(prefix_nll=True)`.
+- full step: `scan.forward_step` on one tau-token chunk (retrieve, all 30 layers
+  with the retrieved chunks, logits, write), the per-segment step of training.
 Shares = retrieve+write per chunk / step per chunk.
 
 Estimated wall time of the default run on a quiet 2-core CPU: 15-25 minutes (the 1M-token
@@ -103,7 +102,7 @@ def measure(model, base_mcfg, memory_tokens: int, backend: str, args) -> dict:
         t = common.time_carried(fn, state, keys, values, emb, repeats=args.repeats)
         row[name] = {**t, "per_chunk_s": t["median_s"] / g}
         state = common.full_state(model.module, mcfg, emb_dim)  # donated: rebuild
-    ingest = functools.partial(scan.ingest_prefix, model.module, mcfg, block_chunks=g)
+    ingest = functools.partial(scan.ingest_prefix, model.module, mcfg.replace(ingest_chunks=g))
     prefix = lambda s, p, i, e: ingest(p, s, i, e)
     t = common.time_carried(prefix, state, model.params, ids, emb if text else None,
                             repeats=args.repeats)
@@ -112,8 +111,7 @@ def measure(model, base_mcfg, memory_tokens: int, backend: str, args) -> dict:
     row["share_of_prefix_step"] = rw / row["prefix_step"]["per_chunk_s"]
     if not args.no_full_step:
         state = common.full_state(model.module, mcfg, emb_dim)
-        full = lambda s, p, i, e: scan.segment_step(model.module, mcfg, p, s, i, e, None,
-                                                       full=True)[0]
+        full = lambda s, p, i, e: scan.forward_step(model.module, mcfg, p, s, i, e)[0]
         t = common.time_carried(full, state, model.params, ids[:, :tau],
                                 emb[:, :1] if text else None, repeats=args.repeats)
         row["full_step"] = {**t, "per_chunk_s": t["median_s"]}

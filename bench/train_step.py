@@ -71,7 +71,7 @@ def build(name: str, overrides: list[str], load_base=None):
     t, m = run.train, run.memlong
     base = (load_base or setup.load_base)(run, model)
     frozen, trainable = setup.split_params(run, model, base)
-    module = stepmod.make_module(model, t.dtype, t.remat)
+    module = stepmod.make_module(model, t.dtype, t.remat, t.scan_layers)
     tx, schedule = stepmod.make_optimizer(t, max(1, t.steps))
     fresh = lambda tree: jax.tree_util.tree_map(lambda x: jnp.array(x, copy=True), tree)
     state = fresh({"step": jnp.int32(0), "trainable": trainable, "opt_state": tx.init(trainable),

@@ -15,6 +15,7 @@ from tensorboardX.proto import event_pb2
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
 from memlong_jax.io.documents import pydoc_text
+from memlong_jax.memlong import scan
 
 SHARED_DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
 
@@ -122,6 +123,43 @@ def sharp_params(module, seed: int = 0):
 
 def random_token_ids(seed, vocab_size: int, batch=2, length=40):
     return jax.random.randint(jax.random.PRNGKey(seed), (batch, length), 0, vocab_size)
+
+
+def reference_score(module, mcfg, params, state, ids, window: int, key_emb=None,
+                    window_query=None, prefix_nll: bool = False):
+    """Test oracle for the scoring protocol on `ids` `[B, N]`: returns (state, nll, the final
+    window's logits `[B, window, V]`). The prefix goes through `scan.ingest_prefix`, or with
+    `prefix_nll` through a `lax.scan` of full `forward_step`s, one per tau-token chunk, which
+    scores every token (nll `[B, N - 1]`: each prefix chunk predicts its successor's first token
+    from its own last position); else nll `[B, window - 1]`."""
+    tau, (batch, total) = mcfg.chunk_size, ids.shape
+    prefix, n_prefix = total - window, (total - window) // tau
+    targets = jnp.concatenate([ids[:, 1:], jnp.zeros((batch, 1), ids.dtype)], axis=1)
+    prefix_out = None
+    if n_prefix and prefix_nll:
+        def body(carry, xs):
+            chunk_ids, chunk_targets, chunk_emb = xs
+            carry, logits = scan.forward_step(module, mcfg, params, carry, chunk_ids,
+                                              None if chunk_emb is None else chunk_emb[:, None],
+                                              chunk_emb)
+            return carry, scan.token_nll(logits, chunk_targets)
+
+        by_chunk = lambda a: jnp.moveaxis(a.reshape(batch, n_prefix, tau, *a.shape[2:]), 1, 0)
+        prefix_emb = None if key_emb is None else jnp.moveaxis(key_emb[:, :n_prefix], 1, 0)
+        state, prefix_out = jax.lax.scan(
+            body, state, (by_chunk(ids[:, :prefix]), by_chunk(targets[:, :prefix]), prefix_emb))
+        prefix_out = jnp.moveaxis(prefix_out, 0, 1).reshape(batch, prefix)
+    elif n_prefix:
+        state = scan.ingest_prefix(module, mcfg, params, state, ids[:, :prefix],
+                                   None if key_emb is None else key_emb[:, :n_prefix],
+                                   window=window)
+    state, logits = scan.forward_step(module, mcfg, params, state, ids[:, prefix:],
+                                      None if key_emb is None else key_emb[:, n_prefix:],
+                                      window_query)
+    nll = scan.token_nll(logits, targets[:, prefix:])[:, :-1]
+    if prefix_out is not None:
+        nll = jnp.concatenate([prefix_out, nll], axis=1)
+    return state, nll, logits
 
 
 def tensorboard_scalars(directory) -> list:

@@ -9,7 +9,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from memlong_jax.llama import attention
 from memlong_jax.llama.attention import (MemoryKV, blockwise_causal_attention, causal_mask,
                                    grouped_attention, with_memory)
 from memlong_jax.llama.config import PRESETS
@@ -72,7 +71,7 @@ def test_bf16_as_close_as_dense_bf16():
     assert err <= 1.5 * dense_err, (err, dense_err)
 
 
-def test_model_long_path_matches_dense(monkeypatch):
+def test_model_long_path_matches_dense():
     cfg = PRESETS["tiny"]
     model = LlamaForCausalLM(cfg)
     ids = jax.random.randint(jax.random.PRNGKey(0), (2, 75), 0, cfg.vocab_size)
@@ -80,8 +79,8 @@ def test_model_long_path_matches_dense(monkeypatch):
     # Random init is small; scale the projections so attention is far from uniform.
     params = jax.tree.map(lambda p: p * 4.0 if p.ndim == 2 else p, params)
     dense_logits = jax.jit(model.apply)({"params": params}, ids)
-    monkeypatch.setattr(attention, "BLOCKWISE", {jax.default_backend(): (64, 16)})
-    long_logits = jax.jit(model.apply)({"params": params}, ids)
+    tiled = LlamaForCausalLM(cfg.replace(blockwise_min_length=64, blockwise_block=16))
+    long_logits = jax.jit(tiled.apply)({"params": params}, ids)
     np.testing.assert_allclose(long_logits, dense_logits, atol=1e-5, rtol=1e-5)
     assert not np.allclose(long_logits[:, :-1], long_logits[:, 1:])  # non-trivial logits
 

@@ -19,7 +19,7 @@ from memlong_jax.memlong import memory as mem_ops
 from memlong_jax.memlong import scan
 from memlong_jax.memlong.config import MEMLONG_PRESETS
 
-from helpers import random_token_ids, sharp_params
+from helpers import random_token_ids, reference_score, sharp_params
 
 CFG = PRESETS["tiny"]
 MCFG = MEMLONG_PRESETS["tiny"].validate(CFG).replace(query_mode="chunk")  # tau 4, 8 slots, k 2
@@ -40,7 +40,7 @@ def random_ids(seed, batch=2, length=40):
 @functools.partial(jax.jit, static_argnames=("mcfg", "window"))
 def score(params, ids, mcfg, window=16):
     state = scan.init_state(MODULE, mcfg, ids.shape[0])
-    return scan.score_sequence(MODULE, mcfg, params, state, ids, window, prefix_nll=True)
+    return reference_score(MODULE, mcfg, params, state, ids, window, prefix_nll=True)[:2]
 
 
 @pytest.mark.parametrize("change", MODES, ids=["chunk", "chunk+continuation",
@@ -138,8 +138,8 @@ def test_equals_a_slow_loop_over_query_chunks(params, continuation):
     want, hits = slow_window_nll(params, mcfg, state, ids[:, 44:])
     np.testing.assert_allclose(np.asarray(got), want, atol=1e-4, rtol=0)
     # hits before the window's own chunks are written (writing evicts)
-    after, _ = jax.jit(functools.partial(scan.segment_step, MODULE, mcfg, full=False,
-                                         write=False))(params, state, ids[:, 44:])
+    after, _ = jax.jit(functools.partial(scan.read_step, MODULE, mcfg))(params, state,
+                                                                       ids[:, 44:])
     np.testing.assert_array_equal(np.asarray(after.memory.hits - state.memory.hits), hits)
     assert hits.sum() > 2 * 4 * (mcfg.top_k // 2)     # several chunks picked per query chunk
 
@@ -215,8 +215,8 @@ def test_decode_equals_scoring(params, continuation):
         state, logits = gen_obj.step(params, state, t)
         out.append(np.asarray(logits))
     score_state = scan.init_state(MODULE, mcfg, 2)
-    score_state, _, window_logits = scan.score_sequence(
-        MODULE, mcfg, params, score_state, jnp.asarray(ids), 16, window_logits=True)
+    score_state, _, window_logits = reference_score(
+        MODULE, mcfg, params, score_state, jnp.asarray(ids), 16)
     np.testing.assert_allclose(np.stack(out, 1), np.asarray(window_logits)[:, 4:], atol=1e-4,
                                rtol=0)
     np.testing.assert_array_equal(np.asarray(state.memlong.memory.hits),

@@ -10,7 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from helpers import LLAMA_SHAPES, byte_tokenizer, random_torch_llama, real_text, save_torch_llama
+from helpers import (LLAMA_SHAPES, byte_tokenizer, random_torch_llama, real_text, reference_score,
+                     save_torch_llama)
 import memlong_jax as ml
 from memlong_jax.cli.generate import main as generate_main
 from memlong_jax.errors import run_cli
@@ -35,8 +36,7 @@ plain_logits = jax.jit(lambda params, ids: MODULE.apply({"params": params}, ids)
 def score(params, ids, mcfg):
     """score_sequence from an empty memory with a WINDOW-token final window: (state, logits)."""
     state = scan.init_state(MODULE, mcfg, ids.shape[0])
-    state, _, logits = scan.score_sequence(MODULE, mcfg, params, state, ids, WINDOW,
-                                              window_logits=True)
+    state, _, logits = reference_score(MODULE, mcfg, params, state, ids, WINDOW)
     return state, logits
 
 

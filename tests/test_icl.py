@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from helpers import SHARED_DATA, byte_tokenizer
+from helpers import SHARED_DATA, byte_tokenizer, reference_score
 import memlong_jax as ml
 from memlong_jax.errors import run_cli
 from memlong_jax.cli.icl import main as icl_main
@@ -194,8 +194,8 @@ def test_memlong_scores_equal_score_sequence_of_each_item(model, data_dir):
         ids[r, :8 + len(queries[n].window)] = np.concatenate([queries[n].memory,
                                                               queries[n].window])
     state = scan.init_state(model.module, mcfg, len(rows))
-    _, _, logits = scan.score_sequence(model.module, mcfg, model.params, state,
-                                          jnp.asarray(ids), window, window_logits=True)
+    _, _, logits = reference_score(model.module, mcfg, model.params, state,
+                                   jnp.asarray(ids), window)
     for r, n in enumerate(rows):
         logp = jax.nn.log_softmax(jnp.asarray(logits[r, len(queries[n].window) - 1],
                                               jnp.float32))

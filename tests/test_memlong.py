@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from helpers import real_text
+from helpers import real_text, reference_score
 from memlong_jax.llama.config import ConfigError, PRESETS
 from memlong_jax.llama.model import LlamaForCausalLM
 from memlong_jax.memlong import scan
@@ -32,7 +32,9 @@ def random_ids(seed, batch=2, length=40):
 @functools.partial(jax.jit, static_argnames=("mcfg", "window", "prefix_nll"))
 def score(params, ids, mcfg=MCFG, window=8, prefix_nll=True, state=None):
     state = scan.init_state(MODULE, mcfg, ids.shape[0]) if state is None else state
-    return scan.score_sequence(MODULE, mcfg, params, state, ids, window, prefix_nll)
+    if prefix_nll:   # the oracle: every prefix chunk a full forward step
+        return reference_score(MODULE, mcfg, params, state, ids, window, prefix_nll=True)[:2]
+    return scan.score_sequence(MODULE, mcfg, params, state, ids, window)
 
 
 def base_nll(params, ids):
@@ -45,8 +47,7 @@ def test_empty_memory_equals_base_model(params):
     0..T-1 and the masked memory slots only reorder fp32 sums, hence 1e-5, not bit equality."""
     ids = random_ids(1, length=24)
     state = scan.init_state(MODULE, MCFG, 2)
-    _, nll, logits = scan.score_sequence(MODULE, MCFG, params, state, ids, 24,
-                                            window_logits=True)
+    _, nll, logits = reference_score(MODULE, MCFG, params, state, ids, 24)
     np.testing.assert_allclose(np.asarray(logits),
                                np.asarray(MODULE.apply({"params": params}, ids)), atol=1e-5)
     np.testing.assert_allclose(np.asarray(nll), base_nll(params, ids), atol=1e-5)
@@ -69,8 +70,7 @@ def test_scan_equals_python_loop(params):
     state, nll = score(params, ids)
     tau, batch = MCFG.chunk_size, ids.shape[0]
     targets = jnp.concatenate([ids[:, 1:], jnp.zeros((batch, 1), ids.dtype)], axis=1)
-    step = jax.jit(functools.partial(scan.segment_step, MODULE, MCFG),
-                   static_argnames=("full",))
+    step = jax.jit(functools.partial(scan.forward_step, MODULE, MCFG))
     loop_state, pieces = scan.init_state(MODULE, MCFG, batch), []
     bounds = list(range(0, ids.shape[1] - 8, tau)) + [ids.shape[1] - 8]
     for start, stop in zip(bounds, bounds[1:] + [ids.shape[1]]):
@@ -104,13 +104,13 @@ def test_batched_prefix_ingestion_equals_a_chunk_loop(params, block_chunks, quer
         key_emb = jax.random.normal(jax.random.PRNGKey(1), (2, 11, 24))
         key_emb = key_emb / jnp.linalg.norm(key_emb, axis=-1, keepdims=True)
     state = scan.init_state(MODULE, mcfg, 2, None if key_emb is None else 24)
-    fast = jax.jit(functools.partial(scan.ingest_prefix, MODULE, mcfg,
-                                     block_chunks=block_chunks))(params, state, ids, key_emb)
-    step = jax.jit(functools.partial(scan.segment_step, MODULE, mcfg, full=False))
+    fast = jax.jit(functools.partial(scan.ingest_prefix, MODULE, mcfg.replace(
+        ingest_chunks=block_chunks)))(params, state, ids, key_emb)
+    step = jax.jit(functools.partial(scan.ingest_step, MODULE, mcfg))
     for c in range(11):
         emb = None if key_emb is None else key_emb[:, c:c + 1]
-        state, _ = step(params, state, ids[:, c * tau:(c + 1) * tau], emb,
-                        None if emb is None else emb[:, 0])
+        state = step(params, state, ids[:, c * tau:(c + 1) * tau], emb,
+                     None if emb is None else emb[:, 0])
     assert int(state.memory.clock.max()) > mcfg.capacity_chunks   # eviction happened
     for a, b in zip(jax.tree_util.tree_leaves(fast), jax.tree_util.tree_leaves(state)):
         np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), atol=1e-5)
@@ -263,7 +263,8 @@ def test_text_retriever_embeds_decoded_chunks(smollm2_converted, minilm):
     assert key_emb.shape == (2, 6, 384) and query.shape == (2, 384)
     np.testing.assert_allclose(np.linalg.norm(key_emb, axis=-1), 1.0, atol=1e-5)
 
-    run = jax.jit(lambda p, s, ids, e: scan.score_sequence(module, mcfg, p, s, ids, 8, True, e))
+    run = jax.jit(lambda p, s, ids, e: reference_score(module, mcfg, p, s, ids, 8, e,
+                                                       prefix_nll=True)[:2])
     state, nll = run(p, scan.init_state(module, mcfg, 2, emb_dim=384), ids, key_emb)
     assert nll.shape == (2, 23) and np.isfinite(np.asarray(nll)).all()
     stored = np.asarray(state.memory.emb)[:, :6]

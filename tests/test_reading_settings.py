@@ -15,7 +15,7 @@ from memlong_jax.memlong import scan
 from memlong_jax.memlong.config import MEMLONG_PRESETS
 from memlong_jax.llama.model import LlamaForCausalLM
 
-from helpers import random_token_ids, sharp_params
+from helpers import random_token_ids, reference_score, sharp_params
 
 CFG = PRESETS["tiny"]
 MODULE = LlamaForCausalLM(CFG)
@@ -94,7 +94,7 @@ def test_true_positions_follow_the_write_order(params):
                                   random_ids(7, length=44))
     memory = state.memory
     indices, found = scan.select_chunks(mcfg, memory, state.last_emb)
-    got = np.asarray(scan.retrieved_kv(memory, indices, found, True).positions)
+    got = np.asarray(scan.retrieved_kv(memory, indices, found, "true").positions)
     stream_start = 44                      # the segment after the prefix starts at token 45
     for b in range(2):
         for i, slot in enumerate(np.asarray(indices[b])):
@@ -117,9 +117,33 @@ def test_generation_equals_scoring(params, settings):
     for t in ids[:, 37:].T:
         state, logits = gen_obj.step(params, state, t)
     score_state = scan.init_state(MODULE, mcfg, 2)
-    score_state, _, window_logits = scan.score_sequence(
-        MODULE, mcfg, params, score_state, jnp.asarray(ids), 20, window_logits=True)
+    score_state, _, window_logits = reference_score(
+        MODULE, mcfg, params, score_state, jnp.asarray(ids), 20)
     np.testing.assert_allclose(np.asarray(logits), np.asarray(window_logits)[:, -1], atol=1e-4,
                                rtol=0)
     np.testing.assert_array_equal(np.asarray(state.memlong.memory.hits),
                                   np.asarray(score_state.memory.hits))
+
+
+def test_near_positions_pack_the_picks_in_write_order(params):
+    """`near`: the found picks sorted by write time sit back to back before the segment, the
+    newest ending at 0; with every chunk since the start retrieved it is `true`."""
+    mcfg = MEMLONG_PRESETS["tiny"].replace(top_k=3)
+    state = scan.ingest_prefix(MODULE, mcfg, params, scan.init_state(MODULE, mcfg, 2),
+                               random_ids(8, length=28))
+    memory = state.memory
+    indices, found = scan.select_chunks(mcfg, memory, state.last_emb)
+    got = np.asarray(scan.retrieved_kv(memory, indices, found, "near").positions)
+    for b in range(2):
+        times = np.asarray(memory.insert_time[b])[np.asarray(indices[b])]
+        order = np.argsort(np.argsort(times))          # rank of each pick by write time
+        for i in range(3):
+            start = (order[i] - 3) * 4
+            np.testing.assert_array_equal(got[b, 4 * i:4 * i + 4], np.arange(start + 1,
+                                                                            start + 5))
+    everything = mcfg.replace(top_k=7)                  # all 7 prefix chunks
+    indices, found = scan.select_chunks(everything, memory, state.last_emb)
+    assert np.asarray(found).all()
+    np.testing.assert_array_equal(
+        np.asarray(scan.retrieved_kv(memory, indices, found, "near").positions),
+        np.asarray(scan.retrieved_kv(memory, indices, found, "true").positions))

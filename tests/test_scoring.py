@@ -53,9 +53,9 @@ def test_single_window_is_the_base_model_in_every_mode(scorer, params):
 
 
 @pytest.mark.parametrize("host_block_chunks", [64, 3])   # 3: the prefix arrives in 3+3+2 chunks
-def test_modes_score_the_same_positions_of_a_long_window(scorer, params, host_block_chunks,
-                                                         monkeypatch):
-    monkeypatch.setattr(scoring, "HOST_BLOCK_CHUNKS", host_block_chunks)
+def test_modes_score_the_same_positions_of_a_long_window(params, host_block_chunks):
+    scorer = scoring.Scorer(MODULE, params, MCFG.replace(host_block_chunks=host_block_chunks),
+                            PROTOCOL.validate(MCFG.chunk_size))
     ids = random_ids(1, 48)
     scored = PROTOCOL.predictions(48)
     assert scored == 11   # min(12 scored, 16 local) - 1
@@ -79,17 +79,16 @@ def test_modes_score_the_same_positions_of_a_long_window(scorer, params, host_bl
     assert np.abs(np.asarray(with_memory) - np.asarray(local)).max() > 1e-3
 
 
-def test_blockwise_attention_with_memory_scores_as_the_dense_path(params, monkeypatch):
+def test_blockwise_attention_with_memory_scores_as_the_dense_path(params):
     """The final window's retrieval-causal attention goes blockwise when long (from 1024 tokens
     on the CPU); forced on here at 8 tokens in 4-token tiles, every mode scores as before."""
-    from memlong_jax.llama import attention
     ids = random_ids(4, 48)
     protocol = PROTOCOL.validate(MCFG.chunk_size)
     dense = {m: np.asarray(scoring.Scorer(MODULE, params, MCFG, protocol).window_nll(m, ids)[1])
              for m in scoring.DEFAULT_MODES}
-    monkeypatch.setattr(attention, "BLOCKWISE", {jax.default_backend(): (8, 4)})
+    tiled = LlamaForCausalLM(CFG.replace(blockwise_min_length=8, blockwise_block=4))
     for mode in scoring.DEFAULT_MODES:
-        _, nll = scoring.Scorer(MODULE, params, MCFG, protocol).window_nll(mode, ids)
+        _, nll = scoring.Scorer(tiled, params, MCFG, protocol).window_nll(mode, ids)
         np.testing.assert_allclose(np.asarray(nll), dense[mode], atol=1e-5, err_msg=mode)
     assert np.abs(dense["memlong"] - dense["local"]).max() > 1e-3
 

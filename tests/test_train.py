@@ -361,7 +361,7 @@ def test_key_table_matches_the_encoder_and_spares_it(tmp_path, capsys):
         datamod.KeyTable(str(tmp_path / "keys.npz"), tau * 2)
     trainer = Trainer(run, model)
     trainer.train()
-    assert trainer.retriever.table is not None and trainer.retriever._encoder is None
+    assert trainer.retriever.key_table is not None and trainer.retriever._encoder is None
     assert len([json.loads(line) for line in open(tmp_path / "out" / "metrics.jsonl")]) >= 1
 
 

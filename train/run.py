@@ -190,7 +190,7 @@ class Trainer:
         self.base_dtypes = setup.base_dtypes(base)
         frozen, trainable = setup.split_params(run, model, base)
         del base
-        self.module = stepmod.make_module(model, t.dtype, t.remat)
+        self.module = stepmod.make_module(model, t.dtype, t.remat, t.scan_layers)
         self.tx, self.schedule = stepmod.make_optimizer(t, self.total_steps)
         state = {"step": jnp.int32(0), "trainable": trainable,
                  "opt_state": self.tx.init(trainable),

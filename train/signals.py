@@ -39,9 +39,8 @@ def make_signal_step(module, mcfg: MemLongConfig, t):
         def micro(mem, xs):
             ids, key_emb, query = xs
             mass = diagnostics.segment_memory_mass(module, mcfg, params, mem, ids, key_emb, query)
-            new_mem, logits = scan.segment_step(module, mcfg, params, mem, ids, key_emb, query)
-            _, bare = scan.segment_step(module, mcfg, params, empty, ids, key_emb, query,
-                                        write=False)
+            new_mem, logits = scan.forward_step(module, mcfg, params, mem, ids, key_emb, query)
+            _, bare = scan.read_step(module, mcfg, params, empty, ids, key_emb, query)
             return new_mem, (block_nll(logits, ids), block_nll(bare, ids), mass.mean(axis=(0, 2)))
 
         xs = (batch["ids"], batch.get("key_emb"), batch.get("query"))

@@ -1,12 +1,12 @@
-"""The training step: LoRA/upper-layer loss through `scan.segment_step`, gradient accumulation
+"""The training step: LoRA/upper-layer loss through `scan.forward_step`, gradient accumulation
 over micro-steps with the memory carried (and written) between them, AdamW with clipping and a
 warmup / linear-decay schedule, and the validation scorer.
 
 Each micro-step is one whole `seq_len` block per row, run as a single MemLong segment
 (upstream's `last_context_length = seq_len`): retrieve from the memory
-filled by earlier micro-steps, forward with `full=True`, loss, write the block's chunks.
+filled by earlier micro-steps, forward, loss, write the block's chunks.
 `value_and_grad` runs over the trainable subtree only; the frozen tree is a plain argument, and
-`segment_step` already puts `stop_gradient` on the lower stack and on memory K/V. Gradients are
+`forward_step` already puts `stop_gradient` on the lower stack and on memory K/V. Gradients are
 summed in a `lax.scan` carry (grad-inside-scan: exact, since nothing carried across micro-steps
 has a gradient path) and averaged; every micro-batch has the same token count, so this is the
 token mean of the whole step.
@@ -24,8 +24,10 @@ from memlong_jax.memlong import scan
 from memlong_jax.memlong.config import MemLongConfig
 from train import lora
 
-def make_module(model: LlamaConfig, dtype: str, remat: str) -> LlamaForCausalLM:
-    return LlamaForCausalLM(model, dtype=DTYPES[dtype], remat_policy=remat)
+def make_module(model: LlamaConfig, dtype: str, remat: str,
+                scan_layers: bool = False) -> LlamaForCausalLM:
+    return LlamaForCausalLM(model, dtype=DTYPES[dtype], remat_policy=remat,
+                            scan_layers=scan_layers)
 
 
 def make_schedule(lr: float, warmup: int, total: int, shape: str = "linear"):
@@ -74,8 +76,7 @@ def make_train_step(module, mcfg: MemLongConfig, t, tx, schedule):
 
     def loss_fn(trainable, frozen, mem, ids, key_emb, query, rng):
         params = lora.merge(frozen, trainable, scale, dropout, rng)
-        mem, logits = scan.segment_step(module, mcfg, params, mem, ids, key_emb, query,
-                                           full=True)
+        mem, logits = scan.forward_step(module, mcfg, params, mem, ids, key_emb, query)
         nll = scan.token_nll(logits[:, :-1], ids[:, 1:])
         return nll.mean(), mem
 

@@ -9,7 +9,7 @@ embeddings, sampling keys, stop tokens):
 * `start`: the prompt's head goes into memory tau tokens at a time through
   `scan.ingest_prefix`, exactly as `score_sequence` ingests its prefix; then the prompt's tail
   (the last W - tau < L <= W tokens, or the whole prompt when it fits) becomes the local cache in
-  one forward, ordered like `segment_step`'s final window: layers below the memory layer,
+  one forward, ordered like `scan.forward_step` on the final window: layers below the memory layer,
   retrieval, the layers above with the retrieved chunks. Nothing of the tail is written to
   memory: it stays local.
 * `decode`: one token per row attends to the cache (causal) and, in the retrieval layers, to the
@@ -102,7 +102,7 @@ def init_state(module: LlamaForCausalLM, mcfg: MemLongConfig, mstate: scan.MemLo
     kv = lambda n, dtype: jnp.zeros((batch, n, cfg.num_key_value_heads, cfg.head_dim), dtype)
     mem = jnp.zeros((batch, mcfg.top_k * mcfg.chunk_size, cfg.num_key_value_heads,
                      cfg.head_dim * len(mcfg.kv_layers)), jnp.dtype(mcfg.mem_dtype))
-    positions = jnp.zeros(mem.shape[:2], jnp.int32) if mcfg.memory_positions == "true" else None
+    positions = None if mcfg.memory_positions == "zero" else jnp.zeros(mem.shape[:2], jnp.int32)
     return GenState(mstate, MemoryKV(mem, mem, jnp.zeros(mem.shape[:2], bool), positions),
                     tuple((kv(window, module.dtype), kv(window, module.dtype))
                           for _ in range(cfg.num_hidden_layers)),
@@ -115,12 +115,12 @@ def _retrieve(mcfg: MemLongConfig, gen: GenState, query, query_ok):
     `[B, d]` queries or one per chunk `[B, n, d]`)."""
     memory, indices, found = scan.retrieve_chunks(mcfg, gen.memlong.memory, query, query_ok)
     return (gen._replace(memlong=gen.memlong._replace(memory=memory)),
-            scan.retrieved_kv(memory, indices, found, mcfg.memory_positions == "true"))
+            scan.retrieved_kv(memory, indices, found, mcfg.memory_positions))
 
 
 def _retrieve_window(mcfg: MemLongConfig, gen: GenState, x, segment_query) -> GenState:
     """Pick the top-k chunks for the window whose memory-layer inputs are `x` `[B, S, hidden]`
-    and keep their K/V for decoding; the query as in `scan.segment_step` (segment mode:
+    and keep their K/V for decoding; the query as in `scan.forward_step` (segment mode:
     `segment_query` from the text retriever, else `x` pooled)."""
     if segment_query is None and mcfg.query_mode == "segment":
         segment_query = scan.pooled_chunks(x, x.shape[1])[:, 0]

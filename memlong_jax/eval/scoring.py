@@ -6,7 +6,8 @@ same positions are scored in every mode: the last `predictions(N)` tokens, all p
 inside the final local window of `min(local_window, N)` tokens. Modes:
 
 - `memlong`: the N - local_window prefix tokens go through memory chunk by chunk, then the local
-  window is scored with retrieval-causal attention (`scan.score_sequence`);
+  window is scored with retrieval-causal attention (`scan.ingest_prefix`, fed from the host in
+  blocks, then `scan.window_nll`: the pieces of training's `scan.score_sequence`);
 - `local`: the local window alone, plain causal attention, no memory;
 - `full`: plain causal attention over the whole window (blockwise when long, so 32k fits);
 - `block`: the whole window through the training-free block memory (`blockmem`: sinks, a local
@@ -39,10 +40,6 @@ from memlong_jax.memlong.retrievers import HIDDEN, Retriever
 
 MODES = ("memlong", "local", "full", "block")
 DEFAULT_MODES = ("memlong", "local", "full")
-# The memlong prefix is fed from the host in blocks of this many chunks (8192 tokens at tau 128):
-# text embeddings are computed block by block, progress is visible, and host memory stays flat
-# however long the window.
-HOST_BLOCK_CHUNKS = 64
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,21 +104,13 @@ class Scorer:
             if length % block.chunk:
                 raise UserError(f"length {length} is not a multiple of the block memory's "
                                 f"chunk ({block.chunk})")
-        self._compiled: dict = {}
+        self._executables: dict = {}
         self.last_compile_seconds = 0.0
+        self._ingest = functools.partial(scan.ingest_prefix, module, mcfg,
+                                         window=protocol.local_window)
 
     def empty_state(self, batch: int = 1) -> scan.MemLongState:
         return self.retriever.empty_state(self.module, self.mcfg, batch)
-
-    def _ingest(self, params, state, ids, key_emb):
-        return scan.ingest_prefix(self.module, self.mcfg, params, state, ids, key_emb,
-                                  window=self.protocol.local_window)
-
-    def _final_window_nll(self, params, state, ids, key_emb, window_query):
-        state, nll = scan.score_sequence(self.module, self.mcfg, params, state, ids,
-                                            ids.shape[1], key_emb=key_emb,
-                                            window_query=window_query)
-        return state, nll[:, -self.protocol.predictions(ids.shape[1]):]
 
     def _plain_nll(self, params, ids):
         """Plain causal forward over `ids`; the head runs only where predictions are scored."""
@@ -141,45 +130,26 @@ class Scorer:
         (progress stays visible, host memory flat); NLL of the scored predictions."""
         chunk = self.block.chunk
         targets = jnp.concatenate([ids[:, 1:], jnp.zeros_like(ids[:, :1])], axis=1)
-        step = max(chunk, HOST_BLOCK_CHUNKS * self.mcfg.chunk_size // chunk * chunk)
+        step = max(chunk, self.mcfg.host_block_chunks * self.mcfg.chunk_size // chunk * chunk)
         state = blockmem.init_state(self.module, self.block, ids.shape[0])
         parts = []
         for start in range(0, ids.shape[1], step):
             part = slice(start, min(start + step, ids.shape[1]))
-            state, nll = jax.block_until_ready(self._call(
-                ("block", part.stop - part.start), self._block_nll, self.params, state,
-                ids[:, part], targets[:, part]))
+            args = (self.params, state, ids[:, part], targets[:, part])
+            state, nll = jax.block_until_ready(
+                self._compiled(("block", part.stop - part.start), self._block_nll, *args)(*args))
             parts.append(np.asarray(nll))
             progress(part.stop - part.start)
         return np.concatenate(parts, axis=1)[:, -self.protocol.predictions(ids.shape[1]) - 1:-1]
 
-    def _call(self, key: tuple[str, int], fn, *args):
-        """Run `fn` compiled for these argument shapes; compilation time is added to
-        `last_compile_seconds` (reset by each `window_nll`)."""
-        if key not in self._compiled:
+    def _compiled(self, key: tuple, fn, *args):
+        """`fn` compiled for these arguments' shapes, once per `key`; compilation time is added
+        to `last_compile_seconds` (reset by each `window_nll`)."""
+        if key not in self._executables:
             start = time.perf_counter()
-            self._compiled[key] = jax.jit(fn).lower(*args).compile()
+            self._executables[key] = jax.jit(fn).lower(*args).compile()
             self.last_compile_seconds += time.perf_counter() - start
-        return self._compiled[key](*args)
-
-    def _memlong_window(self, ids, state, progress):
-        """Prefix into memory block by block from the host, then the final local window."""
-        final = self.protocol.final_window(ids.shape[1])
-        prefix = ids.shape[1] - final
-        block = HOST_BLOCK_CHUNKS * self.mcfg.chunk_size
-        state = self.empty_state(ids.shape[0]) if state is None else state
-        for start in range(0, prefix, block):
-            chunk_ids = ids[:, start:min(start + block, prefix)]
-            key_emb = self.retriever.chunk_keys(chunk_ids)
-            state = jax.block_until_ready(self._call(("ingest", chunk_ids.shape[1]), self._ingest,
-                                                     self.params, state, chunk_ids, key_emb))
-            progress(chunk_ids.shape[1])   # counted once done, not when dispatched
-        window = ids[:, prefix:]
-        key_emb, query = self.retriever.chunk_keys(window), self.retriever.window_query(window)
-        state, nll = jax.block_until_ready(self._call(
-            ("memlong", final), self._final_window_nll, self.params, state, window, key_emb, query))
-        progress(final)
-        return state, nll
+        return self._executables[key]
 
     def window_nll(self, mode: str, ids, state=None, progress=None):
         """NLL `[B, predictions(N)]` of one window `ids` `[B, N]` in `mode`; `memlong` also takes
@@ -188,8 +158,26 @@ class Scorer:
         ids = jnp.asarray(ids, jnp.int32)
         progress = progress or (lambda tokens: None)
         self.last_compile_seconds = 0.0
-        if mode == "memlong":
-            return self._memlong_window(ids, state, progress)
+        if mode == "memlong":   # the prefix into memory block by block, then the final window
+            final = self.protocol.final_window(ids.shape[1])
+            prefix = ids.shape[1] - final
+            block = self.mcfg.host_block_chunks * self.mcfg.chunk_size
+            state = self.empty_state(ids.shape[0]) if state is None else state
+            for start in range(0, prefix, block):
+                part = ids[:, start:min(start + block, prefix)]
+                args = (self.params, state, part, self.retriever.chunk_keys(part))
+                state = jax.block_until_ready(
+                    self._compiled(("ingest", part.shape[1]), self._ingest, *args)(*args))
+                progress(part.shape[1])   # counted once done, not when dispatched
+            window = ids[:, prefix:]
+            args = (self.params, state, window, self.retriever.chunk_keys(window),
+                    self.retriever.window_query(window))
+            scored = functools.partial(scan.window_nll, self.module, self.mcfg,
+                                       scored=self.protocol.predictions(ids.shape[1]))
+            state, nll = jax.block_until_ready(
+                self._compiled(("memlong", final), scored, *args)(*args))
+            progress(final)
+            return state, nll
         if mode == "block":
             if self.block is None:
                 raise UserError("the block mode needs block memory settings")
@@ -197,8 +185,9 @@ class Scorer:
         if mode not in MODES:
             raise UserError(f"unknown mode {mode!r}; choose from {', '.join(MODES)}")
         seen = ids[:, -self.protocol.final_window(ids.shape[1]):] if mode == "local" else ids
-        nll = jax.block_until_ready(self._call((mode, seen.shape[1]), self._plain_nll,
-                                               self.params, seen))
+        nll = jax.block_until_ready(
+            self._compiled((mode, seen.shape[1]), self._plain_nll, self.params, seen)(
+                self.params, seen))
         progress(ids.shape[1])
         return state, nll
 

@@ -21,9 +21,11 @@ BLOCKWISE = {"cpu": (1024, 256)}
 BLOCKWISE_DEFAULT = (4096, 2048)
 
 
-def blockwise_plan() -> tuple[int, int]:
-    """(min_length, block) for the backend this trace runs on."""
-    return BLOCKWISE.get(jax.default_backend(), BLOCKWISE_DEFAULT)
+def blockwise_plan(min_length: int = 0, block: int = 0) -> tuple[int, int]:
+    """(min_length, block): the given ones (`LlamaConfig.blockwise_*`), where 0 the defaults
+    of the backend this trace runs on."""
+    default = BLOCKWISE.get(jax.default_backend(), BLOCKWISE_DEFAULT)
+    return min_length or default[0], block or default[1]
 
 
 class MemoryKV(NamedTuple):
@@ -209,6 +211,7 @@ class Attention(nn.Module):
     head_dim: int
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
+    blockwise: tuple[int, int] = (0, 0)   # (min_length, block); 0: `blockwise_plan`'s default
 
     def setup(self):
         proj = lambda features: dense(features, None, self.dtype, self.param_dtype)
@@ -237,7 +240,7 @@ class Attention(nn.Module):
         length = x.shape[1]
         q, k, v = self.qkv(x)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        min_length, block = blockwise_plan()
+        min_length, block = blockwise_plan(*self.blockwise)
         if mask is None and length >= min_length:
             out = blockwise_causal_attention(q, k, v, block, memory)
         else:

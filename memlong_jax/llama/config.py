@@ -84,6 +84,11 @@ class LlamaConfig:
     bos_token_id: int | None = 1
     eos_token_id: int | list[int] | None = 2
     pad_token_id: int | None = None
+    # Runtime choices, not architecture (never in config.json): causal attention over at least
+    # `blockwise_min_length` tokens runs blockwise in tiles of `blockwise_block`; 0: the
+    # backend's default (`attention.BLOCKWISE`).
+    blockwise_min_length: int = 0
+    blockwise_block: int = 0
 
     def __post_init__(self):
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
@@ -95,6 +100,11 @@ class LlamaConfig:
             if value > MAX_DIM:
                 raise ConfigError(f"{name} {value} is beyond any buildable model "
                                   f"(at most {MAX_DIM})")
+        for name in ("blockwise_min_length", "blockwise_block"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ConfigError(f"{name} must be a non-negative integer (0: the backend's "
+                                  f"default), got {value!r}")
         for name in ("rms_norm_eps", "rope_theta"):
             value = getattr(self, name)
             if not isinstance(value, float) or not math.isfinite(value) or value <= 0:

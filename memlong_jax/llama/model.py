@@ -35,7 +35,8 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = norm()
         self.self_attn = Attention(cfg.hidden_size, cfg.num_attention_heads,
                                    cfg.num_key_value_heads, cfg.head_dim, self.dtype,
-                                   self.param_dtype)
+                                   self.param_dtype,
+                                   (cfg.blockwise_min_length, cfg.blockwise_block))
         self.post_attention_layernorm = norm()
         self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size, self.dtype, self.param_dtype)
 
@@ -71,7 +72,7 @@ def layer_memory(memory: MemoryKV | None, layer: int, retrieval_layers, head_dim
                  theta: float):
     """The memory that `layer` reads: None outside `retrieval_layers`; with keys of
     len(retrieval_layers) * head_dim (`memory_kv=per_layer`), this layer's slice (layers in
-    ascending order); keys with `positions` rotated there (`memory_positions=true`)."""
+    ascending order); keys with `positions` rotated there (`memory_positions=true|near`)."""
     if memory is None or layer not in retrieval_layers:
         return None
     if memory.keys.shape[-1] != head_dim:
@@ -89,12 +90,15 @@ def layer_memory(memory: MemoryKV | None, layer: int, retrieval_layers, head_dim
 class LlamaModel(nn.Module):
     """Embeddings, decoder stack and final norm: token ids -> final hidden states.
     `remat_policy` (a `REMAT_POLICIES` name) recomputes each layer's forward in the backward
-    pass; the parameter tree is the same for every policy."""
+    pass; `scan_layers` runs each stretch of consecutive layers that read no memory as one
+    `lax.scan` over their stacked params (one layer's graph to compile instead of one per
+    layer). The parameter tree is the same for every choice."""
 
     config: LlamaConfig
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
     remat_policy: str = "none"
+    scan_layers: bool = False
 
     def setup(self):
         cfg = self.config
@@ -120,10 +124,32 @@ class LlamaModel(nn.Module):
             positions = jnp.broadcast_to(jnp.arange(h.shape[1]), h.shape[:2])
         cfg = self.config
         cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta)
-        for i in range(start, stop):
-            h = self.layers[i](h, cos, sin, layer_memory(memory, i, retrieval_layers,
-                                                         cfg.head_dim, cfg.rope_theta))
+        reads = lambda i: memory is not None and i in retrieval_layers
+        i = start
+        while i < stop:
+            end = i + 1
+            if self.scan_layers and not self.is_initializing():
+                while end < stop and not reads(i) and not reads(end):
+                    end += 1
+            if end - i > 1:
+                h = self._scan_layers(h, cos, sin, i, end)
+            else:
+                h = self.layers[i](h, cos, sin, layer_memory(memory, i, retrieval_layers,
+                                                             cfg.head_dim, cfg.rope_theta))
+            i = end
         return h
+
+    def _scan_layers(self, h, cos, sin, start: int, stop: int):
+        """Layers start..stop-1, none reading memory, as one `lax.scan` over their params
+        stacked on a leading axis (remat as configured)."""
+        stacked = jax.tree_util.tree_map(
+            lambda *p: jnp.stack(p),
+            *[self.layers[i].variables["params"] for i in range(start, stop)])
+        layer = DecoderLayer(self.config, self.dtype, self.param_dtype, parent=None)
+        body = lambda h, params: (layer.apply({"params": params}, h, cos, sin), None)
+        if self.remat_policy != "none":
+            body = jax.checkpoint(body, policy=REMAT_POLICIES[self.remat_policy])
+        return jax.lax.scan(body, h, stacked)[0]
 
     def extend_layers(self, h, caches, length, start: int, stop: int,
                       memory: MemoryKV | None = None, retrieval_layers=()):
@@ -155,9 +181,11 @@ class LlamaForCausalLM(nn.Module):
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
     remat_policy: str = "none"
+    scan_layers: bool = False
 
     def setup(self):
-        self.model = LlamaModel(self.config, self.dtype, self.param_dtype, self.remat_policy)
+        self.model = LlamaModel(self.config, self.dtype, self.param_dtype, self.remat_policy,
+                                self.scan_layers)
         if not self.config.tie_word_embeddings:
             self.lm_head = nn.Dense(self.config.vocab_size, use_bias=False, dtype=self.dtype,
                                     param_dtype=self.param_dtype,

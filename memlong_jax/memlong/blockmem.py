@@ -45,7 +45,7 @@ from memlong_jax.llama.layers import apply_rope, rope_cos_sin
 from memlong_jax.llama.model import DecoderLayer, LlamaForCausalLM
 from memlong_jax.memlong import memory as mem_ops
 from memlong_jax.memlong.config import CHOICES
-from memlong_jax.memlong.retrieval import BACKENDS, retrieve
+from memlong_jax.memlong.retrieval import retrieve
 from memlong_jax.memlong.scan import token_nll
 
 PLACEMENTS = ("fixed", "true")
@@ -98,8 +98,8 @@ class BlockConfig:
 
     def validate(self, model: LlamaConfig) -> "BlockConfig":
         """Raise `ConfigError` naming the first bad setting; return self when all is well."""
-        choices = {"mem_dtype": CHOICES["mem_dtype"], "eviction": mem_ops.POLICIES,
-                   "backend": tuple(BACKENDS), "placement": PLACEMENTS}
+        choices = {"mem_dtype": CHOICES["mem_dtype"], "eviction": CHOICES["eviction"],
+                   "backend": CHOICES["backend"], "placement": PLACEMENTS}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"block {name} must be one of {', '.join(allowed)}, "

@@ -7,15 +7,19 @@ import json
 import os
 
 from memlong_jax.llama.config import PRESETS, ConfigError, LlamaConfig, apply_overrides
+from memlong_jax.memlong.memory import POLICIES
+from memlong_jax.memlong.retrieval import BACKENDS
 
+# The allowed values of each choice field; eviction policies and backends are defined where
+# they are implemented.
 CHOICES = {
     "mem_dtype": ("bfloat16", "float16", "float32"),
-    "eviction": ("paper", "fifo_half"),
+    "eviction": POLICIES,
     "retriever": ("text", "hidden"),
-    "backend": ("device", "faiss", "faiss-hnsw"),
+    "backend": tuple(BACKENDS),
     "query_mode": ("causal", "segment", "chunk"),
     "prefix_context": ("chunk", "window"),
-    "memory_positions": ("zero", "true"),
+    "memory_positions": ("zero", "true", "near"),
     "memory_kv": ("shared", "per_layer"),
 }
 
@@ -44,11 +48,18 @@ class MemLongConfig:
     Reading-side settings (upstream: the first value of each; see docs/recall_diagnosis.md):
     prefix_context    `chunk`: prefix chunks are computed alone (upstream scoring) or `window`:
                       the prefix runs as segments of the local window, as training writes them
-    memory_positions  `zero`: memory keys unrotated (RoPE position 0) or `true`: rotated at
-                      their original positions relative to the queries'
+    memory_positions  `zero`: memory keys unrotated (RoPE position 0), `true`: rotated at
+                      their original positions relative to the queries', or `near`: the
+                      retrieved chunks packed in write order right before the segment (distant
+                      text read as if it were just before the local window; issue 15)
     memory_kv         `shared`: every retrieval layer reads the memory layer's K/V or
                       `per_layer`: each retrieval layer stores and reads its own (the prefix
                       then runs through the layers up to the last retrieval layer)
+    Speed only (any value gives the same numbers up to fp32 summation order):
+    ingest_chunks     prefix chunks run through the frozen stack as one batch (`ingest_prefix`)
+    host_block_chunks chunks of a long prefix fed from the host per jitted call (scoring,
+                      recall): text embeddings made block by block, progress visible, host
+                      memory flat however long the window
     """
 
     memory_layer: int
@@ -65,6 +76,8 @@ class MemLongConfig:
     prefix_context: str = "chunk"
     memory_positions: str = "zero"
     memory_kv: str = "shared"
+    ingest_chunks: int = 16
+    host_block_chunks: int = 64
 
     @property
     def capacity_chunks(self) -> int:
@@ -109,7 +122,8 @@ class MemLongConfig:
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name} must be one of {', '.join(allowed)}, "
                                   f"got {getattr(self, name)!r}")
-        for name in ("chunk_size", "top_k", "memory_tokens"):
+        for name in ("chunk_size", "top_k", "memory_tokens", "ingest_chunks",
+                     "host_block_chunks"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
         if not 0 <= self.memory_layer < n:

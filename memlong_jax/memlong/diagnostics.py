@@ -23,7 +23,7 @@ def memory_mass(module: LlamaForCausalLM, mcfg: MemLongConfig, params, h, positi
     ascending order), averaged over the segment's queries, for hidden states `h` `[B, S, D]`
     entering the memory layer. Attention with values 1 on memory slots and 0 on local ones is
     that mass (the same `with_memory` + `grouped_attention` the model uses); the layers run
-    between them as in `scan.upper_stack`."""
+    between them as in `scan.forward_step`."""
     cfg = module.config
     apply = functools.partial(module.apply, {"params": params})
     cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta)
@@ -50,7 +50,7 @@ def memory_mass(module: LlamaForCausalLM, mcfg: MemLongConfig, params, h, positi
 def segment_memory_mass(module: LlamaForCausalLM, mcfg: MemLongConfig, params,
                         state: scan.MemLongState, ids, key_emb=None, segment_query=None):
     """`memory_mass` of segment `ids` `[B, S]` reading the memory of `state`, retrieved as
-    `scan.segment_step` would."""
+    `scan.forward_step` would."""
     seg = scan.segment_inputs(module, mcfg, params, state, ids, key_emb, segment_query,
                               need_emb=False)
     return memory_mass(module, mcfg, params, seg.h, seg.positions, seg.retrieved())

@@ -8,10 +8,11 @@ A *segment* is S = n * tau tokens processed together with local causal attention
    retriever, the chunk embeddings;
 3. the query picks top-k chunks from memory written by *earlier* segments (a chunk never
    retrieves itself), and their hit counters go up;
-4. with `full=True`, the memory layer and everything above run with retrieval-causal attention
-   in the retrieval layers, then the head gives per-token NLL; with `full=False` (prefix chunks
-   whose logits nobody needs) this step is skipped entirely;
-5. the segment's chunks are written to memory (eviction as configured).
+4. the memory layer and everything above run with retrieval-causal attention in the retrieval
+   layers, then the head gives logits (`forward_step`); prefix segments whose logits nobody
+   needs skip this (`ingest_step`);
+5. the segment's chunks are written to memory (eviction as configured; `read_step`, for ICL's
+   label rows, writes nothing).
 
 Query modes: `causal` uses the embedding of the chunk just before the segment (carried in the
 state), so the choice of chunks depends only on earlier tokens; `segment` (upstream) uses the
@@ -25,7 +26,6 @@ it (RETRO), within the same budget of top_k chunks.
 
 from __future__ import annotations
 
-import functools
 from typing import NamedTuple
 
 import jax
@@ -84,11 +84,10 @@ def lower_stack(module: LlamaForCausalLM, mcfg: MemLongConfig, params, ids):
     and the layers below the memory layer, then the memory layer's normed input `x` and pre-RoPE
     K/V. Returns (positions, h entering the memory layer, x, keys, values), all under
     stop_gradient: nothing below the memory layer, and no memory K/V, is ever trained."""
-    apply = functools.partial(module.apply, {"params": params})
+    model = module.bind({"params": params}).model
     positions = jnp.broadcast_to(jnp.arange(1, ids.shape[1] + 1), ids.shape)
-    h = apply(apply(ids, method=module.embed), positions, 0, mcfg.memory_layer,
-              method=module.run_layers)
-    x, keys, values = apply(h, mcfg.memory_layer, method=module.memory_kv)
+    h = model.run_layers(model.embed_tokens(ids), positions, 0, mcfg.memory_layer)
+    x, keys, values = model.layers[mcfg.memory_layer].memory_kv(h)
     return positions, *jax.lax.stop_gradient((h, x, keys, values))
 
 
@@ -146,42 +145,45 @@ def retrieve_chunks(mcfg: MemLongConfig, memory: mem_ops.Memory, query, query_ok
     return memory, indices, found
 
 
-def retrieved_kv(memory: mem_ops.Memory, indices, found,
-                 true_positions: bool = False) -> MemoryKV:
+def retrieved_kv(memory: mem_ops.Memory, indices, found, positions: str = "zero") -> MemoryKV:
     """The picked chunks' K/V for attention: one list `[B, k*tau]`, or per query chunk
-    (`[B, n, k]` picks) `[B, n, k*tau]`; gradients never flow into memory. With
-    `true_positions`, each memory token's RoPE position relative to a segment whose first token
-    is at position 1 and follows the newest chunk written (a stream written in order)."""
+    (`[B, n, k]` picks) `[B, n, k*tau]`; gradients never flow into memory. `positions`
+    (`memory_positions`): `zero` leaves the keys unrotated; `true` gives each memory token its
+    RoPE position relative to a segment whose first token is at position 1 and follows the
+    newest chunk written (a stream written in order); `near` packs the picks (of each query) in
+    write order right before the segment, the newest ending at position 0, as if the retrieved
+    text had come just before the local window however far back it was written."""
     batch, tau = indices.shape[0], memory.tau
     flat = indices.reshape(batch, -1)
     kv = mem_ops.gather_chunks(memory, flat, found.reshape(batch, -1))
-    if true_positions:
-        start = (memory.insert_time[jnp.arange(batch)[:, None], flat]
-                 - memory.clock[:, None]) * tau
+    if positions != "zero":
+        times = memory.insert_time[jnp.arange(batch)[:, None], flat]
+        if positions == "true":
+            start = (times - memory.clock[:, None]) * tau
+        else:
+            times = times.reshape(indices.shape)
+            earlier = (found[..., None, :] & (times[..., None, :] < times[..., :, None])).sum(-1)
+            start = ((earlier - found.sum(-1, keepdims=True)) * tau).reshape(batch, -1)
         kv = (*kv, (start[..., None] + jnp.arange(1, tau + 1)).reshape(batch, -1))
     if indices.ndim == 3:
         kv = tuple(a.reshape(batch, indices.shape[1], -1, *a.shape[2:]) for a in kv)
     return MemoryKV(*jax.lax.stop_gradient(kv))
 
 
-def upper_stack(module: LlamaForCausalLM, mcfg: MemLongConfig, params, h, positions,
-                retrieved: MemoryKV, stop: int):
-    """Layers memory_layer..stop-1 with `retrieved` in the retrieval layers. Returns (h, the
-    pre-RoPE K/V to store for these tokens: `[B, S, KV, hd * len(kv_layers)]`, or None with
-    `memory_kv=shared`, whose K/V come from `lower_stack`)."""
-    apply = functools.partial(module.apply, {"params": params})
-    run = lambda h, a, b: apply(h, positions, a, b, retrieved, mcfg.retrieval_layers,
-                                method=module.run_layers)
-    if mcfg.memory_kv == "shared":
-        return run(h, mcfg.memory_layer, stop), None
+def per_layer_stack(lm: LlamaForCausalLM, mcfg: MemLongConfig, h, positions,
+                    retrieved: MemoryKV, stop: int):
+    """`memory_kv=per_layer`: layers memory_layer..stop-1 (a bound `lm`) with `retrieved` in the
+    retrieval layers, collecting each retrieval layer's pre-RoPE K/V on the way. Returns (h,
+    keys, values), the K/V `[B, S, KV, hd * len(kv_layers)]` to store for these tokens."""
     keys, values, start = [], [], mcfg.memory_layer
     for layer in mcfg.kv_layers:
-        h = run(h, start, layer)
-        _, k, v = apply(h, layer, method=module.memory_kv)
+        h = lm.model.run_layers(h, positions, start, layer, retrieved, mcfg.retrieval_layers)
+        _, k, v = lm.model.layers[layer].memory_kv(h)
         keys.append(k)
         values.append(v)
         start = layer
-    return run(h, start, stop), (jnp.concatenate(keys, -1), jnp.concatenate(values, -1))
+    h = lm.model.run_layers(h, positions, start, stop, retrieved, mcfg.retrieval_layers)
+    return h, jnp.concatenate(keys, -1), jnp.concatenate(values, -1)
 
 
 def write_segment(mcfg: MemLongConfig, memory: mem_ops.Memory, keys, values,
@@ -204,16 +206,18 @@ class SegmentInputs(NamedTuple):
     memory: mem_ops.Memory   # hit counts updated by this retrieval
     indices: jax.Array
     found: jax.Array
-    true_positions: bool
+    positions_mode: str   # memory_positions
 
     def retrieved(self) -> MemoryKV:
-        return retrieved_kv(self.memory, self.indices, self.found, self.true_positions)
+        return retrieved_kv(self.memory, self.indices, self.found, self.positions_mode)
 
 
 def segment_inputs(module: LlamaForCausalLM, mcfg: MemLongConfig, params, state: MemLongState,
                    ids, key_emb=None, segment_query=None, need_emb: bool = True) -> SegmentInputs:
-    """Lower stack and retrieval of segment `ids` `[B, S]` (see `segment_step`); `need_emb`:
-    the chunk embeddings are wanted even when the query does not need them (to write)."""
+    """Lower stack and retrieval of segment `ids` `[B, S]`, as every step starts; `need_emb`:
+    the chunk embeddings are wanted even when the query does not need them (to write).
+    key_emb `[B, S/tau, d]` and segment_query `[B, d]` come from a host-side retriever
+    (`retrievers.Retriever`); None: pooled in-graph from the memory layer's input."""
     tau, length = mcfg.chunk_size, ids.shape[1]
     per_chunk = mcfg.query_mode == "chunk"
     if per_chunk and length % tau:
@@ -227,48 +231,67 @@ def segment_inputs(module: LlamaForCausalLM, mcfg: MemLongConfig, params, state:
                                                                             segment_query)
     memory, indices, found = retrieve_chunks(mcfg, state.memory, *query)
     return SegmentInputs(positions, h, keys, values, key_emb, memory, indices, found,
-                         mcfg.memory_positions == "true")
+                         mcfg.memory_positions)
 
 
-def segment_step(module: LlamaForCausalLM, mcfg: MemLongConfig, params, state: MemLongState,
-                 ids, key_emb=None, segment_query=None, full: bool = True, head_at=None,
-                 write: bool = True):
-    """One retrieve -> forward -> write step for `ids` `[B, S]`, S a multiple of tau.
+def forward_step(module: LlamaForCausalLM, mcfg: MemLongConfig, params, state: MemLongState,
+                 ids, key_emb=None, segment_query=None):
+    """Retrieve -> forward -> write for `ids` `[B, S]`, S a multiple of tau: (new state, logits
+    `[B, S, V]`)."""
+    seg = segment_inputs(module, mcfg, params, state, ids, key_emb, segment_query)
+    lm, keys, values = module.bind({"params": params}), seg.keys, seg.values
+    stop = module.config.num_hidden_layers
+    if mcfg.memory_kv == "per_layer":
+        h, keys, values = per_layer_stack(lm, mcfg, seg.h, seg.positions, seg.retrieved(), stop)
+    else:
+        h = lm.model.run_layers(seg.h, seg.positions, mcfg.memory_layer, stop, seg.retrieved(),
+                                mcfg.retrieval_layers)
+    return write_segment(mcfg, seg.memory, keys, values, seg.key_emb), lm.final(h)
 
-    key_emb `[B, S/tau, d]` and segment_query `[B, d]` come from the text retriever; leave them
-    None for the in-graph one. Returns (new state, logits `[B, S, V]`, or None if not `full`).
+
+def read_step(module: LlamaForCausalLM, mcfg: MemLongConfig, params, state: MemLongState, ids,
+              key_emb=None, segment_query=None, head_at=None):
+    """Retrieve -> forward for `ids` `[B, S]` without writing them to memory (S need not be a
+    multiple of tau, except in `chunk` mode): (state with the retrieval's hits counted, logits).
     `head_at` int `[B, P]`: run the final norm and LM head only at these positions (logits
-    `[B, P, V]`). With `write=False` the segment is not written to memory (its retrieval still
-    counts hits), and S need not be a multiple of tau.
-    """
-    seg = segment_inputs(module, mcfg, params, state, ids, key_emb, segment_query, write)
-    positions, h, keys, values, key_emb, memory = (seg.positions, seg.h, seg.keys, seg.values,
-                                                   seg.key_emb, seg.memory)
-    logits = None
-    if full or mcfg.memory_kv == "per_layer":
-        retrieved = seg.retrieved()
-        stop = module.config.num_hidden_layers if full else max(mcfg.retrieval_layers) + 1
-        h, layer_kv = upper_stack(module, mcfg, params, h, positions, retrieved, stop)
-        keys, values = (keys, values) if layer_kv is None else layer_kv
-    if full:
-        if head_at is not None:
-            h = jnp.take_along_axis(h, head_at[..., None], axis=1)
-        logits = module.apply({"params": params}, h, method=module.final)
-    if not write:
-        return state._replace(memory=memory), logits
-    return write_segment(mcfg, memory, keys, values, key_emb), logits
+    `[B, P, V]`)."""
+    seg = segment_inputs(module, mcfg, params, state, ids, key_emb, segment_query,
+                         need_emb=False)
+    lm, stop = module.bind({"params": params}), module.config.num_hidden_layers
+    if mcfg.memory_kv == "per_layer":
+        h = per_layer_stack(lm, mcfg, seg.h, seg.positions, seg.retrieved(), stop)[0]
+    else:
+        h = lm.model.run_layers(seg.h, seg.positions, mcfg.memory_layer, stop, seg.retrieved(),
+                                mcfg.retrieval_layers)
+    if head_at is not None:
+        h = jnp.take_along_axis(h, head_at[..., None], axis=1)
+    return state._replace(memory=seg.memory), lm.final(h)
+
+
+def ingest_step(module: LlamaForCausalLM, mcfg: MemLongConfig, params, state: MemLongState,
+                ids, key_emb=None, segment_query=None) -> MemLongState:
+    """Retrieve (hits only) -> write for a prefix segment `ids` `[B, S]` whose logits nobody
+    needs: only the layers that produce what memory stores run (below the memory layer, or up
+    to the last retrieval layer with `memory_kv=per_layer`)."""
+    seg = segment_inputs(module, mcfg, params, state, ids, key_emb, segment_query)
+    keys, values = seg.keys, seg.values
+    if mcfg.memory_kv == "per_layer":
+        _, keys, values = per_layer_stack(module.bind({"params": params}), mcfg, seg.h,
+                                          seg.positions, seg.retrieved(),
+                                          max(mcfg.retrieval_layers) + 1)
+    return write_segment(mcfg, seg.memory, keys, values, seg.key_emb)
 
 
 def ingest_segments(module: LlamaForCausalLM, mcfg: MemLongConfig, params, state: MemLongState,
                     ids, key_emb, segment: int) -> MemLongState:
-    """`ids` `[B, P]` into memory as a scan of `segment_step(full=False)` over `segment`-token
+    """`ids` `[B, P]` into memory as a scan of `ingest_step` over `segment`-token
     segments (a shorter last one when `segment` does not divide P)."""
     tau, (batch, total) = mcfg.chunk_size, ids.shape
     emb_of = lambda a, b: None if key_emb is None else key_emb[:, a // tau:b // tau]
 
     def body(state, xs):
         seg_ids, seg_emb = xs
-        return segment_step(module, mcfg, params, state, seg_ids, seg_emb, full=False)[0], None
+        return ingest_step(module, mcfg, params, state, seg_ids, seg_emb), None
 
     n = total // segment
     if n:
@@ -282,13 +305,12 @@ def ingest_segments(module: LlamaForCausalLM, mcfg: MemLongConfig, params, state
 
 
 def ingest_prefix(module: LlamaForCausalLM, mcfg: MemLongConfig, params, state: MemLongState,
-                  ids, key_emb=None, block_chunks: int = 16,
-                  window: int | None = None) -> MemLongState:
+                  ids, key_emb=None, window: int | None = None) -> MemLongState:
     """Send `ids` `[B, P]` (P a multiple of tau) into memory chunk by chunk, exactly as a loop of
-    `segment_step(..., full=False)` over tau-token chunks would, but faster.
+    `ingest_step` over tau-token chunks would, but faster.
 
     A prefix chunk's K/V depend only on the chunk itself (layers below the memory layer never
-    see memory), so the frozen stack runs on `block_chunks` chunks at once as one batch; only
+    see memory), so the frozen stack runs on `ingest_chunks` chunks at once as one batch; only
     the cheap retrieve (hit counts) -> write bookkeeping walks the chunks in order. With
     `prefix_context=window` the prefix goes as segments of `window` tokens instead, and with
     `memory_kv=per_layer` through the retrieval layers (`ingest_segments`).
@@ -319,7 +341,7 @@ def ingest_prefix(module: LlamaForCausalLM, mcfg: MemLongConfig, params, state: 
                                                jnp.moveaxis(block_emb, 1, 0)))
         return state, None
 
-    g = min(block_chunks, n)
+    g = min(mcfg.ingest_chunks, n)
     full_blocks = n // g
     by_block = lambda a, count: jnp.moveaxis(a.reshape(batch, count, g, *a.shape[2:]), 1, 0)
     ids_chunks = ids.reshape(batch, n, tau)
@@ -333,49 +355,32 @@ def ingest_prefix(module: LlamaForCausalLM, mcfg: MemLongConfig, params, state: 
     return state
 
 
-def score_sequence(module: LlamaForCausalLM, mcfg: MemLongConfig, params, state: MemLongState,
-                   ids, window: int, prefix_nll: bool = False, key_emb=None,
-                   window_query=None, window_logits: bool = False):
-    """Score `ids` `[B, N]`: prefix chunks through memory, then the final window.
+def window_nll(module: LlamaForCausalLM, mcfg: MemLongConfig, params, state: MemLongState,
+               ids, key_emb=None, segment_query=None, scored: int | None = None):
+    """The protocol's final local window `ids` `[B, S]`: `forward_step`, then the NLL of each
+    next token inside the window (its first token is predicted by nothing in it). Returns
+    (state, nll `[B, S - 1]`, or its last `scored` columns): only NLL leaves the device."""
+    state, logits = forward_step(module, mcfg, params, state, ids, key_emb, segment_query)
+    targets = jnp.concatenate([ids[:, 1:], jnp.zeros((ids.shape[0], 1), ids.dtype)], axis=1)
+    nll = token_nll(logits, targets)[:, :-1]
+    return state, nll if scored is None else nll[:, -scored:]
 
-    N - window is split into tau-token prefix chunks; the last `window` tokens are one segment.
-    Returns (state, nll) where nll `[B, N - 1]` (prefix_nll) or `[B, window - 1]` holds
-    -log p(ids[t] | earlier tokens) for the scored tokens t (each prefix chunk predicts its
-    successor's first token from its own last position). key_emb `[B, N/tau, d]` and
-    window_query `[B, d]` are the text retriever's embeddings (None: in-graph retriever).
-    Without `prefix_nll` the prefix goes through `ingest_prefix` (only the layers up to the memory
-    layer's K/V, batched); with it, a `lax.scan` of full segment steps. Only per-token NLL leaves
-    each step, and with `window_logits` the final window's logits
-    `[B, window, V]` are returned as a third value.
-    """
-    tau = mcfg.chunk_size
-    batch, total = ids.shape
+
+def score_sequence(module: LlamaForCausalLM, mcfg: MemLongConfig, params, state: MemLongState,
+                   ids, window: int, key_emb=None, window_query=None):
+    """The scoring protocol in one graph (training's validation): the first N - window tokens
+    of `ids` `[B, N]` into memory (`ingest_prefix`), then `window_nll` of the last `window`.
+    `eval.scoring.Scorer` runs the same two pieces with the prefix fed from the host in blocks.
+    key_emb `[B, N/tau, d]`, window_query `[B, d]`: a host-side retriever's (None: in-graph).
+    Returns (state, nll `[B, window - 1]`)."""
+    tau, total = mcfg.chunk_size, ids.shape[1]
     prefix = total - window
     if prefix % tau or window % tau or window <= 0:
         raise ValueError(f"sequence length {total} and window {window} must be positive "
                          f"multiples of chunk_size {tau}")
-    targets = jnp.concatenate([ids[:, 1:], jnp.zeros((batch, 1), ids.dtype)], axis=1)
-    n_prefix = prefix // tau
-
-    def body(carry, xs):
-        chunk_ids, chunk_targets, chunk_emb = xs
-        carry, logits = segment_step(module, mcfg, params, carry, chunk_ids,
-                                     None if chunk_emb is None else chunk_emb[:, None], chunk_emb)
-        return carry, token_nll(logits, chunk_targets)
-
-    if n_prefix and not prefix_nll:
+    if prefix:
         state = ingest_prefix(module, mcfg, params, state, ids[:, :prefix],
-                              None if key_emb is None else key_emb[:, :n_prefix], window=window)
-    elif n_prefix:
-        by_chunk = lambda a: jnp.moveaxis(a.reshape(batch, n_prefix, tau, *a.shape[2:]), 1, 0)
-        prefix_emb = None if key_emb is None else jnp.moveaxis(key_emb[:, :n_prefix], 1, 0)
-        state, prefix_out = jax.lax.scan(
-            body, state, (by_chunk(ids[:, :prefix]), by_chunk(targets[:, :prefix]), prefix_emb))
-    state, logits = segment_step(
-        module, mcfg, params, state, ids[:, prefix:],
-        None if key_emb is None else key_emb[:, n_prefix:], window_query, full=True)
-    nll = token_nll(logits, targets[:, prefix:])[:, :-1]
-    if prefix_nll and n_prefix:
-        prefix_out = jnp.moveaxis(prefix_out, 0, 1).reshape(batch, prefix)
-        nll = jnp.concatenate([prefix_out, nll], axis=1)
-    return (state, nll, logits) if window_logits else (state, nll)
+                              None if key_emb is None else key_emb[:, :prefix // tau],
+                              window=window)
+    return window_nll(module, mcfg, params, state, ids[:, prefix:],
+                      None if key_emb is None else key_emb[:, prefix // tau:], window_query)

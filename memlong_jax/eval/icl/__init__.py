@@ -45,7 +45,7 @@ Protocol:
 
 Implementation:
 
-- The final window is `memlong.segment_step(full=True, write=False, head_at=...)`: the LM head
+- The final window is `scan.read_step(..., head_at=...)`: the LM head
   runs only where label tokens are predicted, and nothing of the prompt is written to memory.
 - Rows are right-padded to a length bucket (4 buckets per octave, at most 25% padding), so each
   bucket compiles once; the head reads the last real token, and with causal attention the

@@ -34,9 +34,10 @@ class ICLScorer:
     def _call(self, name: str, fn, *args):
         """`fn(params, *args)` compiled once per argument shapes; compile time accumulated."""
         shapes = tuple((tuple(a.shape), str(a.dtype)) for a in jax.tree_util.tree_leaves(args))
+        key = (name, tuple(a is None for a in args), shapes)
         before = self.base.last_compile_seconds
-        out = self.base._call((name, tuple(a is None for a in args), shapes), fn, self.params,
-                              *args)
+        args = (self.params, *args)
+        out = self.base._compiled(key, fn, *args)(*args)
         self.compile_seconds += self.base.last_compile_seconds - before
         return out
 
@@ -66,8 +67,8 @@ class ICLScorer:
             pooled = jnp.where(real, x, 0.0).sum(axis=1) / prompt_len[:, None]
             segment_query = pooled / jnp.maximum(
                 jnp.linalg.norm(pooled, axis=-1, keepdims=True), 1e-12)
-        _, logits = scan.segment_step(self.module, self.mcfg, params, state, ids, None,
-                                         segment_query, full=True, head_at=head_at, write=False)
+        _, logits = scan.read_step(self.module, self.mcfg, params, state, ids,
+                                   segment_query=segment_query, head_at=head_at)
         logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
         picked = jnp.take_along_axis(logp, targets, axis=2)
         return jnp.where(mask, picked, 0.0).sum(axis=1), jnp.argmax(logits[:, 0], axis=-1)
