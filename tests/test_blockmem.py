@@ -203,6 +203,7 @@ def test_overrides_parse_by_field_type():
         SMALL.with_overrides(["depth=3"])
 
 
+@pytest.mark.slow   # CI time: a cheaper test covers the same property in the default run
 def test_generation_with_every_block_is_the_full_model(params):
     """Greedy block-memory generation (prompt in chunks, reselection, token steps, commits)
     with every block retrieved at true positions continues the prompt as the plain model does,

@@ -140,6 +140,7 @@ def direct_greedy_and_logprob(model, context, answer):
     return ids[len(context):], float(picked[np.arange(len(answer)), answer].sum())
 
 
+@pytest.mark.slow   # CI time: a cheaper test covers the same property in the default run
 def test_full_and_local_answers_equal_the_plain_forward(model):
     rng = np.random.default_rng(0)
     reader = recall.Reader(model, model.memlong_config, None, WINDOW, BUDGET)
@@ -154,6 +155,7 @@ def test_full_and_local_answers_equal_the_plain_forward(model):
             np.testing.assert_allclose(logprob[b], lp, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow   # CI time: a cheaper test covers the same property in the default run
 def test_memlong_answers_equal_the_scoring_path_and_shared_memory_is_exact(model):
     """The memory built once and handed to `Generator.start` gives, in every query mode, what
     generation from the whole prompt gives (an answer budget under one chunk: the generator
@@ -193,6 +195,7 @@ def test_repeat_nll_rows_equal_the_plain_forward(model):
         np.testing.assert_allclose(reader.nll(row, ids, passage), direct, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow   # CI time: a cheaper test covers the same property in the default run
 def test_block_row_with_every_block_at_true_positions_equals_full(model):
     """The block row reads through `BlockGenerator` and the block scorer: with every block
     retrieved at its true position that is plain causal attention, so its answers, answer
@@ -215,6 +218,7 @@ def test_block_row_with_every_block_at_true_positions_equals_full(model):
     assert np.abs(small.nll("block", ids, 12) - nll).max() > 1e-2
 
 
+@pytest.mark.slow   # CI time: a cheaper test covers the same property in the default run
 def test_evaluate_runs_every_row_on_the_same_items(model):
     settings = Settings(tasks=("passkey", "repeat"), lengths=(512,), depths=(0.0, 1.0), items=1,
                         local_window=WINDOW, passage=8, max_context=256)

@@ -57,6 +57,7 @@ def test_scores_files_and_writes_every_output(tiny_checkpoint, tmp_path, capsys)
     assert (out / "r.png").read_bytes()[:4] == b"\x89PNG"
 
 
+@pytest.mark.slow   # CI time (16 s); `make test-all` runs it
 def test_stdin_and_join(tiny_checkpoint, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(TEXT.encode())))
     code, _, err = run([tiny_checkpoint, *FAST, "--json", str(tmp_path / "a.json")], capsys)

