@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from helpers import random_token_ids, sharp_params
 from memlong_jax.memlong import blockmem
 from memlong_jax.memlong import memory as mem_ops
 from memlong_jax.eval.block_generation import BlockGenerator
@@ -24,12 +25,11 @@ SMALL = blockmem.BlockConfig(block_size=4, sink_tokens=2, window=8, chunk=4, top
 
 @pytest.fixture(scope="module")
 def params():
-    p = MODULE.init(jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32))["params"]
-    return jax.tree_util.tree_map(lambda x: x * 4.0 if x.ndim == 2 else x, p)  # sharper model
+    return sharp_params(MODULE)
 
 
 def random_ids(seed, batch=2, length=48):
-    return jax.random.randint(jax.random.PRNGKey(seed), (batch, length), 0, CFG.vocab_size)
+    return random_token_ids(seed, CFG.vocab_size, batch, length)
 
 
 def next_targets(ids):

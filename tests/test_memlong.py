@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from helpers import real_text, reference_score
+from helpers import random_token_ids, real_text, reference_score, sharp_params
 from memlong_jax.llama.config import ConfigError, PRESETS
 from memlong_jax.llama.model import LlamaForCausalLM
 from memlong_jax.memlong import scan
@@ -21,12 +21,11 @@ MODULE = LlamaForCausalLM(CFG)
 
 @pytest.fixture(scope="module")
 def params():
-    p = MODULE.init(jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32))["params"]
-    return jax.tree_util.tree_map(lambda x: x * 4.0 if x.ndim == 2 else x, p)  # sharper model
+    return sharp_params(MODULE)
 
 
 def random_ids(seed, batch=2, length=40):
-    return jax.random.randint(jax.random.PRNGKey(seed), (batch, length), 0, CFG.vocab_size)
+    return random_token_ids(seed, CFG.vocab_size, batch, length)
 
 
 @functools.partial(jax.jit, static_argnames=("mcfg", "window", "prefix_nll"))
