@@ -45,6 +45,13 @@ def run_cli(main, argv=None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         print("error: output closed before the end (broken pipe)", file=sys.stderr)
         return 2
+    except BaseException as err:
+        # A signal that landed inside C code arrives as that code's error, caused by it.
+        interrupted = interrupts.within(err)
+        if interrupted is None:
+            raise
+        print(interrupted, file=sys.stderr)
+        interrupts.exit_now(interrupted.exit_code)
     return 0
 
 

@@ -35,6 +35,18 @@ class Interrupted(BaseException):
         return 128 + self.signum
 
 
+def within(err: BaseException) -> Interrupted | None:
+    """The `Interrupted` behind `err`, if any: a signal that lands inside C code (numpy, XLA)
+    surfaces as that code's own error (a `SystemError`) caused by the `Interrupted`."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, Interrupted):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
+
+
 def _raise(signum, frame):
     raise Interrupted(signum)
 

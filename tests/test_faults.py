@@ -225,6 +225,23 @@ def test_sigterm_in_from_hf_leaves_nothing(tmp_path, env):
     assert os.listdir(tmp_path) == ["hf"]  # no OUT, no .out.tmp-PID, no parent it created
 
 
+def test_signal_inside_c_code_is_still_one_line(env):
+    """A signal that lands inside C code (numpy's dtype machinery here, as seen in CI) comes out
+    as that code's SystemError caused by `Interrupted`: still one line and 128 + the signal."""
+    program = ("import signal, sys\n"
+               "from memlong_jax.errors import run_cli\n"
+               "from memlong_jax.interrupts import Interrupted\n"
+               "def main(argv):\n"
+               "    try:\n"
+               "        raise Interrupted(signal.SIGTERM)\n"
+               "    except Interrupted as err:\n"
+               "        raise SystemError('returned a result with an exception set') from err\n"
+               "sys.exit(run_cli(main, []))\n")
+    proc = subprocess.run([sys.executable, "-c", program], cwd=REPO, env=env, text=True,
+                          capture_output=True, timeout=120)
+    assert proc.returncode == 143 and proc.stderr.strip() == "interrupted by SIGTERM", proc.stderr
+
+
 @pytest.mark.parametrize("command", ["score", "generate"])
 def test_ctrl_c_in_score_and_generate(tmp_path, tiny_checkpoint, env, command):
     """SIGINT at a seeded moment once the command is working: exit 130, one line, no traceback
