@@ -17,7 +17,9 @@ from memlong_jax.memlong.config import MemLongConfig
 
 
 class MetricsLog:
-    """`metrics.jsonl` (one object per logged step, flushed at once) plus TensorBoard.
+    """`metrics.jsonl` (one object per logged step, flushed at once) plus TensorBoard (written
+    by a background thread: complete once `close` returns, which training does on every exit
+    but SIGKILL; the JSONL is the record that survives that too).
 
     A run resumed at step s passes `purge_step=s + 1`: TensorBoard then hides the scalars the
     interrupted run logged after its last checkpoint, which this run logs again."""
@@ -40,7 +42,7 @@ class MetricsLog:
             for tag, value in values.items():
                 if tag != "time" and isinstance(value, (int, float)) and math.isfinite(value):
                     self._tb.add_scalar(tag, value, step)
-            self._tb.flush()   # as the JSONL: a crash loses nothing already logged
+            self._tb.flush()
 
     def close(self) -> None:
         if self.enabled:

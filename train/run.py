@@ -328,6 +328,7 @@ class Trainer:
             with interrupts.deferred() as flag:
                 self._loop(flag)
         finally:
+            self.log.close()   # TensorBoard's writer thread holds events until closed
             self.release()
 
     def _loop(self, flag) -> None:
@@ -395,7 +396,6 @@ class Trainer:
                 export.export_merged(frozen, trainable, self.run, self.model, self.base_dtypes,
                                      t.export_dir, t.export_hf)
         self.ckpt.close()
-        self.log.close()
 
 
 def main(argv=None) -> None:
