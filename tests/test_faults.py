@@ -1,10 +1,11 @@
-"""Fault injection (issue 17), in subprocesses: a held output directory, SIGTERM and SIGINT at
-seeded random points of a training run, a damaged newest checkpoint, training data changed to
-the same size, and Ctrl-C / SIGTERM in the other commands. Each case checks the outcome: the
-exit code and the one line, the checkpoint the run resumed from, a final state bit-identical to
-an uninterrupted run, metrics.jsonl without repeated rows, nothing left behind.
-(SIGKILL: test_train_scale.py.) The subprocesses share a persistent JAX compilation cache, so
-only the first one compiles."""
+"""Fault injection (issue 17), in subprocesses: a held output directory, SIGKILL, SIGTERM and
+SIGINT at seeded random points of a training run, a damaged newest checkpoint, training data
+changed to the same size, and Ctrl-C / SIGTERM in the other commands. Each case checks the
+outcome: the exit code and the one line, the checkpoint the run resumed from, a final state
+bit-identical to an uninterrupted run, metrics.jsonl without repeated rows, nothing left behind.
+The subprocesses share a persistent JAX compilation cache, so only the first one compiles, and
+every training case is checked against one uninterrupted reference run. (Multi-host: SIGKILL of
+both hosts and their resume, tests/test_multihost.py, slow.)"""
 
 from __future__ import annotations
 
@@ -20,17 +21,17 @@ import time
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 from helpers import random_torch_llama, save_torch_llama, tensorboard_scalars, toy_corpus
 from memlong_jax.errors import run_cli
-from test_train_scale import _final_state, _logged_steps
 from train import resume
 from train.checkpointing import Checkpoints
 from train.run import main as train_main
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STEPS = 10
+STEPS = 14
 COMPARED = ("step", "loss", "grad_norm", "lr")  # metrics that must repeat exactly
 
 
@@ -50,6 +51,22 @@ def start(args, env, module="train.run", **kw):
     return subprocess.Popen([sys.executable, "-m", module, *map(str, args)], cwd=REPO, env=env,
                             stdout=kw.pop("stdout", subprocess.DEVNULL),
                             stderr=kw.pop("stderr", subprocess.PIPE), text=True, **kw)
+
+
+def _final_state(out):
+    manager = ocp.CheckpointManager(os.path.join(out, "checkpoints"))
+    step = manager.latest_step()
+    state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+    manager.close()
+    return step, state["state"]
+
+
+def _logged_steps(out):
+    path = os.path.join(out, "metrics.jsonl")
+    if not os.path.exists(path):
+        return 0
+    steps = [json.loads(line)["step"] for line in open(path) if line.endswith("\n")]
+    return max(steps, default=0)
 
 
 def signal_when(proc, ready, signum, timeout=240):
@@ -79,7 +96,7 @@ def assert_same_state(a, b):
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, env):
-    """An uninterrupted run: checkpoints 6, 9, 10, final state, metrics."""
+    """An uninterrupted run: checkpoints 9, 12, 14, final state, metrics."""
     root = tmp_path_factory.mktemp("faults")
     data = toy_corpus(root / "toy.txt", seed=31, repeats=60)
     proc = start(train_args(data, root / "ref", root / "cache"), env)
@@ -113,17 +130,27 @@ def test_lock_signals_damage_and_data_change(reference, env, tmp_path, capsys):
     holder.kill()  # 2. its lock is now stale: the next run takes it over
     holder.wait()
 
-    # 3. SIGTERM at a seeded step: the step finishes, a checkpoint is saved, exit 143.
-    a = rng.randint(1, 3)
+    # 3. SIGKILL at a seeded step once checkpoint 3 is written (maybe mid-save of the next).
+    k = rng.randint(4, 5)
+    code, _ = signal_when(start(args, env), lambda: _logged_steps(out) >= k and
+                          (out / "checkpoints" / "3").is_dir(), signal.SIGKILL)
+    assert code == -signal.SIGKILL
+    killed = _final_state(out)[0]
+    assert 3 <= killed < STEPS
+
+    # 4. Resumed from there, then SIGTERM at a seeded step (after the killed run's last row):
+    # the step finishes, a checkpoint is saved, exit 143.
+    a = _logged_steps(out) + rng.randint(1, 2)
     code, err = signal_when(start(args, env), lambda: _logged_steps(out) >= a, signal.SIGTERM)
     last = err.strip().splitlines()[-1]
     assert code == 143 and "Traceback" not in err, err
+    assert f"steps {killed}..{STEPS}" in err
     saved = int(re.fullmatch(r"interrupted by SIGTERM: checkpoint (\d+) saved in .*; run the "
                              r"same command to resume", last).group(1))
     assert a <= saved < STEPS and _final_state(out)[0] == saved == _logged_steps(out)
 
-    # 4. Resume, then SIGINT (Ctrl-C) at a later seeded step: exit 130, checkpoint saved.
-    b = rng.randint(saved + 2, STEPS - 3)
+    # 5. Resume, then SIGINT (Ctrl-C) at a later seeded step: exit 130, checkpoint saved.
+    b = rng.randint(saved + 2, STEPS - 2)
     proc = start(args, env)
     code, err = signal_when(proc, lambda: _logged_steps(out) >= b, signal.SIGINT)
     assert code == 130 and "Traceback" not in err, err
@@ -131,7 +158,7 @@ def test_lock_signals_damage_and_data_change(reference, env, tmp_path, capsys):
     saved2 = int(re.search(r"interrupted by SIGINT: checkpoint (\d+) saved", err).group(1))
     assert b <= saved2 < STEPS and _final_state(out)[0] == saved2
 
-    # 5. The newest checkpoint damaged: skipped with one warning, the one before is resumed.
+    # 6. The newest checkpoint damaged: skipped with one warning, the one before is resumed.
     steps = Checkpoints(str(out / "checkpoints"), 10, False).all_steps()
     assert steps[-1] == saved2 and len(steps) >= 2
     damaged = out / "checkpoints" / str(saved2) / "state" / "_METADATA"
@@ -156,7 +183,7 @@ def test_lock_signals_damage_and_data_change(reference, env, tmp_path, capsys):
     shown = [(step, value) for step, tag, value in tensorboard_scalars(out / "tb") if tag == "loss"]
     assert shown == [(r["step"], pytest.approx(r["loss"], rel=1e-6)) for r in rows]   # each once
 
-    # 6. The data rewritten to the same size (upper case): refused, unless explicitly allowed.
+    # 7. The data rewritten to the same size (upper case): refused, unless explicitly allowed.
     text = open(data).read()
     open(data, "w").write(text.upper())
     assert os.path.getsize(data) == len(text)
@@ -176,21 +203,21 @@ FILES = ["state/_METADATA", "state/manifest.ocdbt", "cursor/metadata", "config/m
 @pytest.mark.parametrize("which", FILES)
 def test_damaged_newest_checkpoint_is_skipped(reference, tmp_path, which, how):
     """Each file that matters, truncated (at a seeded point), emptied or deleted in the newest
-    checkpoint (10): restore falls back to 9, bit for bit what was saved there. (Damage that
-    orbax does not notice, e.g. in the unused tail of a data file, restores step 10 unchanged:
+    checkpoint (14): restore falls back to 12, bit for bit what was saved there. (Damage that
+    orbax does not notice, e.g. in the unused tail of a data file, restores step 14 unchanged:
     checked by hand for every file of a tiny checkpoint.)"""
     root = reference[0]
     source = Checkpoints(str(root / "ref" / "checkpoints"), 10, False)
-    assert source.all_steps() == [6, 9, 10]
-    state9 = jax.device_get(source.restore_state(9, None))
+    assert source.all_steps() == [9, 12, 14]
+    state12 = jax.device_get(source.restore_state(12, None))
     source.close()
     directory = tmp_path / "checkpoints"
     shutil.copytree(root / "ref" / "checkpoints", directory)
     if which == "largest_data_file":
-        files = [p for p in (directory / "10").rglob("*") if p.is_file() and "/d/" in str(p)]
+        files = [p for p in (directory / "14").rglob("*") if p.is_file() and "/d/" in str(p)]
         path = max(files, key=os.path.getsize)
     else:
-        path = directory / "10" / which
+        path = directory / "14" / which
     if how == "delete":
         os.remove(path)
     else:
@@ -201,11 +228,11 @@ def test_damaged_newest_checkpoint_is_skipped(reference, tmp_path, which, how):
     lines = []
     step, cursor, state = resume.restore_newest(ckpt, None, lambda *a: None, lines.append)
     ckpt.close()
-    assert step == 9 and cursor["micro_step"] == 9 * 2
-    assert len(lines) == 1 and lines[0].startswith("warning: skipped checkpoint 10 ("), lines
-    assert (tmp_path / "checkpoints-damaged" / "10").is_dir()
-    assert sorted(os.listdir(directory)) == ["6", "9"]
-    assert_same_state(state, state9)
+    assert step == 12 and cursor["micro_step"] == 12 * 2
+    assert len(lines) == 1 and lines[0].startswith("warning: skipped checkpoint 14 ("), lines
+    assert (tmp_path / "checkpoints-damaged" / "14").is_dir()
+    assert sorted(os.listdir(directory)) == ["12", "9"]
+    assert_same_state(state, state12)
 
 
 # ---- the other commands ------------------------------------------------------------------------

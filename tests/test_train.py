@@ -18,7 +18,7 @@ import memlong_jax as ml
 from memlong_jax.errors import run_cli
 from memlong_jax.llama.config import ConfigError, PRESETS as MODEL_PRESETS
 from memlong_jax.llama.model import LlamaForCausalLM
-from memlong_jax.memlong.retrievers import make_retriever
+from memlong_jax.memlong.retrievers import Retriever, make_retriever
 from train import config as cfgmod
 from train import data as datamod
 from train import lora, step as stepmod
@@ -363,6 +363,44 @@ def test_key_table_matches_the_encoder_and_spares_it(tmp_path, capsys):
     trainer.train()
     assert trainer.retriever.key_table is not None and trainer.retriever._encoder is None
     assert len([json.loads(line) for line in open(tmp_path / "out" / "metrics.jsonl")]) >= 1
+
+
+class RowRecorder(Retriever):
+    """A host-side retriever that records the ids it is asked to embed; keys are all ones."""
+
+    host_side = True
+
+    def __init__(self, tau, dim):
+        self.tau, self.dim, self.seen = tau, dim, []
+
+    def chunk_keys(self, ids):
+        self.seen.append(np.array(ids))
+        return np.ones((ids.shape[0], ids.shape[1] // self.tau, self.dim), np.float32)
+
+
+def test_each_host_embeds_only_its_rows(tmp_path):
+    """Training batches and validation windows alike: the host-side retriever sees only the rows
+    this host's devices hold (here rows 1 and 3 of 4, as if another host held 0 and 2), and the
+    global key array has zeros in the other rows. (That each host's rows are assembled right
+    across real processes: tests/test_multihost.py, with the text retriever.)"""
+    data = toy_corpus(tmp_path / "toy.txt", seed=5, repeats=60)
+    run, model = resolve(tmp_path, f"data={data}", "rows_per_replica=4", "eval_batches=1",
+                         "eval_length=32", "eval_window=16", "mesh_data=1")
+    trainer = Trainer(run, model)
+    trainer.release()
+    mine = [1, 3]
+    trainer.local_rows = mine
+    trainer.retriever = RowRecorder(run.memlong.chunk_size, trainer.emb_dim)
+    keys = np.asarray(trainer.batch(5)["key_emb"])
+    assert [x.shape for x in trainer.retriever.seen] == [(2 * 2, 32)]   # accum x mine, seq
+    np.testing.assert_array_equal(trainer.retriever.seen[0].reshape(2, 2, 32),
+                                  trainer.streams.batch(5)[:, mine])
+    assert (keys[:, mine] == 1).all() and (keys[:, [0, 2]] == 0).all()
+    trainer.retriever.seen.clear()
+    assert trainer.evaluate() is not None
+    windows = datamod.validation_windows(trainer.blocks, 32, 4, 1)
+    assert len(trainer.retriever.seen) == 1
+    np.testing.assert_array_equal(trainer.retriever.seen[0], windows[0][mine])
 
 
 @pytest.mark.parametrize("policy", ["full", "dots"])

@@ -8,8 +8,8 @@ memory carried across steps per replica over contiguous data streams.
 
 The output directory holds checkpoints/ (orbax: resumed automatically when present),
 metrics.jsonl and tb/ (TensorBoard). Multi-host: run the same command on every host with
---coordinator HOST:PORT --num-processes N --process-id I (jax.distributed.initialize); the mesh
-then spans all hosts' devices.
+--coordinator HOST:PORT --num-processes N --process-id I (or --coordinator auto under SLURM or on
+a TPU pod slice; train/hosts.py, docs/reliability.md); the mesh then spans all hosts' devices.
 """
 
 from __future__ import annotations
@@ -29,15 +29,15 @@ from flax import traverse_util
 from tqdm import tqdm
 
 from memlong_jax import interrupts
-from memlong_jax.errors import ArgumentParser, UserError, check_writable_dir, entry_point
+from memlong_jax.errors import ArgumentParser, UserError, check_writable_dir
 from memlong_jax.io import checkpoint
 from memlong_jax.io.safe_paths import refuse_overwrite
 from memlong_jax.llama.config import DTYPES, LlamaConfig
 from memlong_jax.memlong import scan
 from train import config as cfgmod
 from train import data as datamod
-from train import (export, lora, metrics, recall_mix, resume, setup, sharding, signals,
-                   step as stepmod)
+from train import (export, hosts, lora, metrics, recall_mix, resume, setup, sharding,
+                   signals, step as stepmod)
 from train.run_lock import RunLock
 from train.checkpointing import Checkpoints, abstract_like, state_to_tree, tree_to_state
 
@@ -59,11 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dry-run", action="store_true",
                         help="print parameter counts, bytes per device and FLOPs per step "
                              "(jax.eval_shape only, nothing allocated) and exit")
-    parser.add_argument("--coordinator", default=None,
-                        help="multi-host: coordinator address HOST:PORT, or `auto` on a TPU pod "
-                             "slice or under SLURM (jax detects hosts and ranks)")
-    parser.add_argument("--num-processes", type=int, default=None, help="multi-host: hosts")
-    parser.add_argument("--process-id", type=int, default=None, help="multi-host: this host")
+    hosts.add_arguments(parser)
     return parser
 
 
@@ -260,20 +256,26 @@ class Trainer:
         return sharding.put(array, sharding.rows_sharding(self.mesh, array.ndim, axis))
 
     def batch(self, step: int) -> dict:
-        rows = self.local_rows
-        ids = self.streams.batch(step, rows)  # zeros in the rows other hosts feed
+        ids = self.streams.batch(step, self.local_rows)  # zeros in the rows other hosts feed
         out = {"ids": self._global(ids, 1)}
         if self.retriever.host_side:
-            keys, query = datamod.host_embeddings(self.retriever, ids[:, rows])  # this host's
-            out["key_emb"] = self._global(self._all_rows(keys), 1)
-            if query is not None:
-                out["query"] = self._global(self._all_rows(query), 1)
+            out["key_emb"], out["query"] = self._embedded(ids, 1)
         return out
 
-    def _all_rows(self, local: np.ndarray) -> np.ndarray:
-        """`[A, len(local_rows), ...]` -> `[A, n_streams, ...]`, zeros in other hosts' rows."""
-        full = np.zeros((local.shape[0], self.n_streams, *local.shape[2:]), local.dtype)
-        full[:, self.local_rows] = local
+    def _embedded(self, ids: np.ndarray, axis: int, window: int | None = None):
+        """The retriever's host-side inputs (key_emb, query; None where made in-graph) as global
+        arrays, from this host's rows of `ids` only (`axis`: the row axis, second to last):
+        each host embeds the text of the rows its devices hold, zeros stand in for the rest."""
+        mine = np.take(ids, self.local_rows, axis=axis)
+        return tuple(None if x is None else self._global(self._all_rows(x, axis), axis)
+                     for x in datamod.host_embeddings(self.retriever, mine, window))
+
+    def _all_rows(self, local: np.ndarray, axis: int) -> np.ndarray:
+        """`local_rows` along `axis` -> all `n_streams` rows, zeros in other hosts' rows."""
+        full = np.zeros((*local.shape[:axis], self.n_streams, *local.shape[axis + 1:]),
+                        local.dtype)
+        index = (slice(None),) * axis + (self.local_rows,)
+        full[index] = local
         return full
 
     def config_json(self) -> dict:
@@ -303,9 +305,7 @@ class Trainer:
         for ids in windows:
             key_emb = query = None
             if self.retriever.host_side:
-                key_emb, query = datamod.host_embeddings(self.retriever, ids, t.eval_window)
-                key_emb = self._global(key_emb, 0)
-                query = None if query is None else self._global(query, 0)
+                key_emb, query = self._embedded(ids, 0, t.eval_window)
             s, n = self._eval_fn(self.state["trainable"], self.frozen, self._global(ids, 0),
                                  key_emb, query)
             total, count = total + float(s), count + float(n)
@@ -402,11 +402,7 @@ def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
     assignments = [item for group in args.set for item in group]
     run = cfgmod.resolve(args.config, assignments)
-    if args.coordinator == "auto":
-        jax.distributed.initialize()
-    elif args.coordinator or args.num_processes:
-        jax.distributed.initialize(coordinator_address=args.coordinator,
-                                   num_processes=args.num_processes, process_id=args.process_id)
+    hosts.join(args)
     model = cfgmod.model_config(run)
     run = cfgmod.validate(run, model)
     if args.dry_run:
@@ -421,7 +417,7 @@ def main(argv=None) -> None:
     trainer.train()
 
 
-cli = entry_point(main)   # the console script
+cli = hosts.entry_point(main)   # the console script
 
 if __name__ == "__main__":
     sys.exit(cli())
