@@ -114,17 +114,16 @@ def test_lock_signals_damage_and_data_change(reference, env, tmp_path, capsys):
     args = train_args(data, out, cache)
     rng = random.Random(1717)
 
-    # 1. A directory held by another run: exit 2 naming its PID, nothing written.
+    # 1. A directory held by another run (process): exit 2 naming its PID, nothing written.
     os.makedirs(out)
     holder = subprocess.Popen(
         [sys.executable, "-c", "import sys; from train.run_lock import RunLock; "
          "RunLock(sys.argv[1]); print('held', flush=True); sys.stdin.read()", str(out)],
         cwd=REPO, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "held"
-    second = start(args, env)
-    _, err = second.communicate(timeout=300)
-    lines = err.strip().splitlines()
-    assert second.returncode == 2 and len(lines) == 1, err
+    code = run_cli(train_main, args)
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1, lines
     assert f"in use by another training run (pid {holder.pid} " in lines[0]
     assert sorted(os.listdir(out)) == [".lock"]
     holder.kill()  # 2. its lock is now stale: the next run takes it over
@@ -191,7 +190,15 @@ def test_lock_signals_damage_and_data_change(reference, env, tmp_path, capsys):
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert code == 2 and len(err) == 1 and "other training data" in err[0], err
     assert _final_state(out)[0] == STEPS
-    assert run_cli(train_main, args[:-1] + [args[-1], "allow_data_change=true"]) == 0
+    allowed = args[:-1] + [args[-1], "allow_data_change=true"]
+    assert run_cli(train_main, allowed) == 0
+    capsys.readouterr()
+
+    # 8. Data appended: the streams are laid out anew, so even the override is refused.
+    open(data, "a").write(text * 2)
+    code = run_cli(train_main, allowed)
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert code == 2 and len(err) == 1 and "the data changed" in err[0], err
 
 
 DAMAGES = ["truncate", "empty", "delete"]

@@ -161,6 +161,16 @@ class Trainer:
         self.t, self.m = t, m
         self.main = jax.process_index() == 0
         check_writable_dir(t.output_dir, "output_dir")
+        # An existing output directory may be another run's: refuse before the slow setup.
+        self.lock = RunLock(t.output_dir) if self.main and os.path.isdir(t.output_dir) else None
+        try:
+            self._build()
+        except BaseException:
+            self.release()
+            raise
+
+    def _build(self) -> None:
+        run, model, t, m = self.run, self.model, self.t, self.m
         self.mesh = sharding.make_mesh(t.mesh_data, t.mesh_fsdp)
         self.n_streams = self.mesh.size * t.rows_per_replica
         self.local_rows = sharding.local_rows(self.mesh, self.n_streams)
@@ -205,14 +215,11 @@ class Trainer:
         state = jax.device_put(fresh(state), self.state_sh)
         mem = jax.device_put(fresh(mem), self.mem_sh)
 
-        # checkpoints: resume when present (the output directory is created only now)
+        # checkpoints: resume when present (a new output directory is created only now)
         ensure_writable(t.output_dir)
-        self.lock = RunLock(t.output_dir) if self.main else None
-        try:
-            self.state, self.mem, self.start = self._resume(state, mem)
-        except BaseException:
-            self.release()
-            raise
+        if self.main and self.lock is None:
+            self.lock = RunLock(t.output_dir)
+        self.state, self.mem, self.start = self._resume(state, mem)
 
         step_fn = stepmod.make_train_step(self.module, m, t, self.tx, self.schedule)
         self.step_fn = jax.jit(step_fn, donate_argnums=(0, 2),
