@@ -114,26 +114,24 @@ def test_lock_signals_damage_and_data_change(reference, env, tmp_path, capsys):
     args = train_args(data, out, cache)
     rng = random.Random(1717)
 
-    # 1. A directory held by another run (process): exit 2 naming its PID, nothing written.
-    os.makedirs(out)
-    holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys; from train.run_lock import RunLock; "
-         "RunLock(sys.argv[1]); print('held', flush=True); sys.stdin.read()", str(out)],
-        cwd=REPO, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    assert holder.stdout.readline().strip() == "held"
+    # 1. A run in progress holds the directory: a second one exits 2 naming its PID.
+    first = start(args, env)
+    lock = out / ".lock"
+    deadline = time.time() + 240
+    while not (lock.exists() and f"pid {first.pid} " in lock.read_text()):
+        assert first.poll() is None and time.time() < deadline
+        time.sleep(0.01)
     code = run_cli(train_main, args)
     lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert code == 2 and len(lines) == 1, lines
-    assert f"in use by another training run (pid {holder.pid} " in lines[0]
-    assert sorted(os.listdir(out)) == [".lock"]
-    holder.kill()  # 2. its lock is now stale: the next run takes it over
-    holder.wait()
+    assert f"in use by another training run (pid {first.pid} " in lines[0]
 
-    # 3. SIGKILL at a seeded step once checkpoint 3 is written (maybe mid-save of the next).
+    # 2. SIGKILL of the first at a seeded step once checkpoint 3 is written (maybe mid-save of
+    # the next); 3. its lock, left behind, is taken over by the next run.
     k = rng.randint(4, 5)
-    code, _ = signal_when(start(args, env), lambda: _logged_steps(out) >= k and
+    code, _ = signal_when(first, lambda: _logged_steps(out) >= k and
                           (out / "checkpoints" / "3").is_dir(), signal.SIGKILL)
-    assert code == -signal.SIGKILL
+    assert code == -signal.SIGKILL and f"pid {first.pid} " in lock.read_text()
     killed = _final_state(out)[0]
     assert 3 <= killed < STEPS
 
