@@ -1,11 +1,12 @@
-"""Fault injection (issue 17), in subprocesses: a held output directory, SIGKILL, SIGTERM and
-SIGINT at seeded random points of a training run, a damaged newest checkpoint, training data
-changed to the same size, and Ctrl-C / SIGTERM in the other commands. Each case checks the
-outcome: the exit code and the one line, the checkpoint the run resumed from, a final state
-bit-identical to an uninterrupted run, metrics.jsonl without repeated rows, nothing left behind.
-The subprocesses share a persistent JAX compilation cache, so only the first one compiles, and
-every training case is checked against one uninterrupted reference run. (Multi-host: SIGKILL of
-both hosts and their resume, tests/test_multihost.py, slow.)"""
+"""Fault injection (issue 17), in subprocesses: a second run into an output directory in use,
+SIGKILL, SIGTERM and SIGINT at seeded random points of a training run, a damaged newest
+checkpoint, training data changed (same size, appended), and Ctrl-C / SIGTERM in the other
+commands. Each case checks the outcome: the exit code and the one line, the checkpoint the run
+resumed from, a final state bit-identical to an uninterrupted run, metrics.jsonl without
+repeated rows, nothing left behind. The subprocesses share a persistent JAX compilation cache,
+so only the first one compiles, and every training case is checked against one uninterrupted
+reference run. (Multi-host: one host SIGKILLed, the other stopping by itself, both resuming:
+tests/test_multihost.py, slow.) docs/reliability.md tabulates every case."""
 
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ from train.checkpointing import Checkpoints
 from train.run import main as train_main
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STEPS = 14
+STEPS = 16
 COMPARED = ("step", "loss", "grad_norm", "lr")  # metrics that must repeat exactly
 
 
@@ -96,7 +97,7 @@ def assert_same_state(a, b):
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, env):
-    """An uninterrupted run: checkpoints 9, 12, 14, final state, metrics."""
+    """An uninterrupted run: checkpoints 12, 15, 16, final state, metrics."""
     root = tmp_path_factory.mktemp("faults")
     data = toy_corpus(root / "toy.txt", seed=31, repeats=60)
     proc = start(train_args(data, root / "ref", root / "cache"), env)
@@ -208,21 +209,21 @@ FILES = ["state/_METADATA", "state/manifest.ocdbt", "cursor/metadata", "config/m
 @pytest.mark.parametrize("which", FILES)
 def test_damaged_newest_checkpoint_is_skipped(reference, tmp_path, which, how):
     """Each file that matters, truncated (at a seeded point), emptied or deleted in the newest
-    checkpoint (14): restore falls back to 12, bit for bit what was saved there. (Damage that
-    orbax does not notice, e.g. in the unused tail of a data file, restores step 14 unchanged:
+    checkpoint (16): restore falls back to 15, bit for bit what was saved there. (Damage that
+    orbax does not notice, e.g. in the unused tail of a data file, restores step 16 unchanged:
     checked by hand for every file of a tiny checkpoint.)"""
     root = reference[0]
     source = Checkpoints(str(root / "ref" / "checkpoints"), 10, False)
-    assert source.all_steps() == [9, 12, 14]
-    state12 = jax.device_get(source.restore_state(12, None))
+    assert source.all_steps() == [12, 15, 16]
+    state15 = jax.device_get(source.restore_state(15, None))
     source.close()
     directory = tmp_path / "checkpoints"
     shutil.copytree(root / "ref" / "checkpoints", directory)
     if which == "largest_data_file":
-        files = [p for p in (directory / "14").rglob("*") if p.is_file() and "/d/" in str(p)]
+        files = [p for p in (directory / "16").rglob("*") if p.is_file() and "/d/" in str(p)]
         path = max(files, key=os.path.getsize)
     else:
-        path = directory / "14" / which
+        path = directory / "16" / which
     if how == "delete":
         os.remove(path)
     else:
@@ -233,11 +234,11 @@ def test_damaged_newest_checkpoint_is_skipped(reference, tmp_path, which, how):
     lines = []
     step, cursor, state = resume.restore_newest(ckpt, None, lambda *a: None, lines.append)
     ckpt.close()
-    assert step == 12 and cursor["micro_step"] == 12 * 2
-    assert len(lines) == 1 and lines[0].startswith("warning: skipped checkpoint 14 ("), lines
-    assert (tmp_path / "checkpoints-damaged" / "14").is_dir()
-    assert sorted(os.listdir(directory)) == ["12", "9"]
-    assert_same_state(state, state12)
+    assert step == 15 and cursor["micro_step"] == 15 * 2
+    assert len(lines) == 1 and lines[0].startswith("warning: skipped checkpoint 16 ("), lines
+    assert (tmp_path / "checkpoints-damaged" / "16").is_dir()
+    assert sorted(os.listdir(directory)) == ["12", "15"]
+    assert_same_state(state, state15)
 
 
 # ---- the other commands ------------------------------------------------------------------------
