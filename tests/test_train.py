@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
+import types
 
 import flax.linen as nn
 import jax
@@ -15,13 +17,14 @@ from flax import traverse_util
 
 from helpers import tensorboard_scalars, toy_corpus
 import memlong_jax as ml
+from memlong_jax import interrupts
 from memlong_jax.errors import run_cli
 from memlong_jax.llama.config import ConfigError, PRESETS as MODEL_PRESETS
 from memlong_jax.llama.model import LlamaForCausalLM
 from memlong_jax.memlong.retrievers import Retriever, make_retriever
 from train import config as cfgmod
 from train import data as datamod
-from train import lora, step as stepmod
+from train import lora, metrics, step as stepmod
 from train.export import main as export_main
 from train.export import export_run
 from train.run import Trainer, dry_run_report, main as run_main
@@ -283,6 +286,26 @@ def test_tensorboard_events_hold_the_logged_scalars(trained):
     assert len(expected) >= 25 and set(logged) == set(expected)
     for key, value in expected.items():
         assert logged[key] == pytest.approx(value, rel=1e-6), key   # stored as float32
+
+
+def test_an_interrupted_run_keeps_its_tensorboard_events(tmp_path):
+    """Training ended by a signal (`Interrupted` out of the loop) still has every logged step in
+    TensorBoard: the writer thread holds events until the log is closed, which `train` does on
+    every way out (an interrupted run once lost its last steps there)."""
+    log = metrics.MetricsLog(str(tmp_path), tensorboard=True)
+
+    def loop(flag):
+        for step in range(1, 4):
+            log.write(step, {"loss": float(step)})
+        raise interrupts.Interrupted(signal.SIGTERM)
+
+    released = []
+    trainer = types.SimpleNamespace(log=log, _loop=loop, release=lambda: released.append(1))
+    with pytest.raises(interrupts.Interrupted):
+        Trainer.train(trainer)
+    assert released == [1]
+    shown = [(step, value) for step, tag, value in tensorboard_scalars(tmp_path / "tb")]
+    assert shown == [(1, 1.0), (2, 2.0), (3, 3.0)]
 
 
 # ---- bad input ---------------------------------------------------------------------------------
