@@ -49,6 +49,19 @@ def restore_newest(ckpt, target, check, warn=None):
     return None
 
 
+def check_newest(ckpt, check) -> None:
+    """`check` (as in `restore_newest`) the newest checkpoint whose config and cursor read; the
+    ones that do not are left to `restore_newest`. Run before the model is built, so a resume on
+    other data or with another config stops before minutes of loading."""
+    for step in sorted(ckpt.all_steps(), reverse=True):
+        try:
+            cursor, stored = ckpt.read_json(step)
+        except Exception:  # damaged: restore_newest sets it aside, with its warning
+            continue
+        check(step, cursor, stored)
+        return
+
+
 def check_data(step: int, cursor: dict, expected: dict, fingerprint: str, allow_change: bool,
                where: str) -> None:
     """The stored data cursor and fingerprint against this run's data."""

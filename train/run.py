@@ -188,6 +188,11 @@ class Trainer:
                                    t.seed, t.recall_kind_list) if t.recall_fraction else None
         self.streams = datamod.Streams(self.blocks, self.n_streams, t.grad_accum, mix)
         self.total_steps = t.steps or self.streams.steps_per_epoch
+        self.ckpt = None
+        if os.path.isdir(os.path.join(t.output_dir, "checkpoints")):
+            # a resume: other data or another config is refused before the slow setup
+            self.ckpt = self._open_checkpoints()
+            resume.check_newest(self.ckpt, self._check_resumable)
         self.retriever = setup.make_run_retriever(run, self.tokenizer)
         self.emb_dim = self.retriever.embedding_size(model)
 
@@ -231,20 +236,26 @@ class Trainer:
         self._eval_fn = self._signal_fn = None
         self.compile_s = None
 
+    def _open_checkpoints(self) -> Checkpoints:
+        t = self.t
+        return Checkpoints(os.path.join(t.output_dir, "checkpoints"), t.keep_checkpoints,
+                           t.async_checkpoint)
+
+    def _check_resumable(self, step: int, cursor: dict, stored: dict) -> None:
+        """A `UserError` for a checkpoint of another config or other data."""
+        t = self.t
+        check_compatible(stored, self.run, self.model, t.output_dir)
+        resume.check_data(step, cursor, self.streams.cursor(step), self.fingerprint,
+                          t.allow_data_change, t.output_dir)
+
     def _resume(self, state, mem):
         """(state, memory, step) from the newest checkpoint that restores, else the fresh ones."""
         t = self.t
-        self.ckpt = Checkpoints(os.path.join(t.output_dir, "checkpoints"), t.keep_checkpoints,
-                                t.async_checkpoint)
-
-        def check(step, cursor, stored):
-            check_compatible(stored, self.run, self.model, t.output_dir)
-            resume.check_data(step, cursor, self.streams.cursor(step), self.fingerprint,
-                              t.allow_data_change, t.output_dir)
-
+        self.ckpt = self.ckpt or self._open_checkpoints()
         target = {"train": state, "memory": state_to_tree(mem)}
         target_sh = {"train": self.state_sh, "memory": state_to_tree(self.mem_sh)}
-        found = resume.restore_newest(self.ckpt, abstract_like(target, target_sh), check)
+        found = resume.restore_newest(self.ckpt, abstract_like(target, target_sh),
+                                      self._check_resumable)
         start = 0
         if found:
             start, _, restored = found
