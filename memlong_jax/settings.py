@@ -128,6 +128,7 @@ def describe(configs, prefix: str = "") -> list[str]:
         allowed = field.metadata.get("choices")
         text = field.metadata.get("help", "") + (
             f" (one of: {', '.join(map(str, allowed))})" if allowed else "")
-        lines += textwrap.wrap(text, 96, initial_indent=" " * 6, subsequent_indent=" " * 6)
+        lines += textwrap.wrap(text, 96, initial_indent=" " * 6, subsequent_indent=" " * 6,
+                               break_on_hyphens=False, break_long_words=False)
     return lines
 

@@ -15,7 +15,6 @@ earlier context); copy gain = first - second, in nats per token.
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import re
 import time
@@ -28,6 +27,7 @@ from memlong_jax.memlong.config import QUERY_MODES, MemLongConfig
 from memlong_jax.memlong.retrievers import make_retriever
 from memlong_jax.eval.recall import prompts
 from memlong_jax.eval.recall.reader import Reader
+from memlong_jax.eval.score_report import write_rows
 
 ROW_KINDS = ("memlong", "local", "full", "block")
 DEFAULT_ROWS = ("memlong", "local", "full")
@@ -267,10 +267,7 @@ CSV_FIELDS = ("task", "row", "length", "depth", "items", "accuracy", "logprob", 
 
 
 def write_csv(results: dict, path: str) -> None:
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, CSV_FIELDS, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(results["summary"])
+    write_rows(path, CSV_FIELDS, results["summary"])
 
 
 def write_plot(results: dict, path: str) -> None:
