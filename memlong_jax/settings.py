@@ -20,6 +20,14 @@ class ConfigError(UserError, ValueError):
     """A setting that cannot describe a model or a run we can build."""
 
 
+class Config:
+    """What every frozen config dataclass shares: `replace` (a copy with some fields changed,
+    checked again by the class's `__post_init__` when it has one)."""
+
+    def replace(self, **changes):
+        return dataclasses.replace(self, **changes)
+
+
 BOOL_WORDS = {"1": True, "true": True, "yes": True, "on": True,
               "0": False, "false": False, "no": False, "off": False}
 

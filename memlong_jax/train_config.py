@@ -10,11 +10,11 @@ from __future__ import annotations
 import dataclasses
 
 from memlong_jax.llama.model import REMAT_POLICIES
-from memlong_jax.settings import setting
+from memlong_jax.settings import Config, setting
 
 
 @dataclasses.dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(Config):
     """Help text, allowed values and least values are in each field's metadata."""
 
     model: str = setting(
@@ -149,9 +149,6 @@ class TrainConfig:
         False,
         help="resume even though the data's content fingerprint differs from the "
              "checkpoint's")
-
-    def replace(self, **changes) -> "TrainConfig":
-        return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

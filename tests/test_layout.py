@@ -4,6 +4,7 @@ dependencies (each with a comment), every module importable in a fresh interpret
 import ast
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -154,3 +155,12 @@ def test_every_module_imports_in_a_fresh_interpreter(package):
     result = subprocess.run([sys.executable, "-c", code, *names], cwd=REPO, env=env,
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_readme_layout_names_every_module():
+    readme = (REPO / "README.md").read_text()
+    layout = readme.split("## Layout", 1)[1].split("```")[1]
+    words = set(re.findall(r"\w+", layout))
+    missing = [name for name, path in module_files(REPO).items()
+               if path.name != "__init__.py" and path.stem not in words]
+    assert missing == []

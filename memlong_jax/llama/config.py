@@ -15,7 +15,7 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
-from memlong_jax.settings import ConfigError, check, setting
+from memlong_jax.settings import Config, ConfigError, check, setting
 
 # Every dtype a setting or flag may name (compute, parameter, storage), by name.
 DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16),
@@ -25,7 +25,7 @@ MAX_DIM = 2**31 - 1  # int32 indexing; anything larger is a typo (vocab_size 1e1
 
 
 @dataclasses.dataclass(frozen=True)
-class LlamaConfig:
+class LlamaConfig(Config):
     vocab_size: int = setting(help="tokens in the vocabulary", least=1)
     hidden_size: int = setting(help="width of the residual stream", least=1)
     intermediate_size: int = setting(help="width of the SwiGLU MLP", least=1)
@@ -64,9 +64,6 @@ class LlamaConfig:
                 f"num_key_value_heads ({self.num_key_value_heads})")
         if self.head_dim % 2:
             raise ConfigError(f"head_dim must be even for rotate-half RoPE, got {self.head_dim}")
-
-    def replace(self, **changes) -> "LlamaConfig":
-        return dataclasses.replace(self, **changes)
 
     # ---- HF config.json -------------------------------------------------------------------
 

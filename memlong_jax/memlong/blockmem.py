@@ -46,13 +46,13 @@ from memlong_jax.llama.model import DecoderLayer, LlamaForCausalLM
 from memlong_jax.memlong import memory as mem_ops
 from memlong_jax.memlong.retrieval import BACKENDS, retrieve
 from memlong_jax.memlong.scan import token_nll
-from memlong_jax.settings import ConfigError, check, setting
+from memlong_jax.settings import Config, ConfigError, check, setting
 
 PLACEMENTS = ("fixed", "true")
 
 
 @dataclasses.dataclass(frozen=True)
-class BlockConfig:
+class BlockConfig(Config):
     """Help text, allowed values and least values are in each field's metadata."""
 
     block_size: int = setting(128, help="tokens per memory block (InfLLM: 128)", least=1)
@@ -88,9 +88,6 @@ class BlockConfig:
     @property
     def tile_slots(self) -> int:
         return self.sink_tokens + self.top_k * self.block_size
-
-    def replace(self, **changes) -> "BlockConfig":
-        return dataclasses.replace(self, **changes)
 
     def validate(self, model: LlamaConfig) -> "BlockConfig":
         """Raise `ConfigError` naming the first bad setting; return self when all is well."""

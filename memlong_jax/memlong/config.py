@@ -7,13 +7,13 @@ import dataclasses
 from memlong_jax.llama.config import DTYPES, LlamaConfig
 from memlong_jax.memlong.memory import POLICIES
 from memlong_jax.memlong.retrieval import BACKENDS
-from memlong_jax.settings import ConfigError, check, setting
+from memlong_jax.settings import Config, ConfigError, check, setting
 
 QUERY_MODES = ("causal", "segment", "chunk")
 
 
 @dataclasses.dataclass(frozen=True)
-class MemLongConfig:
+class MemLongConfig(Config):
     """Upstream's names for the fields are in brackets. Reading-side settings (prefix_context,
     memory_positions, memory_kv) take upstream's behaviour with their first value (see
     docs/recall_diagnosis.md); speed-only settings (ingest_chunks, host_block_chunks) give the
@@ -79,9 +79,6 @@ class MemLongConfig:
         head dimension with `memory_kv=per_layer`)."""
         return tuple(sorted(self.retrieval_layers)) if self.memory_kv == "per_layer" \
             else (self.memory_layer,)
-
-    def replace(self, **changes) -> "MemLongConfig":
-        return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict:
         data = dataclasses.asdict(self)
