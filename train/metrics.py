@@ -14,20 +14,16 @@ import sys
 from memlong_jax.llama.config import LlamaConfig
 from memlong_jax.memlong.config import MemLongConfig
 
-
-def _summary_writer_class():
-    """tensorboardX's `SummaryWriter`, imported without torch: tensorboardX imports torch when
-    it is installed, only to accept torch tensors (never passed here), and that import was most
-    of a training process's start-up time."""
-    hide = "torch" not in sys.modules
-    if hide:
-        sys.modules["torch"] = None   # `import torch` raises ImportError, which tensorboardX takes
-    try:
-        from tensorboardX import SummaryWriter   # function-local: see the docstring
-    finally:
-        if hide:
-            del sys.modules["torch"]
-    return SummaryWriter
+# tensorboardX imports torch when it is installed, only to accept torch tensors (never passed
+# here), and that import was most of a training process's start-up time: hide torch from it.
+_HIDE_TORCH = "torch" not in sys.modules
+if _HIDE_TORCH:
+    sys.modules["torch"] = None   # `import torch` raises ImportError, which tensorboardX takes
+try:
+    from tensorboardX import SummaryWriter
+finally:
+    if _HIDE_TORCH:
+        del sys.modules["torch"]
 
 
 class MetricsLog:
@@ -44,9 +40,8 @@ class MetricsLog:
         if not enabled:
             return
         self._jsonl = open(os.path.join(directory, "metrics.jsonl"), "a")
-        self._tb = _summary_writer_class()(
-            os.path.join(directory, "tb"), filename_suffix=f".{os.getpid()}",
-            purge_step=purge_step) if tensorboard else None
+        self._tb = SummaryWriter(os.path.join(directory, "tb"), filename_suffix=f".{os.getpid()}",
+                                 purge_step=purge_step) if tensorboard else None
 
     def write(self, step: int, values: dict) -> None:
         if not self.enabled:
