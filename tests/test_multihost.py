@@ -85,7 +85,8 @@ def test_two_hosts_equal_one_host_and_export(tmp_path):
     data = toy_corpus(tmp_path / "toy.txt", seed=21, repeats=60)
     single = subprocess.run([sys.executable, "-m", "train.run",
                              *_args(data, tmp_path, "single", "single_export")], cwd=REPO,
-                            env=_env(tmp_path, XLA_FLAGS="--xla_force_host_platform_device_count=2"),
+                            env=_env(tmp_path, XLA_FLAGS=os.environ.get("XLA_FLAGS", "")
+                                      + " --xla_force_host_platform_device_count=2"),
                             capture_output=True, text=True, timeout=600)
     assert single.returncode == 0, single.stderr[-3000:]
     _two_hosts(_args(data, tmp_path, "multi", "multi_export"), tmp_path)

@@ -122,7 +122,8 @@ def test_eight_device_mesh_matches_unsharded(tmp_path):
     parameter, and far below the loss differences such a mismatch makes.
     """
     data = toy_corpus(tmp_path / "toy.txt", seed=12, repeats=100)
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+    env = dict(os.environ, XLA_FLAGS=os.environ.get("XLA_FLAGS", "")
+               + " --xla_force_host_platform_device_count=8",
                JAX_PLATFORMS="cpu")
     result = subprocess.run([sys.executable, "-c", MESH_SCRIPT, data, str(tmp_path)], cwd=REPO,
                             env=env, capture_output=True, text=True, timeout=400)
