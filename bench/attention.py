@@ -25,7 +25,7 @@ import numpy as np
 from bench import common
 from memlong_jax.llama.attention import (MemoryKV, blockwise_causal_attention, causal_mask,
                                    grouped_attention, with_memory)
-from memlong_jax.llama.config import PRESETS
+from memlong_jax.presets import PRESETS
 
 NAME = "attention"
 
@@ -65,7 +65,7 @@ def main():
         args.preset, args.lengths, args.blocks, args.memory, args.repeats = \
             "tiny", "64,128", "32", "32", 2
     started = time.perf_counter()
-    cfg = PRESETS[args.preset]
+    cfg = PRESETS[args.preset].model
     rows = []
     for n in common.parse_list(args.lengths):
         for slots in (0, common.parse_tokens(args.memory)):

@@ -18,24 +18,23 @@ import time
 import jax
 import jax.numpy as jnp
 
-from memlong_jax.llama.config import PRESETS
 from memlong_jax.llama.model import LlamaForCausalLM
 from memlong_jax.memlong import scan
-from memlong_jax.memlong.config import MEMLONG_PRESETS
+from memlong_jax.presets import PRESETS
 
 from bench import common
 
 
 def main():
     parser = common.parser(__doc__, "chunk_step")
-    parser.add_argument("--preset", default="smollm2-135m", choices=sorted(MEMLONG_PRESETS))
+    parser.add_argument("--preset", default="smollm2-135m", choices=sorted(PRESETS))
     parser.add_argument("--repeats", type=int, default=10)
     args = parser.parse_args()
     if args.quick:
         args.preset, args.repeats = "tiny", 2
     started = time.perf_counter()
 
-    cfg, mcfg = PRESETS[args.preset], MEMLONG_PRESETS[args.preset].replace(retriever="hidden")
+    cfg, mcfg = PRESETS[args.preset].model, PRESETS[args.preset].memlong.replace(retriever="hidden")
     module = LlamaForCausalLM(cfg)
     params = jax.jit(module.init)(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))["params"]
     tau = mcfg.chunk_size

@@ -336,9 +336,9 @@ def load_smollm2(path: str = SMOLLM2_CKPT):
     import jax
     import jax.numpy as jnp
     from memlong_jax.api import Model
-    from memlong_jax.llama.config import PRESETS
     from memlong_jax.llama.model import LlamaForCausalLM
-    cfg = PRESETS["smollm2-135m"]
+    from memlong_jax.presets import PRESETS
+    cfg = PRESETS["smollm2-135m"].model
     params = jax.jit(LlamaForCausalLM(cfg).init)(jax.random.PRNGKey(0),
                                                  jnp.zeros((1, 8), jnp.int32))["params"]
     return Model(cfg, params), "random init (no checkpoint)"

@@ -64,7 +64,7 @@ def quick_args(args):
 def memlong_worker(job: dict) -> dict:
     import memlong_jax as ml
     from memlong_jax.eval.generation import Generator
-    from memlong_jax.memlong.config import load_for_checkpoint
+    from memlong_jax.presets import load_for_checkpoint
 
     model = ml.load(job["checkpoint"])
     mcfg = load_for_checkpoint(job["checkpoint"], model.config).validate(model.config)

@@ -145,11 +145,10 @@ def plan(quick: bool) -> dict:
 
 
 def model_config(name: str):
-    from memlong_jax.llama.config import PRESETS
-    from memlong_jax.memlong.config import MEMLONG_PRESETS
+    from memlong_jax.presets import PRESETS
     if name == "tiny-hd100":   # quick: head_dim 100 as openllama3b, on a 4-layer toy
-        return PRESETS["tiny"].replace(head_dim=100), MEMLONG_PRESETS["tiny"]
-    return PRESETS[name], MEMLONG_PRESETS[name]
+        return PRESETS["tiny"].model.replace(head_dim=100), PRESETS["tiny"].memlong
+    return PRESETS[name].model, PRESETS[name].memlong
 
 
 def measurement_name(item) -> str:

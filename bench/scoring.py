@@ -144,11 +144,12 @@ def plan(args) -> list[dict]:
 def jax_worker(job: dict) -> dict:
     import memlong_jax as ml
     from memlong_jax.eval import scoring
-    from memlong_jax.memlong.config import load_for_checkpoint
+    from memlong_jax.presets import load_for_checkpoint
+    from memlong_jax.settings import apply_overrides
 
     tokens = np.load(job["tokens"], mmap_mode="r")
     model = ml.load(job["checkpoint"], job["dtype"])
-    mcfg = load_for_checkpoint(job["checkpoint"], model.config).with_overrides(job["overrides"])
+    mcfg = apply_overrides(load_for_checkpoint(job["checkpoint"], model.config), job["overrides"])
     n, mode = job["length"], job["mode"]
     mcfg = mcfg.validate(model.config)
     protocol = scoring.Protocol((n,), job["local_window"], job["scored_tokens"]).validate(

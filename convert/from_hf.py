@@ -19,7 +19,7 @@ import ml_dtypes
 import numpy as np
 from tqdm import tqdm
 
-from memlong_jax.errors import UserError, atomic_output_dir, entry_point
+from memlong_jax.errors import ArgumentParser, UserError, atomic_output_dir, entry_point
 from memlong_jax.io import checkpoint
 from memlong_jax.io.hf_sources import open_source
 from memlong_jax.io.safe_paths import refuse_overwrite
@@ -71,9 +71,8 @@ def convert(source, config: LlamaConfig, dtype: str = "auto", progress: bool = T
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m convert.from_hf", description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(prog="python -m convert.from_hf", description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("src", help="HF model directory or .gguf file")
     parser.add_argument("out", help="output directory (must not exist)")
     parser.add_argument("--dtype", choices=["auto", *DTYPES], default="auto",

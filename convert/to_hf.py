@@ -16,7 +16,7 @@ import sys
 import numpy as np
 from tqdm import tqdm
 
-from memlong_jax.errors import atomic_output_dir, entry_point
+from memlong_jax.errors import ArgumentParser, atomic_output_dir, entry_point
 from memlong_jax.io import checkpoint
 from memlong_jax.io.hf_sources import TOKENIZER_FILES, copy_tokenizer_files
 from memlong_jax.io.tokenizer import load_tokenizer
@@ -47,9 +47,8 @@ def export(params, config, out_dir: str, progress: bool = True) -> None:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m convert.to_hf", description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(prog="python -m convert.to_hf", description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("ckpt", help="checkpoint directory written by convert.from_hf")
     parser.add_argument("out", help="output HF directory (must not exist)")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")

@@ -23,6 +23,7 @@ import memlong_jax as ml
 from memlong_jax.eval.block_generation import BlockGenerator
 from memlong_jax.eval.recall import answer_correct, prompts
 from memlong_jax.memlong import blockmem
+from memlong_jax.settings import apply_overrides
 
 NEW_TOKENS = 8
 
@@ -58,7 +59,7 @@ def main(argv=None):
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
     model = ml.load(args.checkpoint)
-    bcfg = blockmem.BlockConfig(memory_tokens=32768).with_overrides(args.settings).validate(
+    bcfg = apply_overrides(blockmem.BlockConfig(memory_tokens=32768), args.settings).validate(
         model.config)
     item = prompts.passkey_item(model.tokenizer, args.length - NEW_TOKENS, args.depth, 0,
                                 args.length, 0)

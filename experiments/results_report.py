@@ -156,7 +156,7 @@ def training_section(metrics_path: str) -> tuple[str, list]:
 
 
 def plot(curves_by_dataset: dict, loss: list, path: str) -> None:
-    import matplotlib
+    import matplotlib   # optional: only --plot needs it
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     panels = [(k, t, c) for (k, t), c in curves_by_dataset.items() if c]

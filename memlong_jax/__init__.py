@@ -7,6 +7,7 @@
 """
 
 from memlong_jax.api import Model, load
-from memlong_jax.llama.config import PRESETS, LlamaConfig, get_config
+from memlong_jax.llama.config import LlamaConfig
+from memlong_jax.presets import PRESETS, get_config
 
 __all__ = ["LlamaConfig", "Model", "PRESETS", "get_config", "load"]

@@ -16,8 +16,9 @@ from memlong_jax.io import checkpoint
 from memlong_jax.io.tokenizer import load_tokenizer
 from memlong_jax.llama.config import DTYPES, LlamaConfig
 from memlong_jax.llama.model import LlamaForCausalLM
-from memlong_jax.memlong.config import MemLongConfig, default_for, load_for_checkpoint
+from memlong_jax.memlong.config import MemLongConfig
 from memlong_jax.memlong.retrievers import Retriever, make_retriever
+from memlong_jax.presets import default_for, load_for_checkpoint
 
 
 @dataclasses.dataclass

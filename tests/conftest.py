@@ -21,9 +21,8 @@ import pytest
 from convert.from_hf import main as from_hf
 from helpers import byte_tokenizer
 from memlong_jax.io import checkpoint
-from memlong_jax.llama.config import PRESETS
 from memlong_jax.llama.model import LlamaForCausalLM
-from memlong_jax.memlong.config import MEMLONG_PRESETS
+from memlong_jax.presets import PRESETS
 
 
 @pytest.fixture(scope="session")
@@ -48,13 +47,13 @@ def smollm2_converted(smollm2_gguf, tmp_path_factory) -> str:
 def tiny_checkpoint(tmp_path_factory) -> str:
     """A converted-format `tiny` checkpoint with random (sharpened) weights, the `tiny` MemLong
     settings in its config and a byte-level tokenizer: the CLIs run on it in seconds."""
-    config = PRESETS["tiny"]
+    config = PRESETS["tiny"].model
     params = LlamaForCausalLM(config).init(jax.random.PRNGKey(7),
                                            jnp.zeros((1, 4), jnp.int32))["params"]
     params = jax.tree_util.tree_map(lambda x: x * 4.0 if x.ndim == 2 else x, params)
     out = tmp_path_factory.mktemp("tiny") / "ckpt"
     out.mkdir()
-    checkpoint.write_config(str(out), config, memlong=MEMLONG_PRESETS["tiny"].to_dict())
+    checkpoint.write_config(str(out), config, memlong=PRESETS["tiny"].memlong.to_dict())
     checkpoint.save_params(str(out), params)
     byte_tokenizer().save(str(out / "tokenizer.json"))
     return str(out)

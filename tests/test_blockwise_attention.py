@@ -11,8 +11,8 @@ import pytest
 
 from memlong_jax.llama.attention import (MemoryKV, blockwise_causal_attention, causal_mask,
                                    grouped_attention, with_memory)
-from memlong_jax.llama.config import PRESETS
 from memlong_jax.llama.model import LlamaForCausalLM
+from memlong_jax.presets import PRESETS
 
 
 def qkv(seed, length, heads, kv_heads, head_dim=16, batch=2, dtype=jnp.float32):
@@ -72,7 +72,7 @@ def test_bf16_as_close_as_dense_bf16():
 
 
 def test_model_long_path_matches_dense():
-    cfg = PRESETS["tiny"]
+    cfg = PRESETS["tiny"].model
     model = LlamaForCausalLM(cfg)
     ids = jax.random.randint(jax.random.PRNGKey(0), (2, 75), 0, cfg.vocab_size)
     params = model.init(jax.random.PRNGKey(1), ids)["params"]

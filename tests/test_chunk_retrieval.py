@@ -13,16 +13,15 @@ import pytest
 from memlong_jax.eval import generation
 from memlong_jax.llama.attention import KVCache, MemoryKV, blockwise_causal_attention, causal_mask, \
     grouped_attention, with_memory
-from memlong_jax.llama.config import PRESETS
 from memlong_jax.llama.model import LlamaForCausalLM
 from memlong_jax.memlong import memory as mem_ops
 from memlong_jax.memlong import scan
-from memlong_jax.memlong.config import MEMLONG_PRESETS
+from memlong_jax.presets import PRESETS
 
 from helpers import random_token_ids, reference_score, sharp_params
 
-CFG = PRESETS["tiny"]
-MCFG = MEMLONG_PRESETS["tiny"].validate(CFG).replace(query_mode="chunk")  # tau 4, 8 slots, k 2
+CFG = PRESETS["tiny"].model
+MCFG = PRESETS["tiny"].memlong.validate(CFG).replace(query_mode="chunk")  # tau 4, 8 slots, k 2
 MODULE = LlamaForCausalLM(CFG)
 MODES = [dict(query_mode="chunk"), dict(query_mode="chunk", continuation=True, top_k=4),
          dict(query_mode="causal", continuation=True, top_k=4)]

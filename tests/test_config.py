@@ -28,8 +28,8 @@ def expected_param_count(c: LlamaConfig) -> int:
 
 
 def test_openllama3b_preset_is_the_public_config():
-    assert ml.PRESETS["openllama3b"] == LlamaConfig.from_hf_dict(OPEN_LLAMA_3B_V2)
-    c = ml.PRESETS["openllama3b"]
+    assert ml.PRESETS["openllama3b"].model == LlamaConfig.from_hf_dict(OPEN_LLAMA_3B_V2)
+    c = ml.PRESETS["openllama3b"].model
     assert (c.num_hidden_layers, c.hidden_size, c.num_attention_heads, c.head_dim) == (26, 3200, 32, 100)
     assert (c.intermediate_size, c.vocab_size, c.rms_norm_eps) == (8640, 32000, 1e-6)
     assert (c.max_position_embeddings, c.tie_word_embeddings) == (2048, False)
@@ -37,36 +37,36 @@ def test_openllama3b_preset_is_the_public_config():
 
 @pytest.mark.parametrize("name", sorted(ml.PRESETS))
 def test_param_count_from_shapes_alone(name):
-    config = ml.PRESETS[name]
+    config = ml.PRESETS[name].model
     assert param_count(config) == expected_param_count(config)
 
 
 def test_openllama3b_shapes_without_allocating():
-    params = abstract_params(ml.PRESETS["openllama3b"])
+    params = abstract_params(ml.PRESETS["openllama3b"].model)
     q = params["model"]["layers_25"]["self_attn"]["q_proj"]["kernel"]
     assert q.shape == (3200, 3200) and params["lm_head"]["kernel"].shape == (3200, 32000)
-    assert param_count(ml.PRESETS["openllama3b"]) == 3_426_473_600
+    assert param_count(ml.PRESETS["openllama3b"].model) == 3_426_473_600
 
 
 @pytest.mark.parametrize("name", sorted(ml.PRESETS))
 def test_hf_dict_round_trip(name, tmp_path):
     path = tmp_path / "config.json"
-    path.write_text(json.dumps(ml.PRESETS[name].to_hf_dict()))
-    assert ml.get_config(str(tmp_path)) == ml.PRESETS[name]
-    assert ml.get_config(str(path)) == ml.PRESETS[name]
+    path.write_text(json.dumps(ml.PRESETS[name].model.to_hf_dict()))
+    assert ml.get_config(str(tmp_path)) == ml.PRESETS[name].model
+    assert ml.get_config(str(path)) == ml.PRESETS[name].model
 
 
 @pytest.mark.parametrize("name", sorted(ml.PRESETS))
 def test_transformers_reads_our_config(name):
     """transformers reads every field we write with its value, and what it writes back is the
     same architecture to us."""
-    ours = ml.PRESETS[name].to_hf_dict()
+    ours = ml.PRESETS[name].model.to_hf_dict()
     hf = HFConfig(**ours)
     theirs = {**hf.to_dict(), **(hf.to_dict().get("rope_parameters") or {})}  # transformers 5
     for key, value in ours.items():
         if key not in ("architectures", "model_type", "torch_dtype"):
             assert theirs.get(key) == value, key
-    assert LlamaConfig.from_hf_dict(hf.to_dict()) == ml.PRESETS[name]
+    assert LlamaConfig.from_hf_dict(hf.to_dict()) == ml.PRESETS[name].model
 
 
 @pytest.mark.parametrize("change,field", [
@@ -76,7 +76,7 @@ def test_transformers_reads_our_config(name):
 ])
 def test_bad_values_name_the_field(change, field):
     with pytest.raises(ConfigError, match=field):
-        ml.PRESETS["tiny"].replace(**change)
+        ml.PRESETS["tiny"].model.replace(**change)
 
 
 @pytest.mark.parametrize("change,words", [

@@ -19,13 +19,12 @@ from memlong_jax.eval import generation
 from memlong_jax.io import checkpoint
 from memlong_jax.llama.attention import grouped_attention, with_memory
 from memlong_jax.llama.layers import apply_rope
-from memlong_jax.llama.config import PRESETS
 from memlong_jax.llama.model import LlamaForCausalLM, layer_memory
 from memlong_jax.memlong import scan
-from memlong_jax.memlong.config import MEMLONG_PRESETS
+from memlong_jax.presets import PRESETS
 
-CFG = PRESETS["tiny"]
-MCFG = MEMLONG_PRESETS["tiny"].replace(memory_tokens=64)  # 16 slots of 4 tokens, hidden retriever
+CFG = PRESETS["tiny"].model
+MCFG = PRESETS["tiny"].memlong.replace(memory_tokens=64)  # 16 slots of 4 tokens, hidden retriever
 MODULE = LlamaForCausalLM(CFG)
 WINDOW = 16  # 4 chunks; a spill moves 8 tokens
 

@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 
 from helpers import random_token_ids, real_text, reference_score, sharp_params
-from memlong_jax.llama.config import ConfigError, PRESETS
+from memlong_jax.llama.config import ConfigError
 from memlong_jax.llama.model import LlamaForCausalLM
 from memlong_jax.memlong import scan
-from memlong_jax.memlong.config import MEMLONG_PRESETS
+from memlong_jax.presets import PRESETS
 
-CFG = PRESETS["tiny"]
-MCFG = MEMLONG_PRESETS["tiny"].validate(CFG)
+CFG = PRESETS["tiny"].model
+MCFG = PRESETS["tiny"].memlong.validate(CFG)
 MODULE = LlamaForCausalLM(CFG)
 
 
@@ -221,10 +221,10 @@ def test_bad_memlong_config_names_the_field(change, field):
 
 
 def test_presets_match_the_reference():
-    ol = MEMLONG_PRESETS["openllama3b"].validate(PRESETS["openllama3b"])
+    ol = PRESETS["openllama3b"].memlong.validate(PRESETS["openllama3b"].model)
     assert (ol.memory_layer, ol.retrieval_layers, ol.chunk_size, ol.top_k) == (13, (13, 17, 21, 25), 128, 8)
     assert (ol.memory_tokens, ol.mem_dtype, ol.capacity_chunks) == (32768, "bfloat16", 256)
-    sm = MEMLONG_PRESETS["smollm2-135m"].validate(PRESETS["smollm2-135m"])
+    sm = PRESETS["smollm2-135m"].memlong.validate(PRESETS["smollm2-135m"].model)
     assert (sm.memory_layer, sm.retrieval_layers) == (15, (15, 19, 23, 27))
     assert dataclasses.replace(sm, memory_layer=13, retrieval_layers=(13, 17, 21, 25)) == ol
 

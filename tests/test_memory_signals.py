@@ -14,10 +14,9 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from memlong_jax.llama.config import PRESETS
 from memlong_jax.llama.model import LlamaForCausalLM
 from memlong_jax.memlong import scan
-from memlong_jax.memlong.config import MEMLONG_PRESETS
+from memlong_jax.presets import PRESETS
 from train import lora, signals
 
 ALL_LAYERS = dict(memory_layer=0, retrieval_layers=(0, 1, 2, 3), memory_kv="per_layer",
@@ -25,11 +24,11 @@ ALL_LAYERS = dict(memory_layer=0, retrieval_layers=(0, 1, 2, 3), memory_kv="per_
 
 
 def _setup(seed):
-    cfg = PRESETS["tiny"]
+    cfg = PRESETS["tiny"].model
     module = LlamaForCausalLM(cfg)
     params = module.init(jax.random.PRNGKey(seed), jnp.zeros((1, 4), jnp.int32))["params"]
     params = jax.tree_util.tree_map(lambda x: x * 3.0 if x.ndim == 2 else x, params)
-    mcfg = MEMLONG_PRESETS["tiny"].replace(**ALL_LAYERS).validate(cfg)
+    mcfg = PRESETS["tiny"].memlong.replace(**ALL_LAYERS).validate(cfg)
     spec = lora.plan(params, cfg, mcfg, "lora")
     frozen, trainable = lora.split(params, spec, 4, jax.random.PRNGKey(seed + 1))
     flat = traverse_util.flatten_dict(trainable)   # non-zero B: the merge matters

@@ -10,17 +10,16 @@ import numpy as np
 import pytest
 
 from memlong_jax.eval import generation
-from memlong_jax.llama.config import PRESETS
 from memlong_jax.memlong import scan
-from memlong_jax.memlong.config import MEMLONG_PRESETS
 from memlong_jax.llama.model import LlamaForCausalLM
+from memlong_jax.presets import PRESETS
 
 from helpers import random_token_ids, reference_score, sharp_params
 
-CFG = PRESETS["tiny"]
+CFG = PRESETS["tiny"].model
 MODULE = LlamaForCausalLM(CFG)
 # Every layer reads memory, top-k covers the whole memory (8 chunks of 4 tokens).
-EVERYTHING = MEMLONG_PRESETS["tiny"].replace(memory_layer=0, retrieval_layers=(0, 1, 2, 3),
+EVERYTHING = PRESETS["tiny"].memlong.replace(memory_layer=0, retrieval_layers=(0, 1, 2, 3),
                                              top_k=8, memory_tokens=32)
 READ_ALL = dict(prefix_context="window", memory_positions="true", memory_kv="per_layer")
 
@@ -76,7 +75,7 @@ def test_prefix_with_context_stores_the_window_forward_kv(params):
     """`prefix_context=window`: the memory holds, for each window-sized prefix segment, the
     memory layer's pre-RoPE K/V of that segment run as a whole (the first segment has no memory
     to read, so a plain forward of its tokens); `chunk` holds each chunk computed alone."""
-    mcfg = MEMLONG_PRESETS["tiny"].replace(memory_tokens=64)     # memory layer 1
+    mcfg = PRESETS["tiny"].memlong.replace(memory_tokens=64)     # memory layer 1
     ids = random_ids(6, length=24)
     kv = lambda segment: np.asarray(scan.lower_stack(MODULE, mcfg, params, segment)[3])
     for context, pieces in (("window", [ids[:, :8]]), ("chunk", [ids[:, :4], ids[:, 4:8]])):
@@ -89,7 +88,7 @@ def test_prefix_with_context_stores_the_window_forward_kv(params):
 def test_true_positions_follow_the_write_order(params):
     """After 11 chunks through 8 slots (eviction), each retrieved token's position is its place
     in the stream minus the segment's start, computed by hand from the write order."""
-    mcfg = MEMLONG_PRESETS["tiny"].replace(top_k=8, eviction="fifo_half")
+    mcfg = PRESETS["tiny"].memlong.replace(top_k=8, eviction="fifo_half")
     state = scan.ingest_prefix(MODULE, mcfg, params, scan.init_state(MODULE, mcfg, 2),
                                   random_ids(7, length=44))
     memory = state.memory
@@ -110,7 +109,7 @@ def test_true_positions_follow_the_write_order(params):
 def test_generation_equals_scoring(params, settings):
     """Prompt of 37 (20 to memory, 17 in a 20-token cache), 3 fed tokens: the last prediction
     equals score_sequence's on the same 40 tokens, hits included."""
-    mcfg = MEMLONG_PRESETS["tiny"].replace(memory_tokens=64, **settings)
+    mcfg = PRESETS["tiny"].memlong.replace(memory_tokens=64, **settings)
     ids = np.asarray(random_ids(8, length=40), np.int32)
     gen_obj = generation.Generator(MODULE, mcfg, 20)
     state, logits = gen_obj.start(params, ids[:, :37])
@@ -128,7 +127,7 @@ def test_generation_equals_scoring(params, settings):
 def test_near_positions_pack_the_picks_in_write_order(params):
     """`near`: the found picks sorted by write time sit back to back before the segment, the
     newest ending at 0; with every chunk since the start retrieved it is `true`."""
-    mcfg = MEMLONG_PRESETS["tiny"].replace(top_k=3)
+    mcfg = PRESETS["tiny"].memlong.replace(top_k=3)
     state = scan.ingest_prefix(MODULE, mcfg, params, scan.init_state(MODULE, mcfg, 2),
                                random_ids(8, length=28))
     memory = state.memory

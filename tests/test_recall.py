@@ -17,7 +17,7 @@ from memlong_jax.eval.recall import Settings
 from memlong_jax.io.tokenizer import load_tokenizer
 from memlong_jax.memlong import scan
 from memlong_jax.memlong.blockmem import BlockConfig
-from memlong_jax.memlong.config import CHOICES
+from memlong_jax.memlong.config import QUERY_MODES
 
 TOK = byte_tokenizer()
 WINDOW, BUDGET = 16, 8
@@ -170,7 +170,7 @@ def test_memlong_answers_equal_the_scoring_path_and_shared_memory_is_exact(model
     head = prompts[:, :reader.head_tokens(length)]
     assert reader.shares_memory(length) and head.shape[1] == length - WINDOW
     memory = reader.memory(head)
-    for mode in CHOICES["query_mode"]:
+    for mode in QUERY_MODES:
         greedy, logprob = reader.answers(f"memlong:{mode}", prompts, list(answers), memory)
         generator = generation.Generator(model.module, reader.mode_config(mode), WINDOW)
         reference = np.stack(list(generator.tokens(model.params, prompts, budget)), axis=1)
@@ -223,7 +223,7 @@ def test_evaluate_runs_every_row_on_the_same_items(model):
     settings = Settings(tasks=("passkey", "repeat"), lengths=(512,), depths=(0.0, 1.0), items=1,
                         local_window=WINDOW, passage=8, max_context=256)
     results = recall.evaluate(model, settings, haystack_texts=[real_text()])
-    rows = [f"memlong:{m}" for m in CHOICES["query_mode"]] + ["local", "full"]
+    rows = [f"memlong:{m}" for m in QUERY_MODES] + ["local", "full"]
     assert results["rows"] == rows
     passkey = [r for r in results["records"] if r["task"] == "passkey"]
     assert {r["row"] for r in passkey} == set(rows)

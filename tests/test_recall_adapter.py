@@ -24,7 +24,7 @@ def test_adapter_is_small_and_is_the_recipes_trainable_tree():
     stored, step, trained = read_adapter(ADAPTER)
     run = resolved_from_dict(stored["run"])
     assert run.name == "smollm2-135m-recall" and step > 0
-    assert run.memlong == cfgmod.PRESET_MEMLONG["smollm2-135m-recall"]
+    assert run.memlong == cfgmod.PRESETS["smollm2-135m-recall"].memlong
     model = LlamaConfig.from_hf_dict(stored["model"])
     t = run.train
     abstract = checkpoint.abstract_params(model, DTYPES[t.param_dtype])

@@ -12,10 +12,9 @@ import numpy as np
 import pytest
 
 from experiments import recall_diagnosis, recall_diagnosis_report
-from memlong_jax.llama.config import PRESETS
 from memlong_jax.llama.model import LlamaForCausalLM
 from memlong_jax.memlong import scan
-from memlong_jax.memlong.config import MEMLONG_PRESETS
+from memlong_jax.presets import PRESETS
 
 REPO = os.path.join(os.path.dirname(__file__), "..")
 
@@ -61,11 +60,11 @@ def slow_mass(params, h, mem_keys, valid, layer, cfg):
 
 
 def test_memory_mass_equals_a_slow_softmax():
-    cfg = PRESETS["tiny"]
+    cfg = PRESETS["tiny"].model
     module = LlamaForCausalLM(cfg)
     params = module.init(jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32))["params"]
     params = jax.tree_util.tree_map(lambda x: x * 3.0 if x.ndim == 2 else x, params)
-    mcfg = MEMLONG_PRESETS["tiny"].replace(retrieval_layers=(1,), top_k=3)
+    mcfg = PRESETS["tiny"].memlong.replace(retrieval_layers=(1,), top_k=3)
     ids = jax.random.randint(jax.random.PRNGKey(1), (1, 28), 0, cfg.vocab_size)
     state = scan.ingest_prefix(module, mcfg, params, scan.init_state(module, mcfg, 1),
                                   ids[:, :20])

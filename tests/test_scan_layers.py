@@ -9,14 +9,13 @@ import numpy as np
 import pytest
 
 from helpers import random_token_ids, sharp_params
-from memlong_jax.llama.config import PRESETS
 from memlong_jax.llama.model import LlamaForCausalLM
 from memlong_jax.memlong import scan
-from memlong_jax.memlong.config import MEMLONG_PRESETS
+from memlong_jax.presets import PRESETS
 
-CFG = PRESETS["tiny"].replace(num_hidden_layers=6)
+CFG = PRESETS["tiny"].model.replace(num_hidden_layers=6)
 # Layers 0-1 below memory (frozen, scanned), 2 reads memory alone, 3-5 above it (scanned).
-MCFG = MEMLONG_PRESETS["tiny"].replace(memory_layer=2, retrieval_layers=(2,))
+MCFG = PRESETS["tiny"].memlong.replace(memory_layer=2, retrieval_layers=(2,))
 
 
 def modules(remat="none"):

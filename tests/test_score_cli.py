@@ -80,11 +80,11 @@ def test_stdin_and_join(tiny_checkpoint, tmp_path, capsys, monkeypatch):
     ("book", ["--local-window", "10"], "not a positive multiple of the chunk size"),
     ("book", ["--modes", "memlong,fancy"], "unknown mode fancy"),
     ("book", ["--lengths", "2x"], "bad length"),
-    ("book", ["--set", "fancy=1"], "bad setting"),
+    ("book", ["--set", "fancy=1"], "unknown setting 'fancy'"),
     ("book", ["--bogus-flag"], "unrecognized arguments"),
     ("book", ["--modes", "block"], "trained range"),   # default window 2048 > tiny's 2048
     ("book", ["--modes", "block", "--block", "window=100"], "multiple of block_size"),
-    ("book", ["--modes", "block", "--block", "depth=3"], "bad setting"),
+    ("book", ["--modes", "block", "--block", "depth=3"], "unknown setting 'block.depth'"),
     ("book", ["--modes", "block", *[f"--block={s.replace('chunk=8', 'chunk=24')}"
                                      for s in TINY_BLOCK]],
      "not a multiple of the block memory's chunk"),

@@ -11,14 +11,13 @@ from hypothesis import given, settings, strategies as st
 from helpers import byte_tokenizer
 from memlong_jax.errors import UserError
 from memlong_jax.eval import scoring
-from memlong_jax.llama.config import PRESETS
 from memlong_jax.llama.model import LlamaForCausalLM
 from memlong_jax.memlong import scan
-from memlong_jax.memlong.config import MEMLONG_PRESETS
 from memlong_jax.memlong.retrievers import make_retriever
+from memlong_jax.presets import PRESETS
 
-CFG = PRESETS["tiny"]
-MCFG = MEMLONG_PRESETS["tiny"]          # tau 4, top-2, 8 memory slots, in-graph retriever
+CFG = PRESETS["tiny"].model
+MCFG = PRESETS["tiny"].memlong          # tau 4, top-2, 8 memory slots, in-graph retriever
 MODULE = LlamaForCausalLM(CFG)
 PROTOCOL = scoring.Protocol(lengths=(16, 48), local_window=16, scored_tokens=12)
 

@@ -44,4 +44,4 @@ def test_tokenizer_matches_transformers(smollm2_converted, smollm2_gguf):
 
 
 def test_config_is_the_smollm2_preset(smollm2_converted):
-    assert ml.get_config(smollm2_converted) == ml.PRESETS["smollm2-135m"]
+    assert ml.get_config(smollm2_converted) == ml.PRESETS["smollm2-135m"].model

@@ -16,9 +16,10 @@ from flax import traverse_util
 from helpers import tensorboard_scalars, toy_corpus
 import memlong_jax as ml
 from memlong_jax.errors import run_cli
-from memlong_jax.llama.config import ConfigError, PRESETS as MODEL_PRESETS
+from memlong_jax.llama.config import ConfigError
 from memlong_jax.llama.model import LlamaForCausalLM
 from memlong_jax.memlong.retrievers import make_retriever
+from memlong_jax.presets import PRESETS
 from train import config as cfgmod
 from train import data as datamod
 from train import lora, step as stepmod
@@ -48,7 +49,7 @@ def test_overrides_parse_and_reject():
                       (["progress=maybe"], "true or false")]:
         with pytest.raises(ConfigError, match=word):
             cfgmod.resolve("tiny", bad)
-    model = MODEL_PRESETS["tiny"]
+    model = PRESETS["tiny"].model
     with pytest.raises(ConfigError, match="multiple of memlong.chunk_size"):
         cfgmod.validate(cfgmod.resolve("tiny", ["seq_len=30"]), model)
 
@@ -77,8 +78,8 @@ def test_openllama3b_trainable_count_matches_recipe():
     """Dry run: trainable count = 12 layers x 4 LoRA pairs (r=64, d=3200) + their 24 norms +
     the final norm (the paper's setup: ~19.7M)."""
     run = cfgmod.resolve("openllama3b")
-    report = dry_run_report(cfgmod.validate(run, MODEL_PRESETS["openllama3b"]),
-                            MODEL_PRESETS["openllama3b"])
+    report = dry_run_report(cfgmod.validate(run, PRESETS["openllama3b"].model),
+                            PRESETS["openllama3b"].model)
     expect = 12 * 4 * 2 * 64 * 3200 + 12 * 2 * 3200 + 3200
     assert f"trainable {expect:,}" in report
 
@@ -369,7 +370,7 @@ def test_key_table_matches_the_encoder_and_spares_it(tmp_path, capsys):
 def test_remat_policy_recomputes_and_changes_nothing(policy):
     """A remat policy puts each decoder layer under jax.checkpoint, and gives the same loss and
     gradients as none."""
-    config = MODEL_PRESETS["tiny"]
+    config = PRESETS["tiny"].model
     ids = jnp.asarray(np.random.default_rng(3).integers(0, config.vocab_size, (2, 16)), jnp.int32)
     params = LlamaForCausalLM(config).init(jax.random.PRNGKey(0), ids)["params"]
 

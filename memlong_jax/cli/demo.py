@@ -30,7 +30,7 @@ def perplexity(logits: np.ndarray, ids: np.ndarray) -> float:
 
 def torch_perplexity(source: str, ids: np.ndarray) -> float:
     import torch   # heavy and optional: only for the reference number
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM   # likewise (it needs torch)
     if source.endswith(".gguf"):
         model = AutoModelForCausalLM.from_pretrained(
             os.path.dirname(source), gguf_file=os.path.basename(source), dtype=torch.float32)

@@ -10,8 +10,8 @@ import sys
 import time
 
 
-from memlong_jax.cli.options import (add_model_options, load_encoder, load_model, progress_bars,
-                                     versions)
+from memlong_jax.cli.options import (add_model_options, block_settings, load_encoder, load_model,
+                                     progress_bars, versions)
 from memlong_jax.cli.score import parse_length
 from memlong_jax.errors import (ArgumentParser, UserError, check_writable_file, entry_point,
                                 write_atomically, write_json)
@@ -19,8 +19,7 @@ from memlong_jax.eval.recall import prompts
 from memlong_jax.eval.recall.evaluation import (DEFAULT_ROWS, ROW_KINDS, Settings, evaluate,
                                                 table, write_csv, write_plot)
 from memlong_jax.io.documents import read_documents
-from memlong_jax.memlong.blockmem import BlockConfig
-from memlong_jax.memlong.config import CHOICES
+from memlong_jax.memlong.config import QUERY_MODES
 
 # The repository's sibling ../shared/data/pg19_like (this file is memlong_jax/cli/recall.py).
 DEFAULT_HAYSTACK = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "..",
@@ -68,15 +67,9 @@ measured ("complete": false until the end).""",
     parser.add_argument("--rows", default=",".join(DEFAULT_ROWS),
                         help=f"rows to compare, of {', '.join(ROW_KINDS)} "
                              "(default: %(default)s)")
-    parser.add_argument("--block", dest="block_overrides", action="append", default=[],
-                        metavar="KEY=VALUE",
-                        help="block memory setting of the block row, e.g. top_k=16 "
-                             "(repeatable; defaults: " + ", ".join(
-                                 f"{k}={v}" for k, v in dataclasses.asdict(BlockConfig()).items())
-                             + ")")
     parser.add_argument("--query-modes", default=None,
                         help="memlong query modes, one row each (default: every allowed mode, "
-                             f"today {','.join(CHOICES['query_mode'])}; a --set query_mode=X "
+                             f"today {','.join(QUERY_MODES)}; a --set query_mode=X "
                              "alone means just X)")
     parser.add_argument("--local-window", default=str(DEFAULTS.local_window),
                         help="local window of memlong and local rows (default: %(default)s)")
@@ -87,7 +80,7 @@ measured ("complete": false until the end).""",
     parser.add_argument("--haystack", nargs="+", default=[DEFAULT_HAYSTACK],
                         help="needle/repeat text: files or directories "
                              "(default: ../shared/data/pg19_like)")
-    add_model_options(parser)
+    add_model_options(parser, block_use="of the block row")
     parser.add_argument("--json", help="write config, per-item records and the summary here")
     parser.add_argument("--csv", help="write one line per (task, row, length, depth) here")
     parser.add_argument("--plot", help=f"heatmaps ({', '.join(PLOT_FORMATS)})")
@@ -110,7 +103,7 @@ def settings_from(args) -> Settings:
                     rows=_names(args.rows), query_modes=modes,
                     local_window=parse_length(args.local_window), passage=args.passage,
                     max_context=args.max_context,
-                    block=BlockConfig().with_overrides(args.block_overrides))
+                    block=block_settings(args))
 
 
 def git_commit() -> dict:

@@ -26,14 +26,14 @@ import time
 
 from tqdm import tqdm
 
-from memlong_jax.cli.options import add_model_options, load_encoder, load_model, versions
+from memlong_jax.cli.options import (add_model_options, block_settings, load_encoder, load_model,
+                                     versions)
 from memlong_jax.errors import (ArgumentParser, UserError, check_writable_file, entry_point,
                                 write_atomically, write_json)
 from memlong_jax.eval import scoring
 from memlong_jax.eval.score_report import PLOT_FORMATS, table, write_csv, write_plot
 from memlong_jax.io.documents import expand_paths, read_documents
 from memlong_jax.io.safe_paths import refuse_overwrite
-from memlong_jax.memlong.blockmem import BlockConfig
 
 SUFFIXES = {"k": 1024, "m": 1024 * 1024}
 
@@ -67,11 +67,6 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--modes", default=",".join(scoring.DEFAULT_MODES),
                         help=f"modes to compare, from {', '.join(scoring.MODES)} "
                              "(default: %(default)s)")
-    parser.add_argument("--block", dest="block_overrides", action="append", default=[],
-                        metavar="KEY=VALUE",
-                        help="block memory setting for the block mode, e.g. window=1024, "
-                             "top_k=16, memory_tokens=131072 (repeatable; defaults: "
-                             f"{', '.join(f'{k}={v}' for k, v in dataclasses.asdict(BlockConfig()).items())})")
     parser.add_argument("--local-window", default="2048",
                         help="local attention window of memlong/local modes (default: 2048)")
     parser.add_argument("--scored-tokens", default="2048",
@@ -86,7 +81,7 @@ def build_parser() -> ArgumentParser:
                         help="join all documents into one, as upstream does for WikiText")
     parser.add_argument("--text-field", default="text", help="JSONL field (default: text)")
     add_model_options(parser, "query_mode=segment, eviction=fifo_half, top_k=4, "
-                              "retriever=hidden")
+                              "retriever=hidden", block_use="for the block mode")
     parser.add_argument("--json", help="write config, rows and per-window NLL here")
     parser.add_argument("--csv", help="write one row per (length, mode) here")
     parser.add_argument("--plot", help=f"PPL-vs-length plot ({', '.join(PLOT_FORMATS)})")
@@ -131,8 +126,7 @@ def main(argv=None) -> None:
 
     model, mcfg = load_model(args)
     protocol = make_protocol(args, mcfg.chunk_size)
-    block = (BlockConfig().with_overrides(args.block_overrides).validate(model.config)
-             if "block" in modes else None)
+    block = block_settings(args).validate(model.config) if "block" in modes else None
     documents = tokenize(model, read_documents(inputs, args.text_field), args.join)
 
     warnings = []

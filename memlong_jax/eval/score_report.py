@@ -59,9 +59,14 @@ def csv_rows(results: dict) -> tuple[list[str], list[dict]]:
 
 
 def write_csv(results: dict, path: str) -> None:
-    fields, rows = csv_rows(results)
+    write_rows(path, *csv_rows(results))
+
+
+def write_rows(path: str, fields, rows) -> None:
+    """A CSV file of `rows` (dicts) in the columns `fields`, other keys left out; the CSV
+    writer of every evaluation (scoring, ICL, recall)."""
     with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields)
+        writer = csv.DictWriter(f, fields, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
 

@@ -11,6 +11,8 @@ import glob
 import json
 import os
 import shutil
+from collections.abc import Callable
+from typing import NamedTuple
 
 import ml_dtypes
 import numpy as np
@@ -117,39 +119,22 @@ def copy_tokenizer_files(directory: str, out_dir: str, names=TOKENIZER_FILES) ->
     return copied
 
 
-class _SafetensorsFile:
-    def __init__(self, handle):
-        self._handle = handle
+class _TensorFile(NamedTuple):
+    """One open weight file, whatever its format: names, shapes, numpy tensors."""
 
-    def keys(self):
-        return list(self._handle.keys())
-
-    def shape(self, name):
-        return tuple(self._handle.get_slice(name).get_shape())
-
-    def get(self, name):
-        return self._handle.get_tensor(name)
+    keys: Callable[[], list]
+    shape: Callable[[str], tuple]
+    get: Callable[[str], np.ndarray]
 
 
 def _open_safetensors(file: str):
     try:
-        return _SafetensorsFile(safe_open(file, framework="numpy"))
+        handle = safe_open(file, framework="numpy")
+        return _TensorFile(lambda: list(handle.keys()),
+                           lambda name: tuple(handle.get_slice(name).get_shape()),
+                           handle.get_tensor)
     except Exception as err:
         raise UserError(f"{file}: corrupted or truncated safetensors ({err})") from None
-
-
-class _TorchBinFile:
-    def __init__(self, state_dict):
-        self._state = state_dict
-
-    def keys(self):
-        return list(self._state.keys())
-
-    def shape(self, name):
-        return tuple(self._state[name].shape)
-
-    def get(self, name):
-        return torch_to_numpy(self._state[name])
 
 
 def _open_bin(file: str):
@@ -159,7 +144,9 @@ def _open_bin(file: str):
         raise UserError(f"{file}: reading .bin checkpoints needs torch "
                         "(pip install torch), or convert from safetensors") from None
     try:
-        return _TorchBinFile(torch.load(file, map_location="cpu", mmap=True, weights_only=True))
+        state = torch.load(file, map_location="cpu", mmap=True, weights_only=True)
+        return _TensorFile(lambda: list(state.keys()), lambda name: tuple(state[name].shape),
+                           lambda name: torch_to_numpy(state[name]))
     except Exception as err:
         raise UserError(f"{file}: corrupted or unreadable PyTorch checkpoint ({err})") from None
 

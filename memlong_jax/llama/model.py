@@ -92,18 +92,22 @@ def layer_memory(memory: MemoryKV | None, layer: int, retrieval_layers, head_dim
     return memory._replace(keys=keys.reshape(shape), positions=None)
 
 
-class LlamaModel(nn.Module):
-    """Embeddings, decoder stack and final norm: token ids -> final hidden states.
-    `remat_policy` (a `REMAT_POLICIES` name) recomputes each layer's forward in the backward
-    pass; `scan_layers` runs each stretch of consecutive layers that read no memory as one
-    `lax.scan` over their stacked params (one layer's graph to compile instead of one per
-    layer). The parameter tree is the same for every choice."""
+class _LlamaSettings(nn.Module):
+    """The fields of `LlamaModel` and `LlamaForCausalLM`. `remat_policy` (a `REMAT_POLICIES`
+    name) recomputes each layer's forward in the backward pass; `scan_layers` runs each stretch
+    of consecutive layers that read no memory as one `lax.scan` over their stacked params (one
+    layer's graph to compile instead of one per layer). The parameter tree is the same for
+    every choice."""
 
     config: LlamaConfig
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
     remat_policy: str = "none"
     scan_layers: bool = False
+
+
+class LlamaModel(_LlamaSettings):
+    """Embeddings, decoder stack and final norm: token ids -> final hidden states."""
 
     def setup(self):
         cfg = self.config
@@ -178,14 +182,8 @@ class LlamaModel(nn.Module):
         return self.embed_tokens.attend(h)
 
 
-class LlamaForCausalLM(nn.Module):
+class LlamaForCausalLM(_LlamaSettings):
     """`LlamaModel` plus the LM head (tied to the embeddings or its own `lm_head`)."""
-
-    config: LlamaConfig
-    dtype: jnp.dtype = jnp.float32
-    param_dtype: jnp.dtype = jnp.float32
-    remat_policy: str = "none"
-    scan_layers: bool = False
 
     def setup(self):
         self.model = LlamaModel(self.config, self.dtype, self.param_dtype, self.remat_policy,

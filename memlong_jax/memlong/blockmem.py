@@ -40,47 +40,46 @@ import jax
 import jax.numpy as jnp
 
 from memlong_jax.llama.attention import grouped_attention
-from memlong_jax.llama.config import ConfigError, LlamaConfig, apply_overrides
+from memlong_jax.llama.config import DTYPES, LlamaConfig
 from memlong_jax.llama.layers import apply_rope, rope_cos_sin
 from memlong_jax.llama.model import DecoderLayer, LlamaForCausalLM
 from memlong_jax.memlong import memory as mem_ops
-from memlong_jax.memlong.config import CHOICES
-from memlong_jax.memlong.retrieval import retrieve
+from memlong_jax.memlong.retrieval import BACKENDS, retrieve
 from memlong_jax.memlong.scan import token_nll
+from memlong_jax.settings import Config, ConfigError, check, setting
 
 PLACEMENTS = ("fixed", "true")
 
 
 @dataclasses.dataclass(frozen=True)
-class BlockConfig:
-    """block_size       tokens per memory block (InfLLM: 128)
-    sink_tokens      initial tokens every later token attends to
-    window           local window in tokens, at true relative positions (a multiple of block_size)
-    chunk            tokens that share one block selection (a multiple of block_size, <= window)
-    top_k            blocks retrieved per layer, KV group and chunk
-    representatives  keys averaged into a block's retrieval key
-    memory_tokens    memory capacity per layer in tokens (a multiple of block_size)
-    mem_dtype        storage dtype of the memory K/V (float32: XLA's CPU backend updates
-                     bfloat16 arrays ~10x slower, measured)
-    eviction         MemLong's policies: paper (hit counts) or fifo_half
-    backend          top-k search: device (exact, in-graph), faiss, faiss-hnsw
-    placement        fixed (retrieved keys and sinks at one position) or true (their own)
-    previous         each of top_k // 2 retrieved blocks brings the block before it, so a
-                     line cut by a block boundary is read whole (passkey: the key line)
-    """
+class BlockConfig(Config):
+    """Help text, allowed values and least values are in each field's metadata."""
 
-    block_size: int = 128
-    sink_tokens: int = 4
-    window: int = 2048
-    chunk: int = 128
-    top_k: int = 8
-    representatives: int = 4
-    memory_tokens: int = 32768
-    mem_dtype: str = "float32"
-    eviction: str = "paper"
-    backend: str = "device"
-    placement: str = "fixed"
-    previous: bool = True
+    block_size: int = setting(128, help="tokens per memory block (InfLLM: 128)", least=1)
+    sink_tokens: int = setting(4, help="initial tokens every later token attends to", least=0)
+    window: int = setting(2048, least=1, help="local window in tokens, at true relative "
+                                               "positions (a multiple of block_size)")
+    chunk: int = setting(128, least=1, help="tokens that share one block selection (a multiple "
+                                             "of block_size, <= window)")
+    top_k: int = setting(8, help="blocks retrieved per layer, KV group and chunk", least=1)
+    representatives: int = setting(4, help="keys averaged into a block's retrieval key",
+                                   least=1)
+    memory_tokens: int = setting(32768, least=1, help="memory capacity per layer in tokens (a "
+                                                       "multiple of block_size)")
+    mem_dtype: str = setting(
+        "float32", choices=DTYPES,
+        help="storage dtype of the memory K/V (float32: XLA's CPU backend updates bfloat16 "
+             "arrays ~10x slower, measured)")
+    eviction: str = setting("paper", choices=mem_ops.POLICIES,
+                            help="MemLong's policies: paper (hit counts) or fifo_half")
+    backend: str = setting("device", choices=BACKENDS,
+                           help="top-k search: device (exact, in-graph), faiss, faiss-hnsw")
+    placement: str = setting("fixed", choices=PLACEMENTS,
+                             help="fixed (retrieved keys and sinks at one position) or true "
+                                  "(their own)")
+    previous: bool = setting(
+        True, help="each of top_k // 2 retrieved blocks brings the block before it, so a line "
+                   "cut by a block boundary is read whole (passkey: the key line)")
 
     @property
     def capacity_blocks(self) -> int:
@@ -90,26 +89,9 @@ class BlockConfig:
     def tile_slots(self) -> int:
         return self.sink_tokens + self.top_k * self.block_size
 
-    def replace(self, **changes) -> "BlockConfig":
-        return dataclasses.replace(self, **changes)
-
-    def with_overrides(self, assignments) -> "BlockConfig":
-        return apply_overrides(self, assignments, "block memory")
-
     def validate(self, model: LlamaConfig) -> "BlockConfig":
         """Raise `ConfigError` naming the first bad setting; return self when all is well."""
-        choices = {"mem_dtype": CHOICES["mem_dtype"], "eviction": CHOICES["eviction"],
-                   "backend": CHOICES["backend"], "placement": PLACEMENTS}
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise ConfigError(f"block {name} must be one of {', '.join(allowed)}, "
-                                  f"got {getattr(self, name)!r}")
-        for name in ("block_size", "window", "chunk", "top_k", "representatives",
-                     "memory_tokens", "sink_tokens"):
-            value = getattr(self, name)
-            least = 0 if name == "sink_tokens" else 1
-            if not isinstance(value, int) or isinstance(value, bool) or value < least:
-                raise ConfigError(f"block {name} must be an integer >= {least}, got {value!r}")
+        check(self, "block ")
         for name in ("window", "chunk", "memory_tokens"):
             if getattr(self, name) % self.block_size:
                 raise ConfigError(f"block {name} ({getattr(self, name)}) must be a multiple of "

@@ -161,7 +161,7 @@ def _faiss():
     need it."""
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before faiss loads OpenMP
     try:
-        import faiss
+        import faiss   # optional: only the faiss backends load it
     except ImportError:
         raise ConfigError("the faiss backends need faiss (pip install faiss-cpu, or the gpu "
                           "extra's faiss-gpu-cu12); backend=device needs nothing") from None

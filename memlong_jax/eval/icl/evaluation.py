@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import time
 
 import numpy as np
@@ -11,6 +10,7 @@ from memlong_jax.errors import UserError
 from memlong_jax.eval.icl.prompts import Settings, build_groups, label_token_ids, load_data
 from memlong_jax.eval.icl.scorer import ICLScorer, argmax_correct, memory_capacity
 from memlong_jax.eval.icl.tasks import DEFAULT_DATA, ROWS, TASKS
+from memlong_jax.eval.score_report import write_rows
 from memlong_jax.memlong.config import MemLongConfig
 from memlong_jax.memlong.retrievers import make_retriever
 
@@ -125,8 +125,5 @@ CSV_FIELDS = ("task", "row", "k", "m", "items", "seeds", "accuracy_mean", "accur
 
 
 def write_csv(results: dict, path: str) -> None:
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, CSV_FIELDS, extrasaction="ignore")
-        writer.writeheader()
-        for cell in results["summary"]:
-            writer.writerow({**cell, "seeds": " ".join(map(str, cell["seeds"]))})
+    write_rows(path, CSV_FIELDS, [{**cell, "seeds": " ".join(map(str, cell["seeds"]))}
+                                  for cell in results["summary"]])

@@ -1,7 +1,7 @@
 """The recall evaluation: every (task, length) cell's items through every row, then summaries.
 
-Rows: `memlong:<mode>` for each query mode (by default every value `memlong_config.CHOICES`
-allows, so a new mode is picked up without a change here), `local`, `full` (n/a past
+Rows: `memlong:<mode>` for each query mode (by default every one in `memlong.config.QUERY_MODES`,
+so a new mode is picked up without a change here), `local`, `full` (n/a past
 `max_context`, by default the model's trained context) and, when asked for, `block` (the
 training-free block memory, `blockmem`, over the whole item). All rows of a cell see the same
 items.
@@ -15,7 +15,6 @@ earlier context); copy gain = first - second, in nats per token.
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import re
 import time
@@ -24,10 +23,11 @@ import numpy as np
 
 from memlong_jax.errors import UserError
 from memlong_jax.memlong.blockmem import BlockConfig
-from memlong_jax.memlong.config import CHOICES, MemLongConfig
+from memlong_jax.memlong.config import QUERY_MODES, MemLongConfig
 from memlong_jax.memlong.retrievers import make_retriever
 from memlong_jax.eval.recall import prompts
 from memlong_jax.eval.recall.reader import Reader
+from memlong_jax.eval.score_report import write_rows
 
 ROW_KINDS = ("memlong", "local", "full", "block")
 DEFAULT_ROWS = ("memlong", "local", "full")
@@ -58,7 +58,7 @@ class Settings:
             f"unknown {what} {', '.join(values)}; choose from {', '.join(allowed)}")
         for what, values, allowed in (("task", self.tasks, prompts.TASKS),
                                       ("row", self.rows, ROW_KINDS),
-                                      ("query mode", self.modes(), CHOICES["query_mode"])):
+                                      ("query mode", self.modes(), QUERY_MODES)):
             unknown = [v for v in values if v not in allowed]
             if unknown or not values:
                 raise bad(what, unknown or ["(none)"], allowed)
@@ -85,7 +85,7 @@ class Settings:
         return self
 
     def modes(self) -> tuple[str, ...]:
-        return CHOICES["query_mode"] if self.query_modes is None else self.query_modes
+        return QUERY_MODES if self.query_modes is None else self.query_modes
 
     def row_names(self) -> list[str]:
         """`memlong` expands into one row per query mode."""
@@ -267,10 +267,7 @@ CSV_FIELDS = ("task", "row", "length", "depth", "items", "accuracy", "logprob", 
 
 
 def write_csv(results: dict, path: str) -> None:
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, CSV_FIELDS, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(results["summary"])
+    write_rows(path, CSV_FIELDS, results["summary"])
 
 
 def write_plot(results: dict, path: str) -> None:
