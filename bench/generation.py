@@ -87,7 +87,8 @@ def memlong_worker(job: dict) -> dict:
     decode_s = stamps[-1] - stamps[0]
     return {"ttft_s": stamps[0], "decode_s": decode_s,
             "decode_tokens_per_s": (len(stamps) - 1) / decode_s, "warmup_s": warm_s,
-            "tokens": out, "memlong": mcfg.to_dict(), "self_peak_rss_mb": common.peak_rss_mb()}
+            "tokens": out, "memlong": mcfg.to_dict(), "self_peak_rss_mb": common.peak_rss_mb(),
+            "load_average": os.getloadavg()}
 
 
 def torch_worker(job: dict) -> dict:
@@ -114,7 +115,7 @@ def torch_worker(job: dict) -> dict:
             "decode_tokens_per_s": (job["new_tokens"] - 1) / decode_s, "warmup_s": warm_s,
             "load_s": load_s, "tokens": out, "torch_threads": torch.get_num_threads(),
             "device": device, "attn_implementation": model.config._attn_implementation,
-            "self_peak_rss_mb": common.peak_rss_mb()}
+            "self_peak_rss_mb": common.peak_rss_mb(), "load_average": os.getloadavg()}
 
 
 # ---- driver -----------------------------------------------------------------------------------
@@ -147,6 +148,9 @@ def main() -> None:
     shared = {"tokens": tokens, "checkpoint": checkpoint, "new_tokens": args.new_tokens,
               "window": common.parse_tokens(args.window)}
     peak = common.matmul_peak()
+    config = {"checkpoint": os.path.relpath(checkpoint, common.REPO),
+              "tokens_file": os.path.relpath(tokens, common.REPO), "matmul_peak": peak,
+              **{k: v for k, v in shared.items() if k not in ("tokens", "checkpoint")}}
     rows = []
     for job in jobs:
         row = {**job, **common.run_worker(os.path.abspath(__file__), {**shared, **job},
@@ -156,10 +160,7 @@ def main() -> None:
                  f"tok/s" if "ttft_s" in row else row.get("error"))
         print(f"{job['engine']:>7} {common.fmt_tokens(job['length']):>5}: {shown}, "
               f"peak RSS {row['peak_rss_mb']:.0f} MB", file=sys.stderr)
-    config = {"checkpoint": os.path.relpath(checkpoint, common.REPO),
-              "tokens_file": os.path.relpath(tokens, common.REPO), "matmul_peak": peak,
-              **{k: v for k, v in shared.items() if k not in ("tokens", "checkpoint")}}
-    common.finish(NAME, args, config, rows, started, git)
+        common.finish(NAME, args, config, rows, started, git)  # after every row: a kill loses one
 
 
 if __name__ == "__main__":

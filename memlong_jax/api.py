@@ -136,6 +136,8 @@ def load(path: str, dtype: str = "float32") -> Model:
     if not os.path.isdir(path):
         raise UserError(f"{path}: no such checkpoint directory")
     config = checkpoint.load_config(path)
-    params = checkpoint.load_params(path, config)
+    # On the device once: host (numpy) params would be copied in again by every jitted call
+    # (a whole model per decoded token).
+    params = jax.device_put(checkpoint.load_params(path, config))
     return Model(config, params, load_tokenizer(path), DTYPES[dtype],
                  load_for_checkpoint(path, config))

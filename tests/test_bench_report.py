@@ -87,3 +87,24 @@ def test_attention_section_compares_each_path_with_dense():
     data = {"date": "d", "config": {"preset": "smollm2-135m", "heads": 9}, "results": rows}
     text = report.render({"attention": data})
     assert "| 2k | 1024 | blockwise | 256 | 100.0 | 400.0 | 2.00x | 1.50x | 2.5e-07 |" in text
+
+
+def test_generation_section_and_targets_compare_with_torch_at_the_same_prompt():
+    row = lambda engine, n, rate: {"engine": engine, "length": n, "ttft_s": 1.0,
+                                   "decode_tokens_per_s": rate, "peak_rss_mb": 900.0,
+                                   "load_average": [1.0, 1.0, 1.0]}
+    data = {"date": "d", "config": {"window": 2048, "new_tokens": 64},
+            "results": [row("memlong", 2048, 30.0), row("torch", 2048, 12.0),
+                        row("memlong", 32768, 27.0),
+                        {"engine": "memlong", "length": 131072, "error": "timeout"}]}
+    text = report.render({"generation": data})
+    assert "| 2k | memlong | 1.00 | 30.0 | 2.50x | 900 | 1.0, 1.0, 1.0 |" in text
+    assert "| 128k | memlong | error: timeout |" in text
+    lines = text.splitlines()
+    speed = next(line for line in lines if "generation: decode with a 2k prompt" in line)
+    assert "2.50x (30.0 vs 12.0 tok/s) |" in speed and "| met |" in speed
+    data["results"][1]["load_average"] = [5.0, 4.0, 3.0]
+    loaded = report.render({"generation": data})
+    assert "(under load: load average up to 5.0) | unconfirmed (under load" in loaded
+    flat = next(line for line in lines if "generation: tokens/s with a 128k prompt" in line)
+    assert "32k: 27.0 tok/s, 10.0% below 2k" in flat and "128k not run; within at 32k" in flat

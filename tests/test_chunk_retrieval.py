@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from memlong_jax.eval import generation
-from memlong_jax.llama.attention import MemoryKV, blockwise_causal_attention, causal_mask, \
+from memlong_jax.llama.attention import KVCache, MemoryKV, blockwise_causal_attention, causal_mask, \
     grouped_attention, with_memory
 from memlong_jax.llama.model import LlamaForCausalLM
 from memlong_jax.memlong import memory as mem_ops
@@ -99,7 +99,8 @@ def slow_window_nll(params, mcfg, state, window_ids):
     pooled /= np.linalg.norm(pooled, axis=-1, keepdims=True)
     mem = jax.device_get(state.memory)
     kv_shape = (batch, length, CFG.num_key_value_heads, CFG.head_dim)
-    caches = tuple((jnp.zeros(kv_shape), jnp.zeros(kv_shape)) for _ in range(CFG.num_hidden_layers))
+    caches = tuple(KVCache.empty(batch, length, *kv_shape[2:], jnp.float32)
+                   for _ in range(CFG.num_hidden_layers))
     logits, hits = [], np.zeros_like(mem.hits)
     for j in range(length // tau):
         keys = np.zeros((batch, mcfg.top_k * tau) + kv_shape[2:], np.float32)

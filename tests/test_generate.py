@@ -17,7 +17,9 @@ from memlong_jax.cli.generate import main as generate_main
 from memlong_jax.errors import run_cli
 from memlong_jax.eval import generation
 from memlong_jax.io import checkpoint
-from memlong_jax.llama.model import LlamaForCausalLM
+from memlong_jax.llama.attention import grouped_attention, with_memory
+from memlong_jax.llama.layers import apply_rope
+from memlong_jax.llama.model import LlamaForCausalLM, layer_memory
 from memlong_jax.memlong import scan
 from memlong_jax.presets import PRESETS
 
@@ -147,6 +149,46 @@ def test_spill_writes_what_scoring_writes(params):
     np.testing.assert_allclose(np.asarray(state.memlong.last_emb), want.emb[:, 8], atol=1e-5)
     assert int(state.length) == 8
     np.testing.assert_array_equal(np.asarray(state.ids)[:, :8], ids[:, -8:])  # kept, shifted
+
+
+@functools.partial(jax.jit, static_argnames=("mcfg",))
+def reference_decode(params, state, tokens, mcfg):
+    """One decode step the plain way: each layer's keys, un-rotated in token order (the cache's
+    `keys`, the new one appended), rotated all at once at positions 1..W, then dense
+    `grouped_attention` with the retrieved memory prepended (`with_memory`) -> logits `[B, V]`."""
+    apply = functools.partial(MODULE.apply, {"params": params})
+    slot, cos, sin = state.length, *state.rope
+    h = apply(tokens[:, None], method=MODULE.embed)
+    for layer, cache in enumerate(state.cache):
+        def attend(q, k, v, cache=cache, layer=layer):
+            put = lambda buf, new: jax.lax.dynamic_update_slice_in_dim(buf, new, slot, axis=1)
+            keys = apply_rope(put(cache.keys, k), cos, sin)
+            values = put(cache.token_values(), v)
+            at = lambda table: jax.lax.dynamic_slice_in_dim(table, slot, 1, axis=1)
+            mask = (jnp.arange(WINDOW) <= slot)[None, None]
+            memory = layer_memory(state.retrieved, layer, mcfg.retrieval_layers, CFG.head_dim,
+                                  CFG.rope_theta)
+            if memory is not None:
+                keys, values, mask = with_memory(keys, values, mask, memory, 1, slot[None])
+            return grouped_attention(apply_rope(q, at(cos), at(sin)), keys, values, mask), None
+        h, _ = apply(h, layer, attend, method=MODULE.layer_with_attention)
+    return apply(h, method=MODULE.final)[:, 0]
+
+
+def test_decode_after_spills_equals_the_plain_attention(params):
+    """The cache keeps each key rotated, laid out for decoding, and rotates the kept keys again
+    after a spill: 20 steps after a 42-token prompt (three spills) give the logits of attention
+    over the un-rotated keys rotated afresh at every step."""
+    gen_obj = generation.Generator(MODULE, MCFG, WINDOW)
+    state, _ = gen_obj.start(params, random_ids(9, length=42))
+    spills = 0
+    for tokens in random_ids(10, length=20).T:
+        if int(state.length) == WINDOW:
+            state, spills = gen_obj.spill(state), spills + 1
+        want = np.asarray(reference_decode(params, state, jnp.asarray(tokens), MCFG))
+        state, logits = generation.decode(MODULE, MCFG, params, state, jnp.asarray(tokens))
+        np.testing.assert_allclose(np.asarray(logits), want, atol=1e-4, rtol=0)
+    assert spills == 3 and np.abs(want).max() > 1.0
 
 
 def test_long_generation_spills_evicts_and_is_deterministic(params):

@@ -24,16 +24,15 @@ embeddings, sampling keys, stop tokens):
 
 Design choices:
 
-* Cache: per layer (keys, values) `[B, W, KV, D]`, keys *un-rotated*; beside it the memory
-  layer's normed inputs `[B, W, hidden]` and the ids `[B, W]` (what a spill needs), and the fill
-  count, shared by all rows (prompts in a batch have one length).
-* Positions: slot j is local position j+1, as in the scoring path (memory keys at 0). Keys are
-  rotated afresh on every step (`Attention.extend`, as upstream's cache does): elementwise work
-  over the cache, small next to reading the weights, and in return a spill is a plain shift and
-  cached keys are rotated with the very positions and code of the scoring path's window (no
-  rounding from re-rotation, no position drift). Storing rotated keys instead
-  would need every kept key re-rotated by -shift at each spill; absolute positions would grow
-  without bound and lose fp32 precision in the angles.
+* Cache: per layer a `KVCache`: the keys un-rotated and rotated, laid out for decoding; beside
+  it the memory layer's normed inputs `[B, W, hidden]` and the ids `[B, W]` (what a spill needs),
+  the fill count, shared by all rows (prompts in a batch have one length), and the RoPE tables of
+  the slots (made once in `start`: inside a decode step XLA would evaluate them again per layer).
+* Positions: slot j is local position j+1, as in the scoring path (memory keys at 0). A key is
+  rotated when it enters its slot, with the very positions and code of the scoring path's
+  window; a spill shifts the cache and rotates the kept keys again from their un-rotated copy
+  (once per spill, no rounding from rotating rotated keys, no position drift; absolute
+  positions would grow without bound and lose fp32 precision in the angles).
 * Retrieval runs once per `start`/`spill`, not per token: the causal query (the most recently
   written chunk, `MemLongState.last_emb`) only changes when memory is written. Hit counters go up
   once per retrieval, as for one segment in scoring.
@@ -59,8 +58,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from memlong_jax.errors import UserError
-from memlong_jax.llama.attention import MemoryKV
-from memlong_jax.llama.model import LlamaForCausalLM
+from memlong_jax.llama.attention import KVCache, MemoryKV
+from memlong_jax.llama.model import LlamaForCausalLM, cache_rope
 from memlong_jax.memlong import scan
 from memlong_jax.memlong.config import MemLongConfig
 from memlong_jax.memlong.retrievers import HIDDEN, Retriever
@@ -73,10 +72,11 @@ class GenState(NamedTuple):
 
     memlong: scan.MemLongState  # memory and the causal query
     retrieved: MemoryKV            # [B, k*tau, KV, D]: the chunks the current window attends to
-    cache: tuple                   # per layer (keys, values) [B, W, KV, D], keys pre-RoPE
+    cache: tuple                   # per layer a `KVCache` of W slots
     mem_x: jax.Array               # [B, W, hidden] memory layer's normed inputs (hidden retriever)
     ids: jax.Array                 # [B, W] int32 cached token ids (text retriever, segment query)
     length: jax.Array              # int32 scalar: slots in use, all rows alike
+    rope: tuple                    # (cos, sin) [1, W, D] of the slots (`model.cache_rope`)
 
 
 def spill_size(mcfg: MemLongConfig, window: int) -> int:
@@ -99,15 +99,15 @@ def init_state(module: LlamaForCausalLM, mcfg: MemLongConfig, mstate: scan.MemLo
     """An empty cache of `window` slots next to the memory of `mstate`."""
     cfg = module.config
     batch = mstate.last_emb.shape[0]
-    kv = lambda n, dtype: jnp.zeros((batch, n, cfg.num_key_value_heads, cfg.head_dim), dtype)
     mem = jnp.zeros((batch, mcfg.top_k * mcfg.chunk_size, cfg.num_key_value_heads,
                      cfg.head_dim * len(mcfg.kv_layers)), jnp.dtype(mcfg.mem_dtype))
     positions = None if mcfg.memory_positions == "zero" else jnp.zeros(mem.shape[:2], jnp.int32)
     return GenState(mstate, MemoryKV(mem, mem, jnp.zeros(mem.shape[:2], bool), positions),
-                    tuple((kv(window, module.dtype), kv(window, module.dtype))
-                          for _ in range(cfg.num_hidden_layers)),
+                    tuple(KVCache.empty(batch, window, cfg.num_key_value_heads, cfg.head_dim,
+                                        module.dtype) for _ in range(cfg.num_hidden_layers)),
                     jnp.zeros((batch, window, cfg.hidden_size), module.dtype),
-                    jnp.zeros((batch, window), jnp.int32), jnp.zeros((), jnp.int32))
+                    jnp.zeros((batch, window), jnp.int32), jnp.zeros((), jnp.int32),
+                    cache_rope(cfg, window))
 
 
 def _retrieve(mcfg: MemLongConfig, gen: GenState, query, query_ok):
@@ -159,7 +159,8 @@ def _extend(module, mcfg: MemLongConfig, params, gen: GenState, ids, refresh: bo
     m, n_layers = mcfg.memory_layer, module.config.num_hidden_layers
     apply = functools.partial(module.apply, {"params": params})
     h = apply(ids, method=module.embed)
-    h, lower = apply(h, gen.cache[:m], gen.length, 0, m, method=module.extend_layers)
+    h, lower = apply(h, gen.cache[:m], gen.length, 0, m, rope=gen.rope,
+                     method=module.extend_layers)
     x = apply(h, m, method=module.memory_kv)[0]
     put = lambda buf, new: jax.lax.dynamic_update_slice_in_dim(buf, new.astype(buf.dtype),
                                                                gen.length, axis=1)
@@ -171,7 +172,7 @@ def _extend(module, mcfg: MemLongConfig, params, gen: GenState, ids, refresh: bo
         gen = _retrieve_window(mcfg, gen, x, segment_query)
         retrieved = gen.retrieved
     h, upper = apply(h, gen.cache[m:], gen.length, m, n_layers, retrieved,
-                     mcfg.retrieval_layers, method=module.extend_layers)
+                     mcfg.retrieval_layers, gen.rope, method=module.extend_layers)
     logits = apply(h[:, -1:], method=module.final)[:, 0]
     return gen._replace(cache=lower + upper, mem_x=mem_x, ids=put(gen.ids, ids),
                         length=gen.length + ids.shape[1]), logits
@@ -211,13 +212,14 @@ def spill(mcfg: MemLongConfig, gen: GenState, key_emb=None, segment_query=None) 
     window = gen.ids.shape[1]
     n = spill_size(mcfg, window)
     keys, values = (jnp.concatenate(parts, axis=-1) for parts in
-                    zip(*(gen.cache[layer] for layer in mcfg.kv_layers)))
+                    zip(*((gen.cache[layer].keys, gen.cache[layer].token_values())
+                          for layer in mcfg.kv_layers)))
     if key_emb is None:
         key_emb = scan.pooled_chunks(gen.mem_x[:, :n], mcfg.chunk_size)
     mstate = scan.write_segment(mcfg, gen.memlong.memory, keys[:, :n], values[:, :n], key_emb)
     shift = lambda a: jnp.roll(a, -n, axis=1)  # the stale tail lies beyond `length`: masked
-    gen = GenState(mstate, gen.retrieved, jax.tree_util.tree_map(shift, gen.cache),
-                   shift(gen.mem_x), shift(gen.ids), gen.length - n)
+    gen = GenState(mstate, gen.retrieved, tuple(c.shift(n, *gen.rope) for c in gen.cache),
+                   shift(gen.mem_x), shift(gen.ids), gen.length - n, gen.rope)
     if mcfg.query_mode == "chunk":
         return gen
     return _retrieve_window(mcfg, gen, gen.mem_x[:, :window - n], segment_query)

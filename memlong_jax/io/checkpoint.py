@@ -56,7 +56,7 @@ def save_params(directory: str, params) -> None:
 
 
 def load_params(directory: str, config: LlamaConfig):
-    """Restore params in their stored dtype as jax arrays."""
+    """Restore params in their stored dtype as host (numpy) arrays."""
     path = os.path.join(os.path.abspath(directory), PARAMS_DIR)
     if not os.path.isdir(path):
         raise UserError(f"{directory} is not a converted checkpoint (no {PARAMS_DIR}/ inside)")

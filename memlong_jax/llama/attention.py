@@ -80,18 +80,112 @@ def grouped_attention(q, k, v, mask):
     exponent and the normalisation applied to the `[T, D]` output, so only two elementwise
     passes touch the `[T, S]` scores.
     """
-    batch, q_len, heads, head_dim = q.shape
-    kv_heads = k.shape[2]
-    q = jnp.moveaxis(q.reshape(batch, q_len, kv_heads, heads // kv_heads, head_dim), 1, 3)
+    q = heads_major(q, k.shape[2])
     scores = jnp.einsum("bkgtd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
     mask = mask[:, None, None] if mask.ndim == 3 else mask  # else per KV group [B, KV, 1, T, S]
+    probs, total = softmax_parts(scores, mask, q.shape[-1])
+    out = jnp.einsum("bkgts,bskd->bkgtd", probs.astype(v.dtype), v,
+                     preferred_element_type=jnp.float32) / total
+    return token_major(out).astype(v.dtype)
+
+
+def heads_major(q, kv_heads: int):
+    """`[B, T, H, D]` -> `[B, KV, G, T, D]` (G = H / KV query heads per KV head)."""
+    batch, q_len, heads, head_dim = q.shape
+    return jnp.moveaxis(q.reshape(batch, q_len, kv_heads, heads // kv_heads, head_dim), 1, 3)
+
+
+def token_major(out):
+    """`[B, KV, G, T, D]` -> `[B, T, H, D]`, the inverse of `heads_major`."""
+    batch, kv_heads, group, q_len, head_dim = out.shape
+    return jnp.moveaxis(out, 3, 1).reshape(batch, q_len, kv_heads * group, head_dim)
+
+
+def softmax_parts(scores, mask, head_dim: int):
+    """Unnormalised fp32 softmax weights of raw `scores` q.k under `mask` (the 1/sqrt(d) scale
+    folded into the exponent) and their sum over the keys: the output is (weights @ v) / sum."""
     scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
     peak = jax.lax.stop_gradient(scores.max(axis=-1, keepdims=True))
     probs = jnp.exp((scores - peak) * (head_dim ** -0.5))
-    total = probs.sum(axis=-1, keepdims=True)
-    out = jnp.einsum("bkgts,bskd->bkgtd", probs.astype(v.dtype), v,
-                     preferred_element_type=jnp.float32) / total
-    return jnp.moveaxis(out, 3, 1).reshape(batch, q_len, heads, head_dim).astype(v.dtype)
+    return probs, probs.sum(axis=-1, keepdims=True)
+
+
+class KVCache(NamedTuple):
+    """One layer's local KV cache of W slots (`Attention.extend`); slot j has RoPE position j+1.
+
+    Keys are kept twice: pre-RoPE in token order (what memory stores, and what a shift rotates
+    again from, so kept keys carry no rounding from repeated rotations), and rotated at their
+    slot's position, laid out `[B*KV, D, W]` so that the score product reads them in place;
+    values `[B*KV, W, D]` for the same reason. With `[B, W, KV, D]` operands, or keys rotated
+    afresh each step, XLA:CPU copies the whole cache of every layer for each decoded token (most
+    of a decode step's time); batch and heads share one axis because a unit axis (batch 1) makes
+    it duplicate the cache write and copy the cache twice.
+    """
+
+    keys: jax.Array     # [B, W, KV, D] pre-RoPE
+    rotated: jax.Array  # [B*KV, D, W] rotated at positions 1..W
+    values: jax.Array   # [B*KV, W, D]
+
+    @classmethod
+    def empty(cls, batch: int, window: int, kv_heads: int, head_dim: int, dtype) -> "KVCache":
+        zeros = lambda *shape: jnp.zeros(shape, dtype)
+        return cls(zeros(batch, window, kv_heads, head_dim),
+                   zeros(batch * kv_heads, head_dim, window),
+                   zeros(batch * kv_heads, window, head_dim))
+
+    def write(self, keys, values, slot, cos, sin) -> "KVCache":
+        """Pre-RoPE keys and values `[B, T, KV, D]` into slots `slot..slot+T-1` (`slot` may be
+        traced); cos/sin `[1, W, D]`: the RoPE tables of positions 1..W."""
+        put = lambda buf, new, axis: jax.lax.dynamic_update_slice_in_dim(
+            buf, new.astype(buf.dtype), slot, axis=axis)
+        at = lambda table: jax.lax.dynamic_slice_in_dim(table, slot, keys.shape[1], axis=1)
+        return KVCache(put(self.keys, keys, 1),
+                       put(self.rotated, _heads_first(apply_rope(keys, at(cos), at(sin)), 2), 2),
+                       put(self.values, _heads_first(values, 1), 1))
+
+    def shift(self, n: int, cos, sin) -> "KVCache":
+        """Drop the oldest `n` slots: the rest move to the front and are rotated again at their
+        new positions (the stale tail lies beyond the caller's fill count)."""
+        keys = jnp.roll(self.keys, -n, axis=1)
+        return KVCache(keys, _heads_first(apply_rope(keys, cos, sin), 2),
+                       jnp.roll(self.values, -n, axis=1))
+
+    def token_values(self):
+        """Values `[B, W, KV, D]`, token-major like `keys`."""
+        batch, window, kv_heads, head_dim = self.keys.shape
+        return jnp.moveaxis(self.values.reshape(batch, kv_heads, window, head_dim), 1, 2)
+
+
+def _heads_first(a, token_axis: int):
+    """`[B, T, KV, D]` -> `[B*KV, T, D]` (token_axis 1) or `[B*KV, D, T]` (token_axis 2)."""
+    batch, tokens, kv_heads, head_dim = a.shape
+    a = jnp.transpose(a, (0, 2, 1, 3) if token_axis == 1 else (0, 2, 3, 1))
+    return a.reshape(batch * kv_heads, *a.shape[2:])
+
+
+def cached_attention(q, cache: KVCache, mask, memory: MemoryKV | None = None, query_slots=None):
+    """`grouped_attention` of rotated queries `q` `[B, T, H, D]` over a `KVCache` under `mask`
+    (bool, broadcastable to `[B, T, W]`), with `memory` (queries at local slots `query_slots`
+    `[T]`) in the same softmax, as `with_memory` prepends it."""
+    batch, window, kv_heads, head_dim = cache.keys.shape
+    q = heads_major(q, kv_heads)                     # [B, KV, G, T, D]
+    flat = lambda a: a.reshape(batch * kv_heads, *a.shape[2:])
+    scores = jnp.einsum("ngtd,nds->ngts", flat(q), cache.rotated.astype(q.dtype),
+                        preferred_element_type=jnp.float32).reshape(*q.shape[:4], window)
+    mask = jnp.broadcast_to(mask, (batch, q.shape[3], window))
+    if memory is not None:
+        mem_k, mem_v, mem_mask = flat_memory(memory, query_slots, window)
+        scores = jnp.concatenate([jnp.einsum("bkgtd,bskd->bkgts", q, mem_k.astype(q.dtype),
+                                             preferred_element_type=jnp.float32), scores], -1)
+        mask = jnp.concatenate([mem_mask, mask], axis=-1)
+    probs, total = softmax_parts(scores, mask[:, None, None], head_dim)
+    dtype = cache.values.dtype
+    out = jnp.einsum("ngts,nsd->ngtd", flat(probs[..., -window:]).astype(dtype), cache.values,
+                     preferred_element_type=jnp.float32).reshape(*q.shape)
+    if memory is not None:
+        out = out + jnp.einsum("bkgts,bskd->bkgtd", probs[..., :-window].astype(dtype),
+                               mem_v.astype(dtype), preferred_element_type=jnp.float32)
+    return token_major(out / total).astype(dtype)
 
 
 def blockwise_causal_attention(q, k, v, block_size: int, memory: MemoryKV | None = None):
@@ -251,29 +345,20 @@ class Attention(nn.Module):
             out = grouped_attention(q, k, v, mask)
         return self.project_out(out)
 
-    def extend(self, x, cache, length, cos, sin, memory: MemoryKV | None = None):
+    def extend(self, x, cache: KVCache, length, cos, sin, memory: MemoryKV | None = None):
         """Attention of T new tokens `x` `[B, T, hidden]` appended to a fixed-capacity local cache.
 
-        cache: (pre-RoPE keys, values) `[B, W, KV, D]`, slots `0..length-1` real (`length` may be
-        traced). The new tokens go to slots `length..length+T-1`; slot j has local position j+1
-        and cos/sin `[1, W, D]` are the RoPE tables of positions 1..W. Keys are stored un-rotated
-        and rotated afresh on every call (as upstream's cache does), so dropping the oldest
-        tokens is a plain shift, and the math is that of `__call__` on the same window.
+        Slots `0..length-1` of `cache` are real (`length` may be traced); the new tokens go to
+        slots `length..length+T-1`. Slot j has local position j+1 and cos/sin `[1, W, D]` are
+        the RoPE tables of positions 1..W, so the math is that of `__call__` on the same window.
         Returns (output `[B, T, hidden]`, updated cache).
         """
-        batch, new, _ = x.shape
-        q = self.q_proj(x).reshape(batch, new, self.num_heads, self.head_dim)
-        put = lambda buf, a: jax.lax.dynamic_update_slice_in_dim(buf, a.astype(buf.dtype),
-                                                                 length, axis=1)
-        k_new, v_new = self.kv(x)
-        keys, values = put(cache[0], k_new), put(cache[1], v_new)
+        new = x.shape[1]
+        q, k, v = self.qkv(x)
+        cache = cache.write(k, v, length, cos, sin)
+        slots = length + jnp.arange(new)
         at_new = lambda table: jax.lax.dynamic_slice_in_dim(table, length, new, axis=1)
-        q = apply_rope(q, at_new(cos), at_new(sin))
-        k = apply_rope(keys, cos, sin)
-        slots = jnp.arange(keys.shape[1])
-        mask = (slots[None, :] <= length + jnp.arange(new)[:, None])[None]
-        v = values
-        if memory is not None:
-            k, v, mask = with_memory(k, v, mask, memory, new, length + jnp.arange(new))
-        out = grouped_attention(q, k, v, mask)
-        return self.o_proj(out.reshape(batch, new, self.num_heads * self.head_dim)), (keys, values)
+        mask = (jnp.arange(cache.keys.shape[1])[None, :] <= slots[:, None])[None]
+        out = cached_attention(apply_rope(q, at_new(cos), at_new(sin)), cache, mask, memory,
+                               slots)
+        return self.project_out(out), cache

@@ -68,6 +68,11 @@ class DecoderLayer(nn.Module):
         return (x, *self.self_attn.kv(x))
 
 
+def cache_rope(config: LlamaConfig, window: int):
+    """RoPE (cos, sin) `[1, W, head_dim]` of a local KV cache's slots: positions 1..W."""
+    return rope_cos_sin(jnp.arange(1, window + 1)[None], config.head_dim, config.rope_theta)
+
+
 def layer_memory(memory: MemoryKV | None, layer: int, retrieval_layers, head_dim: int,
                  theta: float):
     """The memory that `layer` reads: None outside `retrieval_layers`; with keys of
@@ -156,16 +161,15 @@ class LlamaModel(_LlamaSettings):
         return jax.lax.scan(body, h, stacked)[0]
 
     def extend_layers(self, h, caches, length, start: int, stop: int,
-                      memory: MemoryKV | None = None, retrieval_layers=()):
+                      memory: MemoryKV | None = None, retrieval_layers=(), rope=None):
         """`run_layers` for new tokens `h` `[B, T, hidden]` appended at slot `length` of the local
-        KV caches of layers `start..stop-1` (`caches`: one (keys, values) pair per layer, each
-        `[B, W, KV, D]`, pre-RoPE). Cached tokens have local positions 1..W by slot, the new ones
-        `length+1..length+T`. Returns (h, updated caches)."""
+        KV caches of layers `start..stop-1` (`caches`: one `KVCache` of W slots per layer). Cached tokens have local positions 1..W by slot, the new ones
+        `length+1..length+T`. `rope`: `cache_rope(config, W)` passed in from outside the jitted
+        call (a decode step; made inside, XLA's fusion evaluates the tables' sin/cos again in
+        every layer). Returns (h, updated caches)."""
         if not caches:  # an empty range of layers
             return h, ()
-        window = caches[0][0].shape[1]
-        cos, sin = rope_cos_sin(jnp.arange(1, window + 1)[None], self.config.head_dim,
-                                self.config.rope_theta)
+        cos, sin = rope if rope is not None else cache_rope(self.config, caches[0][0].shape[1])
         updated = []
         for i, cache in zip(range(start, stop), caches, strict=True):
             h, cache = self.layers[i].extend(h, cache, length, cos, sin, layer_memory(
@@ -200,8 +204,10 @@ class LlamaForCausalLM(_LlamaSettings):
     def run_layers(self, h, positions, start, stop, memory=None, retrieval_layers=()):
         return self.model.run_layers(h, positions, start, stop, memory, retrieval_layers)
 
-    def extend_layers(self, h, caches, length, start, stop, memory=None, retrieval_layers=()):
-        return self.model.extend_layers(h, caches, length, start, stop, memory, retrieval_layers)
+    def extend_layers(self, h, caches, length, start, stop, memory=None, retrieval_layers=(),
+                      rope=None):
+        return self.model.extend_layers(h, caches, length, start, stop, memory, retrieval_layers,
+                                        rope)
 
     def layer_with_attention(self, h, layer: int, attend):
         return self.model.layers[layer].with_attention(h, attend)

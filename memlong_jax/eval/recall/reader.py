@@ -49,9 +49,9 @@ def plain_start(module: LlamaForCausalLM, mcfg: MemLongConfig, capacity: int, pa
     into_slots = lambda buf, a: buf.at[:, :n].set(a.astype(buf.dtype))
     h = apply(ids, method=module.embed)
     cache = []
-    for layer, (keys, values) in enumerate(gen.cache):
+    for layer, layer_cache in enumerate(gen.cache):
         _, k, v = apply(h, layer, method=module.memory_kv)
-        cache.append((into_slots(keys, k), into_slots(values, v)))
+        cache.append(layer_cache.write(k, v, 0, *gen.rope))
         h = apply(h, positions, layer, layer + 1, method=module.run_layers)
     logits = apply(h[:, -1:], method=module.final)[:, 0]
     return gen._replace(cache=tuple(cache), ids=into_slots(gen.ids, ids),
