@@ -11,6 +11,7 @@ missing (a run that did not finish) shows as a missing row, never as a number.
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import os
 import sys
@@ -133,8 +134,9 @@ def ppl_section(measured: str) -> str:
     for name, text in (("book", "Jane Eyre (held out)"), ("wiki", "WikiText-2 raw test"),
                        ("latex", "carleson_blueprint.tex")):
         for model in ("trained", "base"):
-            data = load(f"{measured}/{model}_{name}.json")
-            for r in (data or {}).get("rows", []):
+            # `trained_book.json`, then runs added later (`trained_book_32k.json`)
+            paths = sorted(glob.glob(f"{measured}/{model}_{name}*.json"), key=len)
+            for r in [r for path in paths for r in (load(path) or {}).get("rows", [])]:
                 rows.append([text, model, r["mode"], label(r["length"]), r["windows"],
                              fmt(r["ppl"], 2)])
     if not rows:
