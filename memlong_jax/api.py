@@ -13,8 +13,9 @@ import numpy as np
 from memlong_jax.errors import UserError
 from memlong_jax.eval import generation, scoring
 from memlong_jax.io import checkpoint
+from memlong_jax.io.loaded import Loaded
 from memlong_jax.io.tokenizer import load_tokenizer
-from memlong_jax.llama.config import DTYPES, LlamaConfig
+from memlong_jax.llama.config import DTYPES
 from memlong_jax.llama.model import LlamaForCausalLM
 from memlong_jax.memlong.config import MemLongConfig
 from memlong_jax.memlong.retrievers import Retriever, make_retriever
@@ -22,13 +23,9 @@ from memlong_jax.presets import default_for, load_for_checkpoint
 
 
 @dataclasses.dataclass
-class Model:
-    """A converted LLaMA: config, params (HF names), optional tokenizer, jitted entry points."""
+class Model(Loaded):
+    """A converted LLaMA (`config` a LlamaConfig) and its jitted entry points."""
 
-    config: LlamaConfig
-    params: dict
-    tokenizer: object | None = None
-    dtype: jnp.dtype = jnp.float32
     memlong: MemLongConfig | None = None   # the checkpoint's MemLong settings (None: default)
 
     @property

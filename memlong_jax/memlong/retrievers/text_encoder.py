@@ -24,6 +24,7 @@ from flax import traverse_util
 
 from memlong_jax.errors import UserError
 from memlong_jax.io.hf_sources import HFDirectorySource
+from memlong_jax.io.loaded import Loaded
 from memlong_jax.io.tokenizer import load_tokenizer
 from memlong_jax.llama.attention import grouped_attention
 from memlong_jax.llama.config import ConfigError
@@ -286,13 +287,8 @@ def _bucket(n: int, cap: int) -> int:
 
 
 @dataclasses.dataclass
-class TextEncoder:
-    """A loaded encoder: config, params (HF names), tokenizer when present, jitted forward."""
-
-    config: TextEncoderConfig
-    params: dict
-    tokenizer: object | None = None
-    dtype: jnp.dtype = jnp.float32
+class TextEncoder(Loaded):
+    """A loaded encoder (`config` a TextEncoderConfig) and its jitted forward."""
 
     @functools.cached_property
     def module(self) -> SentenceEncoder:
