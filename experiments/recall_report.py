@@ -70,13 +70,16 @@ def depth_table(run: dict, task: str) -> str | None:
 # Runs combined into one table must agree on everything that decides an item or its score.
 SAME = ("checkpoint", "max_context")
 SAME_SETTINGS = ("seed", "items", "local_window", "passage", "budget")
+# MemLong fields not compared: the query mode (each row names its own) and the fields that only
+# batch the work (scores equal whatever their values; older runs predate them).
+NOT_COMPARED = ("query_mode", "ingest_chunks", "host_block_chunks")
 
 
 def combine(runs: list[tuple[str, dict]]) -> dict:
     """One summary from several runs (e.g. tasks or lengths run apart): the items of a cell are
     fixed by (seed, task, length, depth, index), so runs with the same settings add cells."""
     first_name, first = runs[0]
-    memlong = {k: v for k, v in first["config"]["memlong"].items() if k != "query_mode"}
+    memlong = {k: v for k, v in first["config"]["memlong"].items() if k not in NOT_COMPARED}
     cells, rows = {}, []
     for name, run in runs:
         config = run["config"]
