@@ -35,19 +35,17 @@ def run_cli(main, argv=None) -> int:
         message = " ".join(str(err).split())  # guarantee a single line
         print(f"error: {message}", file=sys.stderr)
         return 2
-    except (KeyboardInterrupt, interrupts.Interrupted) as err:
-        if not isinstance(err, interrupts.Interrupted):
-            err = interrupts.Interrupted(signal.SIGINT)
-        print(err, file=sys.stderr)
-        interrupts.exit_now(err.exit_code)
     except BrokenPipeError:
         # The reader went away (`| head`): nothing more can be printed to stdout, even at exit.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         print("error: output closed before the end (broken pipe)", file=sys.stderr)
         return 2
     except BaseException as err:
-        # A signal that landed inside C code arrives as that code's error, caused by it.
+        # A signal, also one that landed inside C code (it arrives as that code's error,
+        # caused by it), or Ctrl-C outside `raising()`.
         interrupted = interrupts.within(err)
+        if interrupted is None and isinstance(err, KeyboardInterrupt):
+            interrupted = interrupts.Interrupted(signal.SIGINT)
         if interrupted is None:
             raise
         print(interrupted, file=sys.stderr)
