@@ -31,6 +31,7 @@ def run_cli(main, argv=None) -> int:
     try:
         with interrupts.raising():
             main(argv)
+            interrupts.check()
     except UserError as err:
         message = " ".join(str(err).split())  # guarantee a single line
         print(f"error: {message}", file=sys.stderr)
@@ -83,6 +84,7 @@ def atomic_output_dir(path: str | os.PathLike):
     done = False
     try:
         yield tmp
+        interrupts.check()
         try:
             os.replace(tmp, path)
         except OSError as err:  # another process wrote `path` meanwhile
@@ -119,6 +121,7 @@ def write_atomically(path: str, write) -> None:
     tmp = os.path.join(os.path.dirname(path), f".tmp-{os.getpid()}-{os.path.basename(path)}")
     try:
         write(tmp)
+        interrupts.check()
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -6,6 +6,11 @@ out; `run_cli` then prints one line and leaves with 128 + the signal number thro
 which flushes and skips interpreter teardown (where XLA's and the tokenizers' threads may still
 be running, and crash it).
 
+A signal can also land where Python swallows exceptions (a gc callback, a `__del__`: printed
+as "Exception ignored in ..."). So the handler also records the signal, such swallowed raises are
+dropped without printing, and `check()` re-raises the recorded signal at the points that commit
+output and when the command returns, so a swallowed signal still ends the command.
+
 `deferred()` is for loops that must not stop half-way (a training step, a checkpoint): there a
 signal only sets a flag the loop polls; a second signal raises at once.
 """
@@ -47,8 +52,25 @@ def within(err: BaseException) -> Interrupted | None:
     return None
 
 
+_pending: list[int] = []  # signals `_raise` raised, in case the raise was swallowed
+
+
 def _raise(signum, frame):
+    _pending.append(signum)
     raise Interrupted(signum)
+
+
+def check() -> None:
+    """Raise the signal caught inside `raising()` whose exception Python swallowed, if any."""
+    if _pending:
+        raise Interrupted(_pending[0])
+
+
+def _quiet_unraisable(previous):
+    def hook(unraisable):
+        if not isinstance(unraisable.exc_value, Interrupted):
+            previous(unraisable)
+    return hook
 
 
 @contextlib.contextmanager
@@ -64,9 +86,17 @@ def _handlers(handler):
             signal.signal(s, h)
 
 
+@contextlib.contextmanager
 def raising():
-    """Within the block, SIGINT, SIGTERM and SIGHUP raise `Interrupted`."""
-    return _handlers(_raise)
+    """Within the block, SIGINT, SIGTERM and SIGHUP raise `Interrupted` (see `check()`)."""
+    _pending.clear()
+    previous_hook = sys.unraisablehook
+    sys.unraisablehook = _quiet_unraisable(previous_hook)
+    try:
+        with _handlers(_raise):
+            yield
+    finally:
+        sys.unraisablehook = previous_hook
 
 
 class Flag:

@@ -278,6 +278,27 @@ def test_signal_inside_c_code_is_still_one_line(env):
     assert proc.returncode == 143 and proc.stderr.strip() == "interrupted by SIGTERM", proc.stderr
 
 
+def test_signal_swallowed_by_python_still_ends_the_command(tmp_path, env):
+    """A signal whose exception Python swallows (it landed in a gc callback of XLA's in CI and
+    the conversion went on to write its output with exit 0): no output is committed, one line,
+    128 + the signal."""
+    out = tmp_path / "out"
+    program = ("import signal, sys\n"
+               "from memlong_jax.errors import run_cli, atomic_output_dir\n"
+               "class Finalized:\n"
+               "    def __del__(self):\n"
+               "        signal.raise_signal(signal.SIGTERM)\n"
+               "def main(argv):\n"
+               "    with atomic_output_dir(argv[0]) as tmp:\n"
+               "        Finalized()\n"
+               "        open(tmp + '/done', 'w').close()\n"
+               "sys.exit(run_cli(main, sys.argv[1:]))\n")
+    proc = subprocess.run([sys.executable, "-c", program, str(out)], cwd=REPO, env=env,
+                          text=True, capture_output=True, timeout=120)
+    assert proc.returncode == 143 and proc.stderr.strip() == "interrupted by SIGTERM", proc.stderr
+    assert os.listdir(tmp_path) == []
+
+
 @pytest.mark.parametrize("command", ["score", "generate"])
 def test_ctrl_c_in_score_and_generate(tmp_path, tiny_checkpoint, env, command):
     """SIGINT at a seeded moment once the command is working: exit 130, one line, no traceback
