@@ -43,6 +43,12 @@ def setting(default=dataclasses.MISSING, *, help: str, choices=None, least: int 
     return dataclasses.field(default=default, metadata=metadata)
 
 
+def defaults(cls) -> dict:
+    """The fields of config class `cls` that have a default, with it."""
+    return {f.name: f.default for f in dataclasses.fields(cls)
+            if f.default is not dataclasses.MISSING}
+
+
 def choices(cls, name: str) -> tuple:
     """The allowed values of field `name` of the config class `cls`."""
     return next(f.metadata["choices"] for f in dataclasses.fields(cls) if f.name == name)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -18,7 +19,7 @@ from flax import traverse_util
 from helpers import tensorboard_scalars, toy_corpus
 import memlong_jax as ml
 from memlong_jax import interrupts
-from memlong_jax.errors import run_cli
+from memlong_jax.errors import UserError, run_cli
 from memlong_jax.llama.config import ConfigError
 from memlong_jax.llama.model import LlamaForCausalLM
 from memlong_jax.memlong.retrievers import Retriever, make_retriever
@@ -28,7 +29,7 @@ from train import data as datamod
 from train import lora, metrics, step as stepmod
 from train.export import main as export_main
 from train.export import export_run
-from train.run import Trainer, dry_run_report, main as run_main
+from train.run import Trainer, check_compatible, dry_run_report, main as run_main
 from train.setup import load_base, split_params
 
 
@@ -462,3 +463,16 @@ def test_train_from_trains_only_the_layers_from_there(tmp_path):
     for bad in ("train_from=1", "train_from=4"):
         with pytest.raises(ConfigError, match="train_from"):
             resolve(tmp_path, bad)
+
+
+def test_settings_added_after_a_checkpoint_resume_at_their_defaults(tmp_path):
+    """A checkpoint written before a setting existed lacks it: resuming is allowed when the run
+    keeps the setting's default (the behaviour from before), refused when it changes it."""
+    run, model = resolve(tmp_path, "data=pydoc")
+    stored = {"run": run.to_dict(), "model": model.to_hf_dict()}
+    for part, key in (("memlong", "ingest_chunks"), ("train", "remat")):
+        del stored["run"][part][key]
+    check_compatible(stored, run, model, "out")  # defaults: the same run
+    changed = dataclasses.replace(run, memlong=run.memlong.replace(ingest_chunks=3))
+    with pytest.raises(UserError, match=r"ingest_chunks: 16 -> 3"):
+        check_compatible(stored, changed, model, "out")

@@ -28,7 +28,7 @@ import numpy as np
 from flax import traverse_util
 from tqdm import tqdm
 
-from memlong_jax import interrupts
+from memlong_jax import interrupts, settings
 from memlong_jax.errors import ArgumentParser, UserError, check_writable_dir
 from memlong_jax.io import checkpoint
 from memlong_jax.io.safe_paths import refuse_overwrite
@@ -68,6 +68,10 @@ def check_compatible(stored: dict, run: cfgmod.Resolved, model: LlamaConfig, whe
             "model": model.to_hf_dict(), "preset": run.name}
     theirs = {"train": stored["run"]["train"], "memlong": stored["run"]["memlong"],
               "model": stored["model"], "preset": stored["run"]["preset"]}
+    # A setting added after the checkpoint was written counts as its default, which by
+    # convention keeps the behaviour from before the setting existed.
+    added = {"train": settings.defaults(type(run.train)),
+             "memlong": settings.defaults(type(run.memlong)), "model": {}}
     diffs = []
     for part in ("preset", "model", "memlong", "train"):
         a, b = theirs[part], mine[part]
@@ -78,9 +82,10 @@ def check_compatible(stored: dict, run: cfgmod.Resolved, model: LlamaConfig, whe
         for key in sorted(set(a) | set(b)):
             if part == "train" and key in OPERATIONAL:
                 continue
-            if a.get(key) != b.get(key):
+            old = a[key] if key in a else added[part].get(key)
+            if old != b.get(key):
                 prefix = "" if part == "train" else f"{part}."
-                diffs.append(f"{prefix}{key}: {a.get(key)!r} -> {b.get(key)!r}")
+                diffs.append(f"{prefix}{key}: {old!r} -> {b.get(key)!r}")
     if diffs:
         raise UserError(f"{where} holds checkpoints of a different config ({'; '.join(diffs[:4])}"
                         f"{'; ...' if len(diffs) > 4 else ''}); use another output_dir or the "
