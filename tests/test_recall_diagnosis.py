@@ -13,7 +13,7 @@ import pytest
 
 from experiments import recall_diagnosis, recall_diagnosis_report
 from memlong_jax.llama.model import LlamaForCausalLM
-from memlong_jax.memlong import scan
+from memlong_jax.memlong import diagnostics, scan
 from memlong_jax.presets import PRESETS
 
 REPO = os.path.join(os.path.dirname(__file__), "..")
@@ -31,8 +31,9 @@ def test_summary_arithmetic():
     assert got["diff_vs_local_by_position"][0] == pytest.approx((row - local)[:, :128].mean())
 
 
-def slow_mass(params, h, mem_keys, valid, layer, cfg):
-    """Mass on memory of one layer, float64, one query and head at a time."""
+def slow_mass(params, h, mem_keys, valid, layer, cfg, weights=None):
+    """Mass on memory (on the memory tokens with weight 1) of one layer, float64, one query and
+    head at a time: `[queries, heads]`."""
     p = params["model"][f"layers_{layer}"]
     w = lambda name: np.asarray(p["self_attn"][name]["kernel"], np.float64)
     h = np.asarray(h, np.float64)[0]
@@ -46,16 +47,18 @@ def slow_mass(params, h, mem_keys, valid, layer, cfg):
         ang = np.concatenate([pos * inv, pos * inv])
         return v * np.cos(ang) + np.concatenate([-v[d // 2:], v[:d // 2]]) * np.sin(ang)
 
-    out = np.zeros(heads)
+    slots = [m for m in range(mem_keys.shape[1]) if valid[0, m]]
+    w = np.ones(len(slots)) if weights is None else np.asarray(weights)[0, slots]
+    out = np.zeros((len(x), heads))
     for head in range(heads):
         g = head // (heads // kv)
         for t in range(len(x)):
             qt = rope(q[t, head], t + 1)
-            mem = [qt @ mem_keys[0, m, g] for m in range(mem_keys.shape[1]) if valid[0, m]]
+            mem = [qt @ mem_keys[0, m, g] for m in slots]
             loc = [qt @ rope(k[j, g], j + 1) for j in range(t + 1)]
             s = np.array(mem + loc) / np.sqrt(d)
             e = np.exp(s - s.max())
-            out[head] += e[:len(mem)].sum() / e.sum() / len(x)
+            out[t, head] = (e[:len(mem)] * w).sum() / e.sum()
     return out
 
 
@@ -74,8 +77,18 @@ def test_memory_mass_equals_a_slow_softmax():
                                                      state.has_last)
     kv = scan.retrieved_kv(memory, indices, found)
     want = slow_mass(params, h, np.asarray(kv.keys, np.float64), np.asarray(kv.valid), 1, cfg)
-    np.testing.assert_allclose(got[0], want, atol=1e-5)
+    np.testing.assert_allclose(got[0], want.mean(0), atol=1e-5)
     assert want.min() > 0.01
+    # the mass on some memory tokens only, at chosen query positions
+    weights = (np.random.default_rng(2).random(kv.valid.shape) < 0.3).astype(np.float32)
+    at = np.asarray([0, 5, 7])
+    positions = jnp.broadcast_to(jnp.arange(1, 9), (1, 8))
+    part = np.asarray(diagnostics.memory_mass(module, mcfg, params, h, positions, kv,
+                                              weights=jnp.asarray(weights), at=jnp.asarray(at)))
+    slow = slow_mass(params, h, np.asarray(kv.keys, np.float64), np.asarray(kv.valid), 1, cfg,
+                     weights)
+    np.testing.assert_allclose(part[0, 0], slow[at], atol=1e-5)
+    assert 0.01 < slow[at].min() and (slow[at] < want[at] - 1e-3).all()
 
 
 def fake_results():

@@ -1,18 +1,21 @@
 """The Flax text encoder against torch: real all-MiniLM-L6-v2, random tiny BERT / XLM-R."""
 
 import json
+import os
 
 import numpy as np
 import pytest
 import torch
 from safetensors.numpy import load_file, save_file
+from tokenizers import Tokenizer
 from transformers import (AutoModel, BertConfig, BertForMaskedLM, BertModel, XLMRobertaConfig,
                           XLMRobertaForMaskedLM)
 
-from helpers import real_text
+from helpers import byte_tokenizer, real_text
 from memlong_jax.errors import UserError
 from memlong_jax.memlong.retrievers.text_encoder import (SentenceEncoder, default_encoder_dir,
                                                  load_text_encoder, read_config)
+from memlong_jax.memlong.retrievers.retriever import TextRetriever
 
 SENTENCES = [
     "MemLong stores chunk-level key/value pairs in an external memory.",
@@ -198,3 +201,25 @@ def test_unsupported_config_is_a_user_error(tmp_path, change, message):
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(UserError, match=message):
         read_config(str(tmp_path))
+
+
+def test_window_query_reads_the_window_end(minilm):
+    """A window longer than the encoder's 256 word pieces is queried by its end (where a question
+    sits), not its start: against torch on [CLS] + the last 254 word pieces + [SEP]."""
+    encoder, reference = minilm
+    tokenizer = byte_tokenizer()
+    text = real_text(3000)
+    questions = (" What is the pass key? The pass key is", " Who wrote that letter? The writer was")
+    rows = np.asarray([tokenizer.encode(text + q).ids for q in questions])  # same bytes but the end
+    queries = TextRetriever(tokenizer, 1, True, encoder).window_query(rows)
+    assert cosines(queries[0], queries[1]) < 0.99   # the two endings are seen
+
+    plain = Tokenizer.from_file(os.path.join(default_encoder_dir(), "tokenizer.json"))
+    plain.no_truncation()
+    plain.no_padding()
+    pieces = plain.encode(tokenizer.decode(rows[0].tolist())).ids
+    assert len(pieces) > 2 * encoder.config.max_seq_length
+    ids = np.asarray([pieces[:1] + pieces[1:-1][-(encoder.config.max_seq_length - 2):]
+                      + pieces[-1:]])
+    _, expected = torch_pooled(reference, ids, np.ones_like(ids), "mean")
+    assert cosines(queries[0], expected[0]) >= 0.99999

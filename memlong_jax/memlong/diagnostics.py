@@ -18,12 +18,13 @@ from memlong_jax.memlong.config import MemLongConfig
 
 
 def memory_mass(module: LlamaForCausalLM, mcfg: MemLongConfig, params, h, positions,
-                retrieved: MemoryKV):
+                retrieved: MemoryKV, weights=None, at=None):
     """Attention mass on memory `[B, len(retrieval_layers), heads]` (retrieval layers in
-    ascending order), averaged over the segment's queries, for hidden states `h` `[B, S, D]`
-    entering the memory layer. Attention with values 1 on memory slots and 0 on local ones is
-    that mass (the same `with_memory` + `grouped_attention` the model uses); the layers run
-    between them as in `scan.forward_step`."""
+    ascending order), averaged over the segment's queries (or taken at query index `at`), for
+    hidden states `h` `[B, S, D]` entering the memory layer. Attention with values 1 on memory
+    slots and 0 on local ones is that mass (the same `with_memory` + `grouped_attention` the
+    model uses); the layers run between them as in `scan.forward_step`. `weights` `[B, M]`
+    (0/1 per retrieved token): the mass on those memory tokens only (e.g. a pass key's)."""
     cfg = module.config
     apply = functools.partial(module.apply, {"params": params})
     cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta)
@@ -37,11 +38,14 @@ def memory_mass(module: LlamaForCausalLM, mcfg: MemLongConfig, params, h, positi
                                                      cfg.head_dim)
             mem = layer_memory(retrieved, layer, mcfg.retrieval_layers, cfg.head_dim,
                                cfg.rope_theta)
-            ones = mem._replace(values=jnp.ones_like(mem.keys))
+            ones = mem._replace(values=jnp.ones_like(mem.keys) if weights is None else
+                                jnp.broadcast_to(weights[:, :, None, None], mem.keys.shape)
+                                .astype(mem.keys.dtype))
             keys, values, mask = with_memory(apply_rope(k, cos, sin), jnp.zeros_like(k),
                                              causal_mask(k.shape[1], k.shape[1]), ones)
             out = grouped_attention(apply_rope(q, cos, sin), keys, values, mask)
-            masses.append(out[..., 0].astype(jnp.float32).mean(axis=1))
+            out = out[..., 0].astype(jnp.float32)
+            masses.append(out.mean(axis=1) if at is None else out[:, at])
         h = apply(h, positions, layer, layer + 1, retrieved, mcfg.retrieval_layers,
                   method=module.run_layers)
     return jnp.stack(masses, axis=1)

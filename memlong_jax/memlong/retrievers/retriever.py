@@ -8,7 +8,9 @@ empty memory they fit.
 - `text` (the paper's): each tau-token chunk is decoded with the LM's own tokenizer (special
   tokens skipped) and embedded by a sentence encoder on the host, in batches, before the jitted
   scan, so no host round trip happens inside it. The segment-mode query is the embedding of the
-  window's text.
+  window's text, its *end* when the encoder cannot read all of it (all-MiniLM: 256 word pieces,
+  about a quarter of a 1024-token window): the question a window ends in is what retrieval is
+  for (docs/passkey_retrieval.md).
 
 `make_retriever` is the one place that reads `MemLongConfig.retriever`.
 """
@@ -109,7 +111,7 @@ class TextRetriever(Retriever):
     def window_query(self, rows):
         if not self.segment_query:
             return None
-        return self.encoder.encode_texts(self._decode(rows))
+        return self.encoder.encode_texts(self._decode(rows), keep="end")
 
 
 HIDDEN = HiddenRetriever()

@@ -310,21 +310,26 @@ class TextEncoder(Loaded):
         return self._embed_fn(self.params, ids.astype(np.int32), mask.astype(bool))
 
     def encode_texts(self, texts: list[str], max_length: int | None = None,
-                     batch_size: int = 64) -> np.ndarray:
+                     batch_size: int = 64, keep: str = "start") -> np.ndarray:
         """Texts -> `[N, d]` float32 unit vectors.
 
         Tokenised on the host and truncated to `max_length` (default: sentence-transformers'
-        `max_seq_length`, else the position table; this sets `self.tokenizer`'s truncation).
-        Batched longest first to waste little on padding, with batch shapes rounded up to powers
-        of two so each shape compiles once.
+        `max_seq_length`, else the position table; this sets `self.tokenizer`'s truncation),
+        keeping each text's `start` or its `end` (a query about what comes next: all-MiniLM
+        reads 256 word pieces, a quarter of a 1024-token window, and the window's end is what
+        the next tokens follow). Batched longest first to waste little on padding, with batch
+        shapes rounded up to powers of two so each shape compiles once.
         """
+        if keep not in ("start", "end"):
+            raise ValueError(f"keep must be 'start' or 'end', got {keep!r}")
         if self.tokenizer is None:
             raise UserError("this text encoder has no tokenizer.json; use embed_ids with token ids")
         max_length = max_length or self.config.max_seq_length or self.config.max_positions
         if not 0 < max_length <= self.config.max_positions:
             raise UserError(f"max_length must be in 1..{self.config.max_positions}, "
                             f"got {max_length}")
-        self.tokenizer.enable_truncation(max_length)
+        self.tokenizer.enable_truncation(max_length,
+                                         direction="right" if keep == "start" else "left")
         encodings = [e.ids for e in self.tokenizer.encode_batch(list(texts))]
         order = np.argsort([-len(e) for e in encodings], kind="stable")
         out = np.zeros((len(encodings), self.config.hidden_size), np.float32)
