@@ -71,6 +71,7 @@ from memlong_jax.eval.icl.evaluation import (  # noqa: F401
     summarize,
     table,
     write_csv)
+from memlong_jax.eval.icl.prefix import shared_prefix  # noqa: F401
 from memlong_jax.eval.icl.prompts import (  # noqa: F401
     Group,
     Query,
