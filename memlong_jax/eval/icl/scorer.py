@@ -101,7 +101,7 @@ class ICLScorer:
         return scan.read_step(self.module, self.mcfg, params, state, ids,
                               segment_query=segment_query, head_at=head_at, lower=lower)[1]
 
-    def _prefix(self, windows: list[np.ndarray]) -> tuple[int, Prefix | None]:
+    def prefix(self, windows: list[np.ndarray]) -> tuple[int, Prefix | None]:
         """(length, run) of the prefix all `windows` share, run once and kept for the next
         call with the same one (`local` and `memlong` groups of a seed share their prompts);
         (0, None) when there is none, or `share_prefix` is off."""
@@ -200,7 +200,7 @@ class ICLScorer:
         extra = max(len(t) for t in labels) - 1
         rows_per_item = len(labels) if extra else 1
         order = sorted(range(n), key=lambda i: (len(queries[i].window), len(queries[i].memory)))
-        shared, prefix = self._prefix([q.window for q in queries])
+        shared, prefix = self.prefix([q.window for q in queries])
         start = 0
         while start < n:
             longest = queries[order[min(start + self.batch_size, n) - 1]].window
