@@ -40,7 +40,8 @@ Design choices:
   prompt's tail runs with one top-k per tail chunk (queried by the chunk before it), and
   `refresh` retrieves again each time a new chunk begins (after a spill, too), with the
   just-completed chunk as the query.
-* `segment` query mode: the embedding of the local window's contents (the prompt's tail at
+* `segment` query mode: the embedding of the local window's contents (its end, as far as the
+  text encoder reads: `TextRetriever.window_query`; the prompt's tail at
   `start`, the kept half after a spill), refreshed only at spills. Upstream queries with all past
   ids truncated to 8192 tokens; the window is what `score_sequence`'s segment mode uses, has a
   bounded cost however long the generation runs, and keeps generation and scoring comparable.
