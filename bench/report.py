@@ -397,6 +397,8 @@ def targets(results: dict) -> list[list]:
         share = row["share_of_prefix_step"] if row else None
         extra = (f"; {pct(row['share_of_full_step'])} of a full step"
                  if row and "share_of_full_step" in row else "")
+        load = results["retrieval"]["machine"]["load_average"][0]
+        extra += f" (under load: load average {load:.1f})" if load > UNDER_LOAD else ""
         rows.append([f"retrieval + memory write < 5% of step time at "
                      f"{common.fmt_tokens(memory)} tokens of memory (device backend, prefix step)",
                      (pct(share) + extra) if row else "not measured",
