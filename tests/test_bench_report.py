@@ -108,3 +108,23 @@ def test_generation_section_and_targets_compare_with_torch_at_the_same_prompt():
     assert "(under load: load average up to 5.0) | unconfirmed (under load" in loaded
     flat = next(line for line in lines if "generation: tokens/s with a 128k prompt" in line)
     assert "32k: 27.0 tok/s, 10.0% below 2k" in flat and "128k not run; within at 32k" in flat
+
+
+def test_icl_section_and_target():
+    def row(name, old, new, load):
+        return {"name": name, "items": 8, "window_tokens_mean": 1100.0,
+                "memory_tokens_mean": 0.0, "shared_prefix_tokens": 1040, "old_s": old,
+                "new_s": new, "speedup": old / new, "max_abs_diff": 2e-6,
+                "load_average": [load, 1.0, 1.0]}
+    rows = [row("local", 40.0, 4.0, 1.5), row("memlong m=18", 60.0, 30.0, 3.5)]
+    data = {"date": "d", "config": {"task": "sst-2", "k": 20, "seed": 1, "items": 8,
+                                    "matmul_peak": {"gflops": 150.0}},
+            "results": {"rows": rows, "prefix_s": 2.0, "prefix_tokens": 1040,
+                        "per_item_seed": {"old_s": 12.5, "new_s": 4.5, "speedup": 100 / 36}}}
+    text = report.render({"icl": data})
+    assert "| local | 8 | 1,100 | 0 | 1040 | 5.00 | 0.50 | 10.00x | 2.0e-06 |" in text
+    assert "| all rows, prefix included |" in text and "| 12.50 | 4.50 | 2.78x |" in text
+    target = next(line for line in text.splitlines() if line.startswith("| ICL:"))
+    assert "2.78x over all rows (local 10.00x, memlong m=18 2.00x)" in target
+    assert "load average up to 3.5" in target and "**missed**" in target
+    assert "150.0 GFLOP/s" in text

@@ -225,6 +225,56 @@ def test_batching_does_not_change_memlong_scores(model, data_dir, setting):
     np.testing.assert_array_equal(one_argmax, two_argmax)
 
 
+# --- the shared demonstration prefix, run once --------------------------------------------------
+
+def test_shared_prefix_is_the_common_start_of_the_windows():
+    a = np.asarray([5, 6, 7, 8, 9, 1])
+    assert icl.shared_prefix([a, np.asarray([5, 6, 7, 8, 2, 3])]) == 4
+    assert icl.shared_prefix([a, a.copy()]) == 5           # each keeps one token of its own
+    assert icl.shared_prefix([a, np.asarray([5, 6, 7, 1])]) == 3
+    assert icl.shared_prefix([a, np.asarray([5, 6, 1, 1, 1, 1, 1])]) == 0   # under half
+
+
+_PREFIX_SCORERS: dict = {}
+
+
+def prefix_scorers(model, setting):
+    """(new, reference): the same scorer with and without the shared prefix, per setting."""
+    key = tuple(sorted(setting.items()))
+    if key not in _PREFIX_SCORERS:
+        mcfg = model.memlong_config.replace(**setting)
+        _PREFIX_SCORERS[key] = tuple(
+            icl.ICLScorer(model.module, model.params, mcfg, capacity_chunks=64, batch_size=2,
+                          share_prefix=share) for share in (True, False))
+    return _PREFIX_SCORERS[key]
+
+
+@pytest.mark.parametrize("row, setting", [("local", {}), ("memlong", {}),
+                                          ("memlong", {"query_mode": "segment"}), ("full", {})])
+def test_shared_prefix_scores_equal_the_per_item_path(model, data_dir, row, setting):
+    """Every k group scored with the demonstrations run once equals each window run
+    whole, one group after another through one scorer (a prefix kept from the group before
+    would show), in batches of 2 whose windows after the prefix differ in length, for one-token
+    and multi-token labels. `full` windows start with each item's own memory: nothing shared."""
+    m = 0 if row == "local" else 6
+    _, groups = groups_of(model, data_dir, rows=(row,), ks=(2, 4), ms=(m,))
+    new, reference = prefix_scorers(model, setting)
+    labels_sets = (icl.label_token_ids(model.tokenizer, SST2),
+                   [np.asarray([ord("+")]), np.asarray([ord("-")]), np.asarray([5])])
+    for group in groups.values():
+        windows = [q.window for q in group.queries]
+        shared = icl.shared_prefix(windows)
+        assert (shared == 0) if row == "full" else (shared > len(windows[0]) // 2), shared
+        assert len({len(w) - shared for w in windows}) > 1
+        for labels in labels_sets[:1] if row == "full" else labels_sets:
+            scores, argmax = new.score(group.queries, labels)
+            expected, expected_argmax = reference.score(group.queries, labels)
+            np.testing.assert_allclose(scores, expected, atol=1e-5, rtol=1e-5)
+            np.testing.assert_array_equal(argmax, expected_argmax)
+        if row != "full":   # the prefix was run and kept
+            assert new._last_prefix[1] == shared
+
+
 # --- the command line ----------------------------------------------------------------------------
 
 def run(argv, capsys):

@@ -143,6 +143,15 @@ class KVCache(NamedTuple):
                        put(self.rotated, _heads_first(apply_rope(keys, at(cos), at(sin)), 2), 2),
                        put(self.values, _heads_first(values, 1), 1))
 
+    def repeated(self, batch: int, window: int) -> "KVCache":
+        """This one-row cache for `batch` rows in `window` slots (the added slots empty): a
+        prefix shared by every row, to be extended by each row's own tokens."""
+        grow = lambda a, axis: jnp.pad(a, [(0, window - a.shape[axis]) if i == axis else (0, 0)
+                                           for i in range(a.ndim)])
+        return KVCache(jnp.repeat(grow(self.keys, 1), batch, axis=0),
+                       jnp.tile(grow(self.rotated, 2), (batch, 1, 1)),
+                       jnp.tile(grow(self.values, 1), (batch, 1, 1)))
+
     def shift(self, n: int, cos, sin) -> "KVCache":
         """Drop the oldest `n` slots: the rest move to the front and are rotated again at their
         new positions (the stale tail lies beyond the caller's fill count)."""

@@ -213,16 +213,19 @@ class SegmentInputs(NamedTuple):
 
 
 def segment_inputs(module: LlamaForCausalLM, mcfg: MemLongConfig, params, state: MemLongState,
-                   ids, key_emb=None, segment_query=None, need_emb: bool = True) -> SegmentInputs:
+                   ids, key_emb=None, segment_query=None, need_emb: bool = True,
+                   lower=None) -> SegmentInputs:
     """Lower stack and retrieval of segment `ids` `[B, S]`, as every step starts; `need_emb`:
     the chunk embeddings are wanted even when the query does not need them (to write).
     key_emb `[B, S/tau, d]` and segment_query `[B, d]` come from a host-side retriever
-    (`retrievers.Retriever`); None: pooled in-graph from the memory layer's input."""
+    (`retrievers.Retriever`); None: pooled in-graph from the memory layer's input. `lower`:
+    `lower_stack`'s output for `ids` when the caller has it (a cached shared prefix)."""
     tau, length = mcfg.chunk_size, ids.shape[1]
     per_chunk = mcfg.query_mode == "chunk"
     if per_chunk and length % tau:
         raise ValueError(f"query_mode=chunk needs segments of whole chunks, got {length} tokens")
-    positions, h, x, keys, values = lower_stack(module, mcfg, params, ids)
+    positions, h, x, keys, values = lower if lower is not None else lower_stack(
+        module, mcfg, params, ids)
     if key_emb is None and (need_emb or per_chunk):
         key_emb = pooled_chunks(x, tau)
     if segment_query is None and mcfg.query_mode == "segment":
@@ -250,13 +253,13 @@ def forward_step(module: LlamaForCausalLM, mcfg: MemLongConfig, params, state: M
 
 
 def read_step(module: LlamaForCausalLM, mcfg: MemLongConfig, params, state: MemLongState, ids,
-              key_emb=None, segment_query=None, head_at=None):
+              key_emb=None, segment_query=None, head_at=None, lower=None):
     """Retrieve -> forward for `ids` `[B, S]` without writing them to memory (S need not be a
     multiple of tau, except in `chunk` mode): (state with the retrieval's hits counted, logits).
     `head_at` int `[B, P]`: run the final norm and LM head only at these positions (logits
-    `[B, P, V]`)."""
+    `[B, P, V]`). `lower`: `lower_stack(..., ids)` made by the caller (`segment_inputs`)."""
     seg = segment_inputs(module, mcfg, params, state, ids, key_emb, segment_query,
-                         need_emb=False)
+                         need_emb=False, lower=lower)
     lm, stop = module.bind({"params": params}), module.config.num_hidden_layers
     if mcfg.memory_kv == "per_layer":
         h = per_layer_stack(lm, mcfg, seg.h, seg.positions, seg.retrieved(), stop)[0]

@@ -59,6 +59,12 @@ Implementation:
   Memory streams of different lengths are left-padded with whole chunks that are marked empty
   after ingestion: an empty memory that never evicts fills slots in order, so the padding is
   exactly slots 0..pad-1, and the result is what each row would get alone.
+- The k demonstrations every window of a (task, seed, k) starts with run once (`prefix`,
+  found as the windows' common token prefix): `local` runs each item's own tokens through
+  every layer against their KV cache; `memlong` reuses them below the memory layer (above it
+  every token sees the item's own retrieved memory). `full` windows start with the item's own
+  memory demonstrations and share nothing. `ICLScorer(share_prefix=False)` runs every window
+  whole (the reference in tests and `bench/icl.py`).
 - Every jitted call compiles once per shape, ahead of time (`scoring.Scorer._call`), and the
   compile time is reported apart from the scoring time.
 """
@@ -71,6 +77,7 @@ from memlong_jax.eval.icl.evaluation import (  # noqa: F401
     summarize,
     table,
     write_csv)
+from memlong_jax.eval.icl.prefix import shared_prefix  # noqa: F401
 from memlong_jax.eval.icl.prompts import (  # noqa: F401
     Group,
     Query,
