@@ -10,21 +10,24 @@ compared where memory is large (a host FAISS call copies the row's embeddings ev
 
 What runs, per backend and memory size M (capacity M / 128 chunks, SmolLM2-135M's MemLong
 settings otherwise: 384-d text-retriever embeddings given precomputed, causal query, paper
-eviction, bf16 K/V), on a memory that is already full so every write evicts, over one block of
-`--block-chunks` chunks (ingest_prefix's default 32), each jitted with the state donated and
-threaded through the calls (`common.time_carried`), per chunk:
+eviction, bf16 K/V), on a memory that starts full, over one block of `--block-chunks` chunks
+(ingest_prefix's default 32), each jitted with the state donated and threaded through the calls
+(`common.time_carried`), per chunk:
 
 - retrieve: the query, top-k over the memory and the hit counts (`scan.retrieve_chunks`);
-- write: `scan.write_segment` (eviction when full, then the scatter into the memory);
+- write: `scan.write_segment` (eviction when a row is full, then the update of one slot);
+- evict: one eviction pass over the memory (`memory.evict`). A write evicts only into a full
+  row, and an eviction frees at least half of it, so it is charged per chunk as its time over
+  capacity / 2 and added to retrieve+write in the shares;
 - retrieve+write: both, chunk by chunk, i.e. `ingest_prefix`'s inner loop;
 - prefix step: `scan.ingest_prefix` on the block (frozen stack batched + the loop above);
 - full step: `scan.forward_step` on one tau-token chunk (retrieve, all 30 layers
   with the retrieved chunks, logits, write), the per-segment step of training.
-Shares = retrieve+write per chunk / step per chunk.
+Shares = (retrieve+write + evict) per chunk / step per chunk.
 
 Estimated wall time of the default run on a quiet 2-core CPU: 15-25 minutes (the 1M-token
-memory is 768 MB of K/V, and a write currently costs a pass over all of it; the faiss backend
-copies 12.5 MB of embeddings to the host per chunk there).
+memory is 768 MB of K/V; the faiss backend copies 12.5 MB of embeddings to the host per chunk
+there).
 """
 
 from __future__ import annotations
@@ -81,6 +84,7 @@ def step_functions(module, mcfg, g: int):
 def measure(model, base_mcfg, memory_tokens: int, backend: str, args) -> dict:
     import jax
     import jax.numpy as jnp
+    from memlong_jax.memlong import memory as mem_ops
     from memlong_jax.memlong import scan
     from memlong_jax.memlong.retrievers import make_retriever
 
@@ -102,12 +106,16 @@ def measure(model, base_mcfg, memory_tokens: int, backend: str, args) -> dict:
         t = common.time_carried(fn, state, keys, values, emb, repeats=args.repeats)
         row[name] = {**t, "per_chunk_s": t["median_s"] / g}
         state = common.full_state(model.module, mcfg, emb_dim)  # donated: rebuild
+    evict = lambda s: s._replace(memory=mem_ops.evict(s.memory, mcfg.eviction))
+    t = common.time_carried(evict, state, repeats=args.repeats)
+    row["evict"] = {**t, "per_chunk_s": t["median_s"] / (mcfg.capacity_chunks // 2)}
+    state = common.full_state(model.module, mcfg, emb_dim)
     ingest = functools.partial(scan.ingest_prefix, model.module, mcfg.replace(ingest_chunks=g))
     prefix = lambda s, p, i, e: ingest(p, s, i, e)
     t = common.time_carried(prefix, state, model.params, ids, emb if text else None,
                             repeats=args.repeats)
     row["prefix_step"] = {**t, "per_chunk_s": t["median_s"] / g}
-    rw = row["retrieve_write"]["per_chunk_s"]
+    rw = row["retrieve_write"]["per_chunk_s"] + row["evict"]["per_chunk_s"]
     row["share_of_prefix_step"] = rw / row["prefix_step"]["per_chunk_s"]
     if not args.no_full_step:
         state = common.full_state(model.module, mcfg, emb_dim)
@@ -137,7 +145,8 @@ def main() -> None:
             print(f"{backend:>6} {common.fmt_tokens(m):>5}: retrieve "
                   f"{row['retrieve']['per_chunk_s'] * 1e3:.2f} ms, write "
                   f"{row['write']['per_chunk_s'] * 1e3:.2f} ms, both "
-                  f"{row['retrieve_write']['per_chunk_s'] * 1e3:.2f} ms per chunk = "
+                  f"{row['retrieve_write']['per_chunk_s'] * 1e3:.2f} ms per chunk (+ eviction "
+                  f"{row['evict']['per_chunk_s'] * 1e3:.3f} ms) = "
                   f"{row['share_of_prefix_step']:.1%} of a prefix step{full}", file=sys.stderr)
     config = {"model_source": source, "memlong": mcfg.to_dict(),
               "memory": "full (every write evicts)", "state": "donated, threaded through calls"}

@@ -316,6 +316,65 @@ def test_inside_scan_equals_eager(policy):
     assert int(scanned.hits.sum()) > 0 and bool(scanned.valid.any(axis=1).all())
 
 
+def reference_write(mem, keys, values, emb, policy, rows):
+    """`write_chunk` spelled out in numpy: evict each selected full row (`M.evict`, checked
+    against `reference_survivors` above), then store the chunk in the row's first free slot."""
+    evicted = np.asarray(M.evict(mem, policy).valid)
+    out = {field: np.array(getattr(mem, field)) for field in M.Memory.__dataclass_fields__}
+    for b in np.flatnonzero(rows):
+        if out["valid"][b].all():
+            out["valid"][b] = evicted[b]
+        slot = int(np.argmin(out["valid"][b]))
+        for field, value in (("keys", keys[b]), ("values", values[b]), ("emb", emb[b]),
+                             ("valid", True), ("insert_time", out["clock"][b]), ("hits", 0)):
+            out[field][b, slot] = np.asarray(value).astype(out[field].dtype)
+        out["clock"][b] += 1
+    return out
+
+
+@pytest.mark.parametrize("mem_dtype", [jnp.bfloat16, jnp.float16, jnp.float32])
+@pytest.mark.parametrize("policy", M.POLICIES)
+def test_scanned_writes_match_reference_write(policy, mem_dtype):
+    """`write_chunks` (the scan every ingestion path runs) leaves every field bit for bit where
+    the plain write puts it, through many evictions, with hits counted in between."""
+    rng = np.random.default_rng()
+    batch, capacity, n = 3, int(rng.integers(2, 8)), 5
+    mem = M.init_memory(batch, capacity, TAU, N_KV, HEAD_DIM, EMB_DIM, mem_dtype)
+    write_n = jax.jit(M.write_chunks, static_argnames="policy", donate_argnums=0)
+    expected = {field: np.asarray(getattr(mem, field)) for field in M.Memory.__dataclass_fields__}
+    for _ in range(6):
+        keys, values = (rng.standard_normal((batch, n, TAU, N_KV, HEAD_DIM), np.float32)
+                        for _ in range(2))
+        emb = rng.standard_normal((batch, n, EMB_DIM), np.float32)
+        rows = rng.random((batch, n)) < 0.8
+        indices, found = rng.integers(0, capacity, (batch, 3)), rng.random((batch, 3)) < 0.7
+        mem = count_hits(M.Memory(**{f: jnp.asarray(a) for f, a in expected.items()}),
+                         indices, found)
+        expected = {field: np.asarray(getattr(mem, field)) for field in expected}
+        for i in range(n):
+            expected = reference_write(M.Memory(**{f: jnp.asarray(a) for f, a in expected.items()}),
+                                       keys[:, i], values[:, i], emb[:, i], policy, rows[:, i])
+        mem = write_n(mem, keys, values, emb, policy=policy, rows=rows)
+        for field, want in expected.items():
+            got = np.asarray(getattr(mem, field))
+            assert got.dtype == want.dtype and got.tobytes() == want.tobytes(), field
+        expected = {field: np.asarray(getattr(mem, field)) for field in expected}
+    assert int(mem.clock.min()) > capacity  # every row was evicted at least once
+
+
+def test_a_write_does_not_convert_the_whole_memory():
+    """XLA:CPU computes a dynamic_update_slice into a bf16 buffer in float32, converting the
+    whole memory up and back for every chunk written; `write_chunks` must not compile to that."""
+    mem = M.init_memory(1, 64, TAU, N_KV, HEAD_DIM, EMB_DIM, jnp.bfloat16)
+    chunks = jnp.zeros((1, 4, TAU, N_KV, HEAD_DIM))
+    compiled = jax.jit(M.write_chunks, donate_argnums=0).lower(
+        mem, chunks, chunks, jnp.zeros((1, 4, EMB_DIM))).compile().as_text()
+    whole = f"[1,64,{TAU},{N_KV},{HEAD_DIM}]"
+    converts = [line for line in compiled.splitlines()
+                if f"{whole}" in line and " convert(" in line]
+    assert "dynamic-update-slice" in compiled and not converts, converts
+
+
 # ---- validation --------------------------------------------------------------------------------
 
 def test_bad_arguments_name_the_field():

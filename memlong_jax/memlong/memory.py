@@ -114,6 +114,17 @@ def _check_shape(name: str, x, shape) -> None:
         raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(x.shape)}")
 
 
+def _bits(x):
+    """A 16-bit float array as the same-width unsigned integers (other dtypes as they are).
+
+    XLA:CPU computes a `dynamic_update_slice` into a bf16/f16 buffer in float32: it converts
+    the whole buffer up and back, a pass over all of memory for every chunk written. On the
+    integer view of the same bits the update stays in place and costs one chunk."""
+    if jnp.issubdtype(x.dtype, jnp.floating) and x.dtype.itemsize == 2:
+        return jax.lax.bitcast_convert_type(x, jnp.uint16)
+    return x
+
+
 def write_chunk(mem: Memory, keys, values, emb, policy: str = "paper", rows=None) -> Memory:
     """Store one chunk per selected row (`rows` bool `[B]`, default all) in its first free slot.
 
@@ -127,21 +138,29 @@ def write_chunk(mem: Memory, keys, values, emb, policy: str = "paper", rows=None
     _check_shape("values", values, (batch,) + mem.values.shape[2:])
     _check_shape("emb", emb, (batch, mem.emb.shape[2]))
     rows = jnp.ones((batch,), bool) if rows is None else jnp.asarray(rows, bool)
-    mem = _evict_rows(mem, policy, rows & mem.valid.all(axis=1))
+    full = rows & mem.valid.all(axis=1)
+    # Eviction sorts the whole row: run it only when a selected row is full (once in about
+    # capacity / 2 writes), not on every write.
+    mem = mem.replace(valid=jax.lax.cond(full.any(),
+                                         lambda: _evict_rows(mem, policy, full).valid,
+                                         lambda: mem.valid))
     slot = jnp.argmax(~mem.valid, axis=1)
 
     def put(field, value):
         """One `dynamic_update_slice` per row (unselected rows get their old chunk back), which
         XLA performs in place inside `scan`; a batched scatter made it copy the whole memory
-        for every chunk written."""
+        for every chunk written. 16-bit float fields are updated through their bits
+        (`_bits`)."""
         value = jnp.broadcast_to(jax.lax.stop_gradient(jnp.asarray(value)).astype(field.dtype),
                                  (batch,) + field.shape[2:])
+        dtype = field.dtype
+        field, value = _bits(field), _bits(value)
         for row in range(batch):
             start = (row, slot[row]) + (0,) * (field.ndim - 2)
             old = jax.lax.dynamic_slice(field, start, (1, 1) + field.shape[2:])
             field = jax.lax.dynamic_update_slice(
                 field, jnp.where(rows[row], value[row][None, None], old), start)
-        return field
+        return jax.lax.bitcast_convert_type(field, dtype)
 
     return mem.replace(keys=put(mem.keys, keys), values=put(mem.values, values),
                        emb=put(mem.emb, emb), valid=put(mem.valid, True),
