@@ -34,6 +34,11 @@ def load(path: str) -> dict | None:
     return json.load(open(path)) if os.path.isfile(path) else None
 
 
+def merged(paths: list[str]) -> dict | None:
+    """The recall JSONs at `paths` as one (their summaries concatenated)."""
+    return {"summary": [r for p in paths for r in load(p)["summary"]]} if paths else None
+
+
 def fmt(x, digits=3):
     return "n/a" if x is None else f"{x:.{digits}f}"
 
@@ -77,7 +82,8 @@ def curve_section(metrics: str) -> str:
     if not os.path.isfile(metrics):
         return "_no training metrics yet_\n"
     rows = [json.loads(line) for line in open(metrics)]
-    sig = [r for r in rows if "memory_gain" in r]
+    # A resumed run logs the signals of its first step again: the last row of a step counts.
+    sig = list({r["step"]: r for r in rows if "memory_gain" in r}.values())
     losses = {r["step"]: r["loss"] for r in rows if "loss" in r}
     layers = sorted({k for r in sig for k in r if k.startswith("memory_mass_l")},
                     key=lambda k: int(k.rsplit("l", 1)[1]))
@@ -94,8 +100,13 @@ def recall_section(measured: str) -> str:
     """Repeat (2nd-copy NLL) and passkey (accuracy, log p) per row and length: the trained
     model's rows, the base model's `local`/`full`, and the base model read as the recipe reads
     (untrained_same_reading_*): the same items (Jane Eyre, seed 0) in every row."""
-    sources = [("trained", load(f"{measured}/trained_repeat.json"),
+    fixed = os.path.join(os.path.dirname(measured), "passkey15")  # after the query fix
+    sources = [("trained 10 steps", load(f"{measured}/trained_repeat.json"),
                 load(f"{measured}/trained_passkey.json")),
+               ("trained 10 steps, query fixed", None,
+                merged(sorted(glob.glob(f"{fixed}/fixed_passkey_segment*.json")))),
+               ("trained 60 steps", load(f"{measured}/trained60_repeat.json"),
+                load(f"{measured}/trained60_passkey.json")),
                ("base", load(f"{measured}/base_repeat.json"), None),
                ("untrained, same reading",
                 load(f"{measured}/untrained_same_reading_repeat.json"), None)]

@@ -73,7 +73,7 @@ PRESETS: dict[str, Preset] = {
         TrainConfig(
             model="smollm2-135m", init_from="demo_out/smollm2-135m",
             output_dir="out/train/smollm2-135m-recall", seq_len=1024, rows_per_replica=1,
-            grad_accum=4, steps=120, lr=1e-3, warmup_steps=5, trainable="lora", lora_rank=16,
+            grad_accum=4, steps=60, lr=1e-3, warmup_steps=5, trainable="lora", lora_rank=16,
             lora_alpha=32.0, lora_dropout=0.0, eval_every=0, eval_batches=0, eval_length=2048,
             eval_window=1024, log_every=1, checkpoint_every=5, signal_every=10,
             recall_fraction=0.5, recall_episode=2, seed=42)),
