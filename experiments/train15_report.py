@@ -105,8 +105,12 @@ def recall_section(measured: str) -> str:
                 load(f"{measured}/trained_passkey.json")),
                ("trained 10 steps, query fixed", None,
                 merged(sorted(glob.glob(f"{fixed}/fixed_passkey_segment*.json")))),
+               ("trained 10 steps, query fixed, depths 10-90%", None,
+                load(f"{fixed}/fixed_passkey_depths.json")),
                ("trained 60 steps", load(f"{measured}/trained60_repeat.json"),
                 load(f"{measured}/trained60_passkey.json")),
+               ("trained 60 steps, depths 10-90%", None,
+                load(f"{measured}/trained60_passkey_depths.json")),
                ("base", load(f"{measured}/base_repeat.json"), None),
                ("untrained, same reading",
                 load(f"{measured}/untrained_same_reading_repeat.json"), None)]
