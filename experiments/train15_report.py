@@ -148,11 +148,12 @@ def ppl_section(measured: str) -> str:
     rows = []
     for name, text in (("book", "Jane Eyre (held out)"), ("wiki", "WikiText-2 raw test"),
                        ("latex", "carleson_blueprint.tex")):
-        for model in ("trained", "base"):
+        for model, shown in (("trained", "trained 10 steps"), ("trained60", "trained 60 steps"),
+                             ("base", "base")):
             # `trained_book.json`, then runs added later (`trained_book_32k.json`)
             paths = sorted(glob.glob(f"{measured}/{model}_{name}*.json"), key=len)
             for r in [r for path in paths for r in (load(path) or {}).get("rows", [])]:
-                rows.append([text, model, r["mode"], label(r["length"]), r["windows"],
+                rows.append([text, shown, r["mode"], label(r["length"]), r["windows"],
                              fmt(r["ppl"], 2)])
     if not rows:
         return "_no perplexity measurements yet_\n"
