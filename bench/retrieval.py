@@ -149,7 +149,8 @@ def main() -> None:
                   f"{row['evict']['per_chunk_s'] * 1e3:.3f} ms) = "
                   f"{row['share_of_prefix_step']:.1%} of a prefix step{full}", file=sys.stderr)
     config = {"model_source": source, "memlong": mcfg.to_dict(),
-              "memory": "full (every write evicts)", "state": "donated, threaded through calls"}
+              "memory": "full (eviction timed apart, charged once per capacity / 2 writes)",
+              "state": "donated, threaded through calls", "matmul_peak": common.matmul_peak()}
     common.finish(NAME, args, config, rows, started)
 
 
