@@ -89,7 +89,8 @@ class Model(Loaded):
         stop token is included, later tokens of a finished row are the pad id). `window`: the
         local KV cache, a multiple of the chunk size. `mcfg` defaults to `memlong_config`;
         the text retriever uses `encoder` (default: the bundled all-MiniLM-L6-v2).
-        `on_token(tokens)` streams each step's tokens (an int, or `[B]`) as they are chosen.
+        `on_token(tokens)` streams each step's tokens (an int, or `[B]`) as they are chosen,
+        in bursts of up to `generation.DEFAULT_RUN_STEPS` (the steps of one device call).
         """
         ids = np.asarray(prompt_ids)
         if ids.ndim not in (1, 2):

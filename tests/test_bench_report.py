@@ -110,6 +110,34 @@ def test_generation_section_and_targets_compare_with_torch_at_the_same_prompt():
     assert "32k: 27.0 tok/s, 10.0% below 2k" in flat and "128k not run; within at 32k" in flat
 
 
+def test_decode_profile_section_and_the_bound_of_a_missed_decode_target():
+    piece = lambda name, ms: {"piece": name, "ms_per_token": ms, "gb_per_s": 540 / ms}
+    profile = {"date": "d", "config": {"length": 2048, "window": 2048, "steps": 64,
+                                       "run_steps": 32, "repeats": 3},
+               "results": [{"engine": "memlong", "weight_bytes": 540e6, "load_average": [1.5],
+                            "rows": [piece("weights: XLA matvecs", 30.0),
+                                     piece("weights: numpy matvecs", 27.0),
+                                     piece("memlong: fused loop (Generator.tokens, 32 per call)",
+                                           45.0)]},
+                           {"engine": "torch", "error": "worker exited with -9"}]}
+    text = report.render({"decode_profile": profile})
+    assert "| memlong | weights: numpy matvecs | 27.00 | 37.0 | 20.0 |" in text
+    assert "| torch | error: worker exited with -9 |" in text and "memlong 1.5" in text
+    row = lambda engine, rate: {"engine": engine, "length": 2048, "ttft_s": 1.0,
+                                "decode_tokens_per_s": rate, "peak_rss_mb": 900.0,
+                                "load_average": [1.0, 1.0, 1.0]}
+    generation = {"date": "d", "config": {}, "results": [row("memlong", 22.0),
+                                                          row("torch", 12.0)]}
+    speed = next(line for line in report.render({"generation": generation,
+                                                 "decode_profile": profile}).splitlines()
+                 if "generation: decode with a 2k prompt" in line)
+    assert "1.83x (22.0 vs 12.0 tok/s); bound: reading the weights once takes 27.0 ms " \
+           "(numpy matvecs, 20.0 GB/s), a ceiling of 37.0 tok/s; memlong: fused loop at 60% " \
+           "of it" in speed and "**missed**" in speed
+    generation["results"][0]["decode_tokens_per_s"] = 30.0   # met: no bound
+    assert "bound:" not in report.render({"generation": generation, "decode_profile": profile})
+
+
 def test_icl_section_and_target():
     def row(name, old, new, load):
         return {"name": name, "items": 8, "window_tokens_mean": 1100.0,

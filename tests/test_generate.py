@@ -234,6 +234,84 @@ def test_text_retriever_spills_the_text_of_the_spilled_tokens():
     assert int(state.memlong.memory.valid.sum()) == 3
 
 
+# ---- fused decode: runs of steps in one jitted call ------------------------------------------
+
+# (prompt length, MemLong settings): a prompt that fits the window (local until the first
+# spill), one whose head goes to memory in each query mode (chunk: a refresh every 4 tokens).
+FUSED_CASES = {"local": (5, MCFG), "causal": (42, MCFG),
+               "chunk": (42, MCFG.replace(query_mode="chunk")),
+               "segment": (40, MCFG.replace(query_mode="segment"))}
+
+
+def stepwise_logits(gen_obj, params, prompt, n, sampling, seed):
+    """The loop before fusing, written out: `sample` with fold_in(key, i), then `step` -> the
+    tokens `[n, B]` and the logits each was chosen from `[n, B, V]`."""
+    key = jax.random.PRNGKey(seed)
+    state, logits = gen_obj.start(params, prompt)
+    tokens, seen = [], []
+    for i in range(n):
+        seen.append(np.asarray(logits))
+        tokens.append(np.asarray(generation.sample(logits, jax.random.fold_in(key, i), sampling)))
+        if i + 1 < n:
+            state, logits = gen_obj.step(params, state, tokens[-1])
+    return np.stack(tokens), np.stack(seen)
+
+
+@pytest.mark.parametrize("case", FUSED_CASES)
+@pytest.mark.parametrize("sampling", [generation.Sampling(),
+                                      generation.Sampling(temperature=1.0, top_p=0.9)])
+def test_decode_run_equals_the_stepwise_loop(params, case, sampling):
+    """`decode_run` calls of up to 5 steps between spills and refreshes, 30 tokens after the
+    prompt (the 16-slot cache spills 2-4 times): the same tokens as the step-by-step loop and
+    the same logits at the end of every call, spills and refreshes included."""
+    prompt_len, mcfg = FUSED_CASES[case]
+    gen_obj = generation.Generator(MODULE, mcfg, WINDOW)
+    prompt, n, seed = random_ids(11, length=prompt_len), 30, 5
+    want_tokens, want_logits = stepwise_logits(gen_obj, params, prompt, n, sampling, seed)
+    key, stops = jax.random.PRNGKey(seed), np.zeros(0, np.int32)
+    state, _ = gen_obj.start(params, prompt)
+    tokens, done, index, spills = jnp.asarray(want_tokens[0]), jnp.zeros(2, bool), 1, 0
+    while index < n:
+        before = int(state.length)
+        state, free = gen_obj.room(state)
+        spills += int(state.length) < before
+        state, tokens, logits, done, out, taken = generation.decode_run(
+            MODULE, mcfg, sampling, 8, params, state, tokens, key, index,
+            min(free, 5, n - index), done, stops, 0)
+        index += int(taken)
+        np.testing.assert_array_equal(np.asarray(out)[:int(taken)],
+                                      want_tokens[index - int(taken):index])
+        np.testing.assert_allclose(np.asarray(logits), want_logits[index - 1], atol=1e-5,
+                                   rtol=0)
+    assert index == n and spills >= 2 and np.abs(want_logits).max() > 1.0
+
+
+@pytest.mark.parametrize("case,retriever", [("local", "hidden"), ("chunk", "hidden"),
+                                             ("chunk", "text")])
+def test_fused_tokens_equal_the_stepwise_stream(params, case, retriever):
+    """`Generator.tokens` fused (3 steps per call) yields what the step-by-step loop yields,
+    sampled, across spills and refreshes (text retriever: embeddings made on the host between
+    calls), and with stop tokens that end one row, then the other."""
+    from memlong_jax.memlong.retrievers import load_text_encoder, make_retriever
+    prompt_len, mcfg = FUSED_CASES[case]
+    mcfg = mcfg.replace(retriever=retriever)
+    tokenizer = byte_tokenizer()
+    retriever = make_retriever(mcfg, tokenizer,
+                               load_text_encoder() if retriever == "text" else None)
+    text = np.asarray(tokenizer.encode(real_text(400)).ids, np.int32)
+    prompt = np.stack([text[40:40 + prompt_len], text[200:200 + prompt_len]])
+    sampling = generation.Sampling(temperature=1.0)
+    stream = lambda run_steps, **kw: np.stack(list(
+        generation.Generator(MODULE, mcfg, WINDOW, retriever, run_steps)
+        .tokens(params, prompt, 30, sampling, seed=7, **kw)))
+    want = stream(0)   # 0: TokenStream's loop, one step per call
+    np.testing.assert_array_equal(stream(3), want)
+    stops = [int(want[5, 0]), int(want[8, 1])]
+    want_stopped = stream(0, stop_ids=stops, pad_id=1)
+    assert len(want_stopped) <= 9 and np.isin(want_stopped, stops).any(axis=0).all()
+    np.testing.assert_array_equal(stream(3, stop_ids=stops, pad_id=1), want_stopped)
+
+
 # ---- sampling ------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")

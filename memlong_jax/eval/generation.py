@@ -15,6 +15,9 @@ embeddings, sampling keys, stop tokens):
 * `decode`: one token per row attends to the cache (causal) and, in the retrieval layers, to the
   chunks retrieved at the last `start`/`spill`/`refresh`. No retrieval and no host round trip
   inside.
+* `decode_run`: many `decode` steps in one call (a `lax.while_loop`), the tokens chosen on the
+  device: `Generator.tokens` goes back to the host only between runs, for a spill or refresh
+  (text embeddings) or after `run_steps` tokens, not once per token.
 * `spill` (only when the cache is full): its oldest `spill_size` tokens (half, in whole chunks)
   go into memory: the memory layer's pre-RoPE K/V straight from its cache, and embeddings pooled
   from the memory layer's normed inputs kept beside the cache (hidden retriever, as
@@ -66,6 +69,10 @@ from memlong_jax.memlong.config import MemLongConfig
 from memlong_jax.memlong.retrievers import HIDDEN, Retriever
 
 DEFAULT_WINDOW = 2048
+# Decode steps per jitted call of `Generator.tokens` (`decode_run`): the host round trip per call
+# is shared by this many tokens, and streaming yields tokens in bursts of at most this many.
+# 0: no fusing, one `decode` call and host round trip per token (`TokenStream`'s loop).
+DEFAULT_RUN_STEPS = 32
 
 
 class GenState(NamedTuple):
@@ -282,36 +289,84 @@ def sample(logits, key, sampling: Sampling):
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
+def choose(logits, key, index, done, stops, pad, sampling: Sampling):
+    """Step `index`'s tokens `[B]`: drawn with `fold_in(key, index)`, `pad` for the rows already
+    done; and which rows are done after them (one of `stops` `[S]` chosen)."""
+    tokens = jnp.where(done, pad, sample(logits, jax.random.fold_in(key, index), sampling))
+    return tokens, done | (tokens[:, None] == stops[None, :]).any(axis=-1)
+
+
+_choose = jax.jit(choose, static_argnames=("sampling",))
+
+
+def _stops(max_new_tokens, stop_ids: Sequence[int], pad_id: int | None):
+    """The checked token budget's stop ids `[S]` and pad id (default: the first stop id)."""
+    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) \
+            or max_new_tokens < 1:
+        raise UserError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+    stops = np.asarray(list(stop_ids), np.int32)
+    return stops, pad_id if pad_id is not None else int(stops[0]) if stops.size else 0
+
+
 class TokenStream:
     """The sampling loop over a decoder's `start(params, prompt_ids) -> (state, logits)` and
-    `step(params, state, tokens) -> (state, logits)`; shared by MemLong's `Generator` and block
-    memory's `BlockGenerator`."""
+    `step(params, state, tokens) -> (state, logits)`, one host round trip per token; shared by
+    block memory's `BlockGenerator` and MemLong's `Generator` (which fuses the steps)."""
 
     def tokens(self, params, prompt_ids, max_new_tokens: int, sampling: Sampling = Sampling(),
                stop_ids: Sequence[int] = (), seed: int = 0,
                pad_id: int | None = None) -> Iterator[np.ndarray]:
-        """Yield each step's new tokens `[B]` as soon as they are chosen (streaming).
+        """Yield each step's new tokens `[B]` as they are chosen (streaming).
 
         Stops after `max_new_tokens` steps or once every row has produced one of `stop_ids`
         (the stop token is yielded); rows that stopped earlier yield `pad_id` (default: the
         first stop id). Step i draws with `fold_in(PRNGKey(seed), i)`: a seed fixes the output.
         """
-        if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) \
-                or max_new_tokens < 1:
-            raise UserError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
-        stops = np.asarray(list(stop_ids), np.int32)
-        pad = pad_id if pad_id is not None else int(stops[0]) if stops.size else 0
+        stops, pad = _stops(max_new_tokens, stop_ids, pad_id)
         key = jax.random.PRNGKey(seed)
         gen, logits = self.start(params, prompt_ids)
-        done = np.zeros(np.shape(prompt_ids)[0], bool)
-        for i in range(max_new_tokens):
-            tokens = np.where(done, pad, np.asarray(sample(logits, jax.random.fold_in(key, i),
-                                                           sampling)))
-            yield tokens
-            done |= np.isin(tokens, stops)
-            if done.all() or i + 1 == max_new_tokens:
-                return
+        tokens, done = _choose(logits, key, 0, jnp.zeros(np.shape(prompt_ids)[0], bool), stops,
+                               pad, sampling)
+        chosen, finished = jax.device_get((tokens, done.all()))
+        yield chosen
+        if not finished:
+            yield from self._decode(params, gen, tokens, done, key, max_new_tokens, sampling,
+                                    stops, pad)
+
+    def _decode(self, params, gen, tokens, done, key, max_new_tokens: int, sampling: Sampling,
+                stops, pad) -> Iterator[np.ndarray]:
+        """`tokens`'s steps after step 0's `tokens` `[B]`: one `step` and one round trip each."""
+        for index in range(1, max_new_tokens):
             gen, logits = self.step(params, gen, tokens)
+            tokens, done = _choose(logits, key, index, done, stops, pad, sampling)
+            tokens, finished = jax.device_get((tokens, done.all()))
+            yield tokens
+            if finished:
+                return
+
+
+@functools.partial(jax.jit, static_argnames=("module", "mcfg", "sampling", "capacity"),
+                   donate_argnames=("gen",))
+def decode_run(module, mcfg: MemLongConfig, sampling: Sampling, capacity: int, params,
+               gen: GenState, tokens, key, first, steps, done, stops, pad):
+    """`steps` (traced, at most `capacity`) decode steps in one call, with no host round trip:
+    each feeds the tokens `[B]` chosen last (`decode`) and chooses the next ones from their
+    logits (`choose`, step index `first + j`). The cache must take them with no spill or
+    refresh due on the way (`Generator.room`). Stops early once every row is done. Returns
+    (state, the last tokens chosen, the logits they were chosen from `[B, V]`, done, the tokens
+    chosen `[capacity, B]`, of which the first `taken` are real, taken)."""
+
+    def body(carry):
+        gen, tokens, _, done, out, j = carry
+        gen, logits = _extend(module, mcfg, params, gen, tokens[:, None])
+        tokens, done = choose(logits, key, first + j, done, stops, pad, sampling)
+        return gen, tokens, logits, done, out.at[j].set(tokens), j + 1
+
+    more = lambda carry: (carry[5] < steps) & ~carry[3].all()
+    batch = tokens.shape[0]
+    return jax.lax.while_loop(more, body, (
+        gen, tokens, jnp.zeros((batch, module.config.vocab_size), module.dtype), done,
+        jnp.zeros((capacity, batch), jnp.int32), jnp.zeros((), jnp.int32)))
 
 
 @dataclasses.dataclass
@@ -326,10 +381,14 @@ class Generator(TokenStream):
     mcfg: MemLongConfig
     window: int = DEFAULT_WINDOW
     retriever: Retriever = HIDDEN
+    run_steps: int = DEFAULT_RUN_STEPS
 
     def __post_init__(self):
         self.mcfg.validate(self.module.config)
         check_window(self.mcfg, self.window)
+        if not isinstance(self.run_steps, int) or isinstance(self.run_steps, bool) \
+                or self.run_steps < 0:
+            raise UserError(f"run_steps must be an integer >= 0, got {self.run_steps!r}")
 
     def start(self, params, prompt_ids, mstate: scan.MemLongState | None = None):
         """Prompt `[B, P]` (P >= 1) -> (state, logits for the first new token). `mstate`: a
@@ -359,15 +418,45 @@ class Generator(TokenStream):
         return spill(self.mcfg, gen, None if ids is None else self.retriever.chunk_keys(ids[:, :n]),
                      None if ids is None else self.retriever.window_query(ids[:, n:]))
 
-    def step(self, params, gen: GenState, tokens):
-        """Feed one token per row -> (state, next-token logits); spills first if the cache is
-        full. `gen` is consumed (its buffers are donated)."""
+    def room(self, gen: GenState) -> tuple[GenState, int]:
+        """Make room for the next token (`spill` a full cache; in `chunk` mode `refresh` when
+        it begins a chunk) -> (state, tokens that can be fed before the next spill or refresh)."""
         if int(gen.length) == self.window:
             gen = self.spill(gen)
         length, tau = int(gen.length), self.mcfg.chunk_size
-        if self.mcfg.query_mode == "chunk" and length % tau == 0:
+        if self.mcfg.query_mode != "chunk":
+            return gen, self.window - length
+        if length % tau == 0:
             done = (np.asarray(gen.ids)[:, length - tau:length] if self.retriever.host_side
                     else None)
             gen = refresh(self.mcfg, gen,
                           None if done is None else self.retriever.chunk_keys(done)[:, 0])
+        return gen, tau - length % tau
+
+    def step(self, params, gen: GenState, tokens):
+        """Feed one token per row -> (state, next-token logits); spills (and refreshes) first
+        when due. `gen` is consumed (its buffers are donated)."""
+        gen, _ = self.room(gen)
         return decode(self.module, self.mcfg, params, gen, jnp.asarray(tokens, jnp.int32))
+
+    def _decode(self, params, gen, tokens, done, key, max_new_tokens: int, sampling: Sampling,
+                stops, pad) -> Iterator[np.ndarray]:
+        """`TokenStream._decode` (the same tokens and logits) with the steps between two spills
+        or refreshes fused into `decode_run` calls of at most `run_steps` tokens: one host
+        round trip per call instead of per token; each call's tokens yielded when it ends.
+        `run_steps` 0: `TokenStream._decode` itself."""
+        if not self.run_steps:
+            yield from super()._decode(params, gen, tokens, done, key, max_new_tokens, sampling,
+                                       stops, pad)
+            return
+        index = 1   # the step whose tokens are chosen next
+        while index < max_new_tokens:
+            gen, free = self.room(gen)
+            gen, tokens, _, done, chosen, taken = decode_run(
+                self.module, self.mcfg, sampling, self.run_steps, params, gen, tokens, key,
+                index, min(free, self.run_steps, max_new_tokens - index), done, stops, pad)
+            chosen, taken, finished = jax.device_get((chosen, taken, done.all()))
+            yield from chosen[:taken]
+            index += int(taken)
+            if finished:
+                return
