@@ -32,7 +32,7 @@ COMMANDS = {
     "chunk_step": ("-m bench.chunk_step", "1-2 min"),
     "attention": ("-m bench.attention", "2-4 min"),
     "generation": ("-m bench.generation", "20-40 min (128k prompt ingestion included)"),
-    "decode_profile": ("-m bench.decode_profile", "3-5 min"),
+    "decode_profile": ("-m bench.decode_profile", "5-10 min"),
     "icl": ("-m bench.icl", "20-30 min (k = 20, 8 items, both paths)"),
     "gpu": ("-m bench.gpu", "GPU only: about --budget-s (150 s) + 1-2 min"),
 }
