@@ -23,12 +23,16 @@ LENGTHS=${LENGTHS:-4k,8k,32k}            # repeat
 PASSKEY_LENGTHS=${PASSKEY_LENGTHS:-8k,32k}
 BOOK_LENGTHS=${BOOK_LENGTHS:-16k}
 ITEMS=${ITEMS:-1}
+TAG=${TAG:-trained}      # file-name prefix of the trained model's new results (e.g. trained60)
 READ="--local-window 1024 --set memory_tokens=32768 --set continuation=true"
 mkdir -p "$OUT"
 
 recall() {  # NAME CKPT ARGS...
   local name=$1 ckpt=$2; shift 2
-  $PY -m memlong_jax.recall "$ckpt" --haystack "$BOOK" --items "$ITEMS" --json "$OUT/$name.json" -q "$@"
+  # --batch 1: per-layer memory of 32k-128k tokens is 0.5-2 GB per item, held twice while
+  # answers are forced
+  $PY -m memlong_jax.recall "$ckpt" --haystack "$BOOK" --items "$ITEMS" --batch 1 \
+    --json "$OUT/$name.json" -q "$@"
 }
 score() {   # NAME CKPT INPUT ARGS...
   local name=$1 ckpt=$2 input=$3; shift 3
@@ -51,6 +55,27 @@ latex_trained()   { score trained_latex "$TRAINED" ../shared/data/proofpile_like
                       --lengths 4k --modes memlong,local --set memory_tokens=32768 --set query_mode=chunk \
                       --set continuation=true; }
 book_base()       { score base_book "$BASE" "$BOOK" --lengths 4k --modes local,full; }
+
+# Rates rather than single items: one JSON per (length, seed); seed 0 index 0 at depths
+# 10..90% at 4k/8k is trained60_passkey_depths + trained60_passkey, so add RATE_SEED=1 for more.
+passkey_rate()    { local seed=${RATE_SEED:-1}
+                    for n in ${RATE_LENGTHS:-4k 8k 16k 32k}; do
+                      recall "${TAG}_passkey_rate_${n}_s$seed" "$TRAINED" --tasks passkey \
+                        --depths "${RATE_DEPTHS:-10,30,50,70,90}" --seed "$seed" --lengths "$n" \
+                        --rows memlong,local --query-modes segment $READ; done; }
+# 128k needs a memory that holds all of it (the paper's eviction would drop the key otherwise).
+passkey_128k()    { for d in ${DEPTHS_128K:-50}; do
+                      recall "${TAG}_passkey_128k_d$d" "$TRAINED" --tasks passkey --depths "$d" \
+                        --lengths 128k --rows memlong --query-modes segment --local-window 1024 \
+                        --set memory_tokens=131072 --set continuation=true; done; }
+repeat_32k()      { recall "${TAG}_repeat_32k" "$TRAINED" --tasks repeat --depths 0 --lengths 32k \
+                      --rows memlong,local --query-modes chunk $READ; }
+needle_trained()  { recall "${TAG}_needle" "$TRAINED" --tasks needle --depths 50 --items 2 --lengths 4k,32k \
+                      --rows memlong,local --query-modes segment $READ; }
+book_32k()        { score "${TAG}_book_32k" "$TRAINED" "$BOOK" --lengths 32k --modes memlong,local \
+                      --set memory_tokens=32768 --set continuation=true --set query_mode=chunk; }
+passkey_base()    { recall base_passkey "$BASE" --tasks passkey --depths 10,50,90 --lengths 4k,8k \
+                      --rows local,full --local-window 1024; }
 
 for stage in ${@:-repeat_trained repeat_base passkey_trained book_trained wiki_trained latex_trained book_base}; do
   echo "== $stage $(date -u +%H:%M:%S)" >&2

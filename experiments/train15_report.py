@@ -56,6 +56,17 @@ def cells(data: dict | None, task: str, metric: str) -> dict:
     return {k: sum(v) / len(v) for k, v in out.items()}
 
 
+def counts(data: dict | None, task: str) -> dict:
+    """{(row, length): (correct, items)} of a recall JSON: accuracy is a rate over items."""
+    out: dict = {}
+    for r in (data or {}).get("summary", []):
+        if r["task"] == task and r.get("accuracy") is not None:
+            right, n = out.get((r["row"], r["length"]), (0, 0))
+            out[(r["row"], r["length"])] = (right + round(r["accuracy"] * r["items"]),
+                                            n + r["items"])
+    return out
+
+
 def lever_section(folder: str) -> str:
     base_repeat = cells(load(f"{folder}/baselines_repeat_2k.json"), "repeat", "nll_second")
     base_key = cells(load(f"{folder}/baselines_passkey_4k.json"), "passkey", "logprob")
@@ -101,30 +112,45 @@ def recall_section(measured: str) -> str:
     model's rows, the base model's `local`/`full`, and the base model read as the recipe reads
     (untrained_same_reading_*): the same items (Jane Eyre, seed 0) in every row."""
     fixed = os.path.join(os.path.dirname(measured), "passkey15")  # after the query fix
+    # every 60-step passkey item (distinct seeds or depths in each file) pooled into rates
+    rate = [f"{measured}/trained60_passkey.json", f"{measured}/trained60_passkey_depths.json"] \
+        + sorted(glob.glob(f"{measured}/trained60_passkey_rate_*.json")) \
+        + sorted(glob.glob(f"{measured}/trained60_passkey_128k*.json"))
+    rate = [path for path in rate if os.path.isfile(path)]
+    # (name, repeat JSON, passkey JSON, needle JSON)
     sources = [("trained 10 steps", load(f"{measured}/trained_repeat.json"),
-                load(f"{measured}/trained_passkey.json")),
+                load(f"{measured}/trained_passkey.json"), None),
                ("trained 10 steps, query fixed", None,
-                merged(sorted(glob.glob(f"{fixed}/fixed_passkey_segment*.json")))),
+                merged(sorted(glob.glob(f"{fixed}/fixed_passkey_segment*.json"))), None),
                ("trained 10 steps, query fixed, depths 10-90%", None,
-                load(f"{fixed}/fixed_passkey_depths.json")),
+                load(f"{fixed}/fixed_passkey_depths.json"), None),
                ("trained 60 steps", load(f"{measured}/trained60_repeat.json"),
-                load(f"{measured}/trained60_passkey.json")),
+                load(f"{measured}/trained60_passkey.json"), None),
                ("trained 60 steps, depths 10-90%", None,
-                load(f"{measured}/trained60_passkey_depths.json")),
-               ("base", load(f"{measured}/base_repeat.json"), None),
+                load(f"{measured}/trained60_passkey_depths.json"), None),
+               ("trained 60 steps, every item pooled (depths 10-90%, seeds 0 and 1)",
+                load(f"{measured}/trained60_repeat_32k.json"), merged(rate),
+                load(f"{measured}/trained60_needle.json")),
+               ("base, depths 10/50/90%", None, load(f"{measured}/base_passkey.json"), None),
+               ("base", load(f"{measured}/base_repeat.json"), None, None),
                ("untrained, same reading",
-                load(f"{measured}/untrained_same_reading_repeat.json"), None)]
+                load(f"{measured}/untrained_same_reading_repeat.json"), None, None)]
     out = []
     for task, metric, title, digits in (
             ("repeat", "nll_second", "`repeat`: NLL of the second copy (nats/token; lower is "
              "better)", 3),
-            ("passkey", "accuracy", "`passkey`: exact match (items per cell in the JSON)", 2),
-            ("passkey", "logprob", "`passkey`: log-probability of the key (nats)", 2)):
+            ("passkey", "accuracy", "`passkey`: exact match (correct / items)", 2),
+            ("passkey", "logprob", "`passkey`: log-probability of the key (nats)", 2),
+            ("needle", "accuracy", "`needle` (Jane Eyre): exact match (correct / items)", 2),
+            ("needle", "logprob", "`needle`: log-probability of the answer (nats)", 2)):
         table_rows, lengths = [], set()
         found = []
-        for name, rep, key in sources:
-            data = rep if task == "repeat" else key
+        for name, rep, key, needle in sources:
+            data = {"repeat": rep, "passkey": key, "needle": needle}[task]
             values = cells(data, task, metric)
+            if metric == "accuracy":
+                values = {k: f"{100 * right / n:.0f}% ({right}/{n})"
+                          for k, (right, n) in counts(data, task).items()}
             for (row, length), value in values.items():
                 lengths.add(length)
             for row in sorted({r for r, _ in values}):
@@ -136,7 +162,7 @@ def recall_section(measured: str) -> str:
         for label_, values in found:
             table_rows.append([label_] + [
                 ("n/a" if values.get(n) is None else
-                 f"{100 * values[n]:.0f}%" if metric == "accuracy" else fmt(values[n], digits))
+                 values[n] if metric == "accuracy" else fmt(values[n], digits))
                 for n in lengths])
         out.append(f"**{title}**\n\n" + table(["row"] + [label(n) for n in lengths],
                                                  table_rows))
