@@ -25,7 +25,7 @@ BENCHMARKS = ("scoring", "ingestion", "train_step", "retrieval", "chunk_step", "
               "generation", "icl", "gpu")
 # One command per benchmark, and its wall time on a quiet 2-core CPU (estimates until measured).
 COMMANDS = {
-    "scoring": ("-m bench.scoring", "50-75 min"),
+    "scoring": ("-m bench.scoring", "55-80 min"),
     "ingestion": ("-m bench.ingestion", "4-6 min"),
     "train_step": ("-m bench.train_step", "8-12 min"),
     "retrieval": ("-m bench.retrieval", "15-25 min"),

@@ -37,8 +37,9 @@ clamp(`--tokens-per-config` / N, 1, `--max-windows`). tokens/s = N / median seco
 for torch `seconds per window` is what the ratio uses (same scored predictions), and its own
 tokens/s counts only the context it actually processed.
 
-Estimated wall time of the default run on a quiet 2-core CPU: 50-75 minutes (memlong at 1M,
-about 1.3M tokens through ingestion and the host text encoder, and full at 16k-32k dominate).
+Estimated wall time of the default run on a quiet 2-core CPU: 55-80 minutes (memlong at 1M,
+about 1.3M tokens through ingestion and the host text encoder, and full at 16k-32k dominate;
+memlong-hidden at 4k-32k adds about 5).
 """
 
 from __future__ import annotations
