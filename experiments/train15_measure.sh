@@ -29,7 +29,10 @@ mkdir -p "$OUT"
 
 recall() {  # NAME CKPT ARGS...
   local name=$1 ckpt=$2; shift 2
-  $PY -m memlong_jax.recall "$ckpt" --haystack "$BOOK" --items "$ITEMS" --json "$OUT/$name.json" -q "$@"
+  # --batch 1: per-layer memory of 32k-128k tokens is 0.5-2 GB per item, held twice while
+  # answers are forced
+  $PY -m memlong_jax.recall "$ckpt" --haystack "$BOOK" --items "$ITEMS" --batch 1 \
+    --json "$OUT/$name.json" -q "$@"
 }
 score() {   # NAME CKPT INPUT ARGS...
   local name=$1 ckpt=$2 input=$3; shift 3
@@ -53,15 +56,18 @@ latex_trained()   { score trained_latex "$TRAINED" ../shared/data/proofpile_like
                       --set continuation=true; }
 book_base()       { score base_book "$BASE" "$BOOK" --lengths 4k --modes local,full; }
 
-# Rates rather than single items: five depths x RATE_ITEMS items per length, one JSON per length.
-passkey_rate()    { for n in ${RATE_LENGTHS:-4k 8k 16k 32k}; do
-                      recall "${TAG}_passkey_rate_$n" "$TRAINED" --tasks passkey --depths 10,30,50,70,90 \
-                        --items "${RATE_ITEMS:-2}" --lengths "$n" --rows memlong,local \
-                        --query-modes segment $READ; done; }
+# Rates rather than single items: one JSON per (length, seed); seed 0 index 0 at depths
+# 10..90% at 4k/8k is trained60_passkey_depths + trained60_passkey, so add RATE_SEED=1 for more.
+passkey_rate()    { local seed=${RATE_SEED:-1}
+                    for n in ${RATE_LENGTHS:-4k 8k 16k 32k}; do
+                      recall "${TAG}_passkey_rate_${n}_s$seed" "$TRAINED" --tasks passkey \
+                        --depths "${RATE_DEPTHS:-10,30,50,70,90}" --seed "$seed" --lengths "$n" \
+                        --rows memlong,local --query-modes segment $READ; done; }
 # 128k needs a memory that holds all of it (the paper's eviction would drop the key otherwise).
-passkey_128k()    { recall "${TAG}_passkey_128k" "$TRAINED" --tasks passkey --depths 25,50,75 --lengths 128k \
-                      --rows memlong --query-modes segment --local-window 1024 \
-                      --set memory_tokens=131072 --set continuation=true; }
+passkey_128k()    { for d in ${DEPTHS_128K:-50}; do
+                      recall "${TAG}_passkey_128k_d$d" "$TRAINED" --tasks passkey --depths "$d" \
+                        --lengths 128k --rows memlong --query-modes segment --local-window 1024 \
+                        --set memory_tokens=131072 --set continuation=true; done; }
 repeat_32k()      { recall "${TAG}_repeat_32k" "$TRAINED" --tasks repeat --depths 0 --lengths 32k \
                       --rows memlong,local --query-modes chunk $READ; }
 needle_trained()  { recall "${TAG}_needle" "$TRAINED" --tasks needle --depths 50 --items 2 --lengths 4k,32k \

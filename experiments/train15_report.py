@@ -112,8 +112,11 @@ def recall_section(measured: str) -> str:
     model's rows, the base model's `local`/`full`, and the base model read as the recipe reads
     (untrained_same_reading_*): the same items (Jane Eyre, seed 0) in every row."""
     fixed = os.path.join(os.path.dirname(measured), "passkey15")  # after the query fix
-    rate = sorted(glob.glob(f"{measured}/trained60_passkey_rate_*.json")) \
-        + glob.glob(f"{measured}/trained60_passkey_128k.json")
+    # every 60-step passkey item (distinct seeds or depths in each file) pooled into rates
+    rate = [f"{measured}/trained60_passkey.json", f"{measured}/trained60_passkey_depths.json"] \
+        + sorted(glob.glob(f"{measured}/trained60_passkey_rate_*.json")) \
+        + sorted(glob.glob(f"{measured}/trained60_passkey_128k*.json"))
+    rate = [path for path in rate if os.path.isfile(path)]
     # (name, repeat JSON, passkey JSON, needle JSON)
     sources = [("trained 10 steps", load(f"{measured}/trained_repeat.json"),
                 load(f"{measured}/trained_passkey.json"), None),
@@ -125,7 +128,7 @@ def recall_section(measured: str) -> str:
                 load(f"{measured}/trained60_passkey.json"), None),
                ("trained 60 steps, depths 10-90%", None,
                 load(f"{measured}/trained60_passkey_depths.json"), None),
-               ("trained 60 steps, rate: depths 10/30/50/70/90% x 2 items; 128k: 25/50/75%",
+               ("trained 60 steps, every item pooled (depths 10-90%, seeds 0 and 1)",
                 load(f"{measured}/trained60_repeat_32k.json"), merged(rate),
                 load(f"{measured}/trained60_needle.json")),
                ("base, depths 10/50/90%", None, load(f"{measured}/base_passkey.json"), None),

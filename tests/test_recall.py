@@ -1,6 +1,7 @@
 """The recall benchmark: exact prompts, answers and depths; the rows' answers and NLL against
 direct computations; copy gain on SmolLM2 (slow); the command line's outputs and errors."""
 
+import dataclasses
 import json
 import os
 
@@ -236,6 +237,28 @@ def test_evaluate_runs_every_row_on_the_same_items(model):
     assert all(abs(c["copy_gain"] - (c["nll_first"] - c["nll_second"])) < 1e-9 for c in repeat)
 
 
+def test_items_run_in_batches_give_the_same_records(model):
+    """Batches of 2 and 1 item against all five items at once: same answers, log-probs and
+    second-copy NLLs (the memory is built per batch), one timing per (task, length, row)."""
+    settings = Settings(tasks=("passkey", "repeat"), lengths=(512,), depths=(0.0, 0.5, 1.0),
+                        items=2, rows=("memlong", "local"), query_modes=("causal", "chunk"),
+                        local_window=WINDOW, passage=8, batch=6)
+    key = lambda r: (r["task"], r["row"], r["depth"], r["index"])
+    runs = [recall.evaluate(model, dataclasses.replace(settings, batch=b),
+                            haystack_texts=[real_text()]) for b in (6, 2, 1)]
+    whole = {key(r): r for r in runs[0]["records"]}
+    for run_ in runs[1:]:
+        assert sorted(map(key, run_["records"])) == sorted(whole)   # each item once
+        for r in run_["records"]:
+            w = whole[key(r)]
+            assert r.get("generated") == w.get("generated")
+            for field in ("logprob", "nll_second", "nll_first"):
+                if field in w:
+                    assert abs(r[field] - w[field]) < 1e-4, (field, r, w)
+        assert sorted((t["task"], t["row"]) for t in run_["timing"]) == \
+            sorted((t["task"], t["row"]) for t in runs[0]["timing"])
+
+
 def test_block_row_in_evaluate_and_results_saved_after_every_cell(model):
     settings = Settings(tasks=("repeat",), lengths=(64, 128), items=1, rows=("local", "block"),
                         local_window=WINDOW, passage=8, block=BLOCK_SMALL)
@@ -308,6 +331,7 @@ def test_cli_writes_table_json_csv_and_heatmap(tiny_checkpoint, haystack_file, t
     (["--depths", "middle"], "--depths needs comma-separated percentages"),
     (["--lengths", "514"], "not a positive multiple of the chunk size"),
     (["--items", "0"], "--items must be at least 1"),
+    (["--batch", "0"], "--batch must be at least 1"),
     (["--tasks", "repeat", "--lengths", "512", "--passage", "300"], "passage must be"),
     (["--tasks", "repeat", "--haystack", "/nonexistent/book.txt"], "no such file"),
     (["--set", "top_k=many"], "top_k"),

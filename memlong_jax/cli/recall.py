@@ -63,6 +63,8 @@ measured ("complete": false until the end).""",
                         help="depths of the key/needle, percent (default: %(default)s)")
     parser.add_argument("--items", type=int, default=DEFAULTS.items,
                         help="items per (task, length, depth) (default: %(default)s)")
+    parser.add_argument("--batch", type=int, default=DEFAULTS.batch,
+                        help="items run together; memory grows with it (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=DEFAULTS.seed, help="(default: %(default)s)")
     parser.add_argument("--rows", default=",".join(DEFAULT_ROWS),
                         help=f"rows to compare, of {', '.join(ROW_KINDS)} "
@@ -99,7 +101,7 @@ def settings_from(args) -> Settings:
         raise UserError("--max-context must be at least 1")
     return Settings(tasks=_names(args.tasks),
                     lengths=tuple(sorted({parse_length(x) for x in _names(args.lengths)})),
-                    depths=parse_depths(args.depths), items=args.items, seed=args.seed,
+                    depths=parse_depths(args.depths), items=args.items, batch=args.batch, seed=args.seed,
                     rows=_names(args.rows), query_modes=modes,
                     local_window=parse_length(args.local_window), passage=args.passage,
                     max_context=args.max_context,

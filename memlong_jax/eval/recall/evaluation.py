@@ -44,6 +44,7 @@ class Settings:
     lengths: tuple[int, ...] = (2048, 8192, 32768)
     depths: tuple[float, ...] = (0.0, 0.5, 1.0)
     items: int = 1
+    batch: int = 4        # items run together: host and device memory grow with it
     seed: int = 0
     rows: tuple[str, ...] = DEFAULT_ROWS
     query_modes: tuple[str, ...] | None = None
@@ -64,6 +65,8 @@ class Settings:
                 raise bad(what, unknown or ["(none)"], allowed)
         if self.items < 1:
             raise UserError(f"--items must be at least 1, got {self.items}")
+        if self.batch < 1:
+            raise UserError(f"--batch must be at least 1, got {self.batch}")
         if not self.depths or any(not 0 <= d <= 1 for d in self.depths):
             raise UserError(f"depths must lie in 0..100%, got {list(self.depths)}")
         if not 1 <= self.budget <= 64:
@@ -99,6 +102,11 @@ def answer_correct(task: str, generated: str, answer: str) -> bool:
     pattern = r"\d+" if task == "passkey" else r"[A-Za-z]+"
     match = re.search(pattern, generated)
     return bool(match) and match.group(0).lower() == answer.lower()
+
+
+def item_count(task: str, settings: Settings) -> int:
+    """Items per (task, length): `repeat` has no depth."""
+    return settings.items * (1 if task == "repeat" else len(settings.depths))
 
 
 def build_items(tokenizer, task: str, length: int, settings: Settings, haystack) -> list:
@@ -146,41 +154,28 @@ def evaluate(model, settings: Settings = Settings(), mcfg: MemLongConfig | None 
     needs_text = any(t in settings.tasks for t in ("needle", "repeat"))
     haystack = prompts.Haystack(tokenizer, haystack_texts) if needs_text else None
     reader = Reader(model, mcfg, encoder, settings.local_window, settings.budget, block)
-    bar = None if progress is None else progress(len(settings.tasks) * len(settings.lengths)
-                                                 * len(rows))
+    batches = {task: -(-item_count(task, settings) // settings.batch) for task in settings.tasks}
+    bar = None if progress is None else progress(
+        sum(batches.values()) * len(settings.lengths) * len(rows))
     records, timing = [], []
     for task in settings.tasks:
         for length in settings.lengths:
             items = build_items(tokenizer, task, length, settings, haystack)
-            head = np.stack([it.ids[:reader.head_tokens(length)] for it in items])
-            shared = None
-            for row in rows:
-                if bar is not None:
-                    bar.set_description(f"{task} {length} {row}")
-                begin = time.perf_counter()
-                if row == "full" and length > max_context:
-                    records += [{"task": task, "length": length, "depth": it.depth,
-                                 "index": it.index, "row": row,
-                                 "n/a": f"longer than the model's context ({max_context})"}
-                                for it in items]
-                else:
-                    memory = None
-                    if row.startswith("memlong:") and head.shape[1]:
-                        if reader.shares_memory(length):
-                            shared = reader.memory(head) if shared is None else shared
-                            memory = shared
-                        else:
-                            memory = reader.memory(head, row.split(":", 1)[1])
-                    records += _run_row(reader, tokenizer, row, items, settings, memory)
-                timing.append({"task": task, "length": length, "row": row,
-                               "seconds": time.perf_counter() - begin})
-                if bar is not None:
-                    bar.update(1)
+            seconds = dict.fromkeys(rows, 0.0)
+            for start in range(0, len(items), settings.batch):
+                part = items[start:start + settings.batch]
+                records += _run_batch(reader, tokenizer, rows, part, settings, max_context,
+                                      seconds, bar)
                 if on_cell is not None and task != "repeat":   # repeat: once its first copy is in
-                    on_cell(_results(records, timing, rows, mcfg, max_context))
+                    on_cell(_results(records, _timing(task, length, seconds, timing), rows,
+                                     mcfg, max_context))
+            timing = _timing(task, length, seconds, timing)
             if task == "repeat":
-                first = reader.nll("local", np.stack([it.ids[:settings.passage] for it in items]),
-                                   settings.passage).mean(axis=1)
+                first = np.concatenate([
+                    reader.nll("local", np.stack([it.ids[:settings.passage]
+                                                  for it in items[i:i + settings.batch]]),
+                               settings.passage).mean(axis=1)
+                    for i in range(0, len(items), settings.batch)])
                 for record in records:
                     if record["task"] == "repeat" and record["length"] == length:
                         record["nll_first"] = float(first[record["index"]])
@@ -189,6 +184,44 @@ def evaluate(model, settings: Settings = Settings(), mcfg: MemLongConfig | None 
                 if on_cell is not None:
                     on_cell(_results(records, timing, rows, mcfg, max_context))
     return _results(records, timing, rows, mcfg, max_context)
+
+
+def _run_batch(reader: Reader, tokenizer, rows, items, settings: Settings, max_context: int,
+               seconds: dict, bar) -> list:
+    """Every row on one batch of items of the same (task, length); the memory of the items'
+    head is built once and shared by the query modes that can share it. Adds each row's time
+    to `seconds`."""
+    task, length = items[0].task, items[0].length
+    head = np.stack([it.ids[:reader.head_tokens(length)] for it in items])
+    shared, records = None, []
+    for row in rows:
+        if bar is not None:
+            bar.set_description(f"{task} {length} {row}")
+        begin = time.perf_counter()
+        if row == "full" and length > max_context:
+            records += [{"task": task, "length": length, "depth": it.depth, "index": it.index,
+                         "row": row, "n/a": f"longer than the model's context ({max_context})"}
+                        for it in items]
+        else:
+            memory = None
+            if row.startswith("memlong:") and head.shape[1]:
+                if reader.shares_memory(length):
+                    shared = reader.memory(head) if shared is None else shared
+                    memory = shared
+                else:
+                    memory = reader.memory(head, row.split(":", 1)[1])
+            records += _run_row(reader, tokenizer, row, items, settings, memory)
+        seconds[row] += time.perf_counter() - begin
+        if bar is not None:
+            bar.update(1)
+    return records
+
+
+def _timing(task: str, length: int, seconds: dict, timing: list) -> list:
+    """`timing` with this (task, length)'s seconds per row (replacing earlier partial ones)."""
+    kept = [t for t in timing if (t["task"], t["length"]) != (task, length)]
+    return kept + [{"task": task, "length": length, "row": row, "seconds": s}
+                   for row, s in seconds.items()]
 
 
 def _results(records, timing, rows, mcfg: MemLongConfig, max_context: int) -> dict:
