@@ -25,7 +25,7 @@ BENCHMARKS = ("scoring", "ingestion", "train_step", "retrieval", "chunk_step", "
               "generation", "decode_profile", "icl", "gpu")
 # One command per benchmark, and its wall time on a quiet 2-core CPU (estimates until measured).
 COMMANDS = {
-    "scoring": ("-m bench.scoring", "50-75 min"),
+    "scoring": ("-m bench.scoring", "55-80 min"),
     "ingestion": ("-m bench.ingestion", "4-6 min"),
     "train_step": ("-m bench.train_step", "8-12 min"),
     "retrieval": ("-m bench.retrieval", "15-25 min"),
@@ -39,7 +39,10 @@ COMMANDS = {
 UNDER_LOAD = 2.0   # a 1-minute load average above this (2-core machines): timings are not clean
 TARGETS = {"speedup": 3.0, "flat_time": 0.10, "flat_rss": 0.10, "peak_fraction": 0.5,
            "retrieval_share": 0.05, "decode_speedup": 2.0, "decode_flat": 0.20,
-           "icl_speedup": 4.0}
+           "icl_speedup": 4.0, "text_vs_hidden": 0.9}
+# A side-by-side run of memlong with each retriever (bench/scoring.py --modes
+# memlong,memlong-hidden,local), kept apart from scoring.json when run alone.
+RETRIEVERS = "scoring_retrievers"
 
 
 def load(folder: str) -> dict:
@@ -49,6 +52,10 @@ def load(folder: str) -> dict:
         if os.path.isfile(path):
             with open(path) as f:
                 out[name] = json.load(f)
+    path = os.path.join(folder, f"{RETRIEVERS}.json")
+    if os.path.isfile(path):
+        with open(path) as f:
+            out[RETRIEVERS] = json.load(f)
     pairs = os.path.join(folder, "retrieval_before_after")
     if "retrieval" in out and os.path.isdir(pairs):
         out["retrieval"]["before_after"] = {  # before_32k.json -> ("before", data)
@@ -165,6 +172,84 @@ def scoring_section(data: dict) -> str:
     if errors:
         parts += ["Failed configurations:\n" + "\n".join(errors)]
     return "\n\n".join(parts)
+
+
+def retriever_data(results: dict) -> dict | None:
+    """The scoring results that hold memlong with both retrievers: the side-by-side run's file
+    if there is one, else scoring.json when it has `memlong-hidden` rows."""
+    if RETRIEVERS in results:
+        return results[RETRIEVERS]
+    scoring = results.get("scoring")
+    if scoring and any(r["mode"] == "memlong-hidden" for r in scoring["results"]):
+        return scoring
+    return None
+
+
+def retriever_pairs(data: dict) -> list[dict]:
+    """Per length with both memlong rows: the text retriever's rate over the hidden one's, and
+    what that ratio can reach if the encoder ran at the ingestion's FLOP rate on the same cores
+    (compute shared, only host work hidden by the overlap): 1 / (1 + s * E / I), with E the
+    encoder's FLOPs per window (as executed, padding included, and as needed), I the prefix
+    ingestion's, s the prefix's share of the hidden window time (1 - local / hidden: the
+    final window costs about what `local` does)."""
+    idx, local_window = scoring_index(data), data.get("config", {}).get("local_window") or 0
+    pairs = []
+    for (mode, n), text in sorted(idx.items(), key=lambda kv: kv[0][1]):
+        hidden, local = idx.get(("memlong-hidden", n)), idx.get(("local", n))
+        if mode != "memlong" or hidden is None:
+            continue
+        pair = {"length": n, "text": text, "hidden": hidden,
+                "ratio": hidden["median_s"] / text["median_s"], "bound": None,
+                "bound_needed": None}
+        enc, ingest = text.get("encoder"), text.get("ingest_mflop_per_prefix_token")
+        if enc and ingest and local and n > local_window:
+            share = 1 - local["median_s"] / hidden["median_s"]
+            per_window = lambda key: n * enc[key] / (ingest * (n - local_window))
+            pair["bound"] = 1 / (1 + share * per_window("mflop_per_token_executed"))
+            pair["bound_needed"] = 1 / (1 + share * per_window("mflop_per_token_needed"))
+            pair["prefix_share"] = share
+        pairs.append(pair)
+    return pairs
+
+
+def load_note(rows: list[dict]) -> str:
+    """' (under load: load average up to X)' when a row ended above UNDER_LOAD, else ''."""
+    load = max(((r.get("load_average") or [0])[0] for r in rows), default=0)
+    return f" (under load: load average up to {load:.1f})" if load > UNDER_LOAD else ""
+
+
+def retrievers_section(data: dict) -> str:
+    rows = []
+    for p in retriever_pairs(data):
+        enc = p["text"].get("encoder") or {}
+        rows.append([common.fmt_tokens(p["length"]), num(p["text"]["tokens_per_s"]),
+                     num(p["hidden"]["tokens_per_s"]), pct(p["ratio"]),
+                     num(enc.get("word_pieces_per_token"), 2),
+                     num(enc.get("mflop_per_token_executed"), 1) + " / "
+                     + num(enc.get("mflop_per_token_needed"), 1),
+                     num(p["text"].get("ingest_mflop_per_prefix_token"), 1),
+                     pct(p.get("prefix_share")),
+                     pct(p["bound"]) + " / " + pct(p["bound_needed"]),
+                     " / ".join(num((p[k].get("load_average") or [None])[0], 1)
+                                for k in ("text", "hidden"))])
+    peak = (data.get("config", {}).get("matmul_peak") or {}).get("gflops")
+    return "\n\n".join([
+        "## memlong with the text retriever vs `hidden` (`bench/scoring.py`, issue 19)",
+        provenance(data),
+        "The same windows scored by `memlong` with the default text retriever (all-MiniLM-L6-v2 "
+        "on the host, the next block's embeddings made while the current block is ingested) and "
+        "with `retriever=hidden` (in-graph, no encoder), each in its own process, one after the "
+        "other. Encoder MFLOP per LM token as executed (batches padded to powers of two) / as "
+        "needed (real word pieces), counted in the timed windows; ingestion MFLOP per prefix "
+        "token as `bench/ingestion.py` counts them; prefix share = 1 - local / hidden seconds "
+        "per window. Bound = the ratio if the encoder ran at the ingestion's FLOP rate on the "
+        "same cores and everything else were hidden: 1 / (1 + share * encoder FLOPs / "
+        "ingestion FLOPs), executed / needed. Matmul peak measured in the same run: "
+        f"{num(peak, 1)} GFLOP/s.",
+        table(["N", "text tok/s", "hidden tok/s", "text / hidden", "word pieces per token",
+               "encoder MFLOP/token (executed / needed)", "ingestion MFLOP/prefix token",
+               "prefix share", "bound (executed / needed)", "load average (text / hidden)"],
+              rows)])
 
 
 # ---- ingestion, training, retrieval, chunk step -----------------------------------------------
@@ -459,6 +544,18 @@ def targets(results: dict) -> list[list]:
                          f"{common.fmt_tokens(n)}: {v:.0f} MB" for n, v in sorted(full_at))
                      if s is not None else "not measured (needs two lengths with a full memory)",
                      verdict(None if s is None else s <= TARGETS["flat_rss"])])
+    pair = retriever_data(results)
+    pairs = retriever_pairs(pair) if pair else []
+    if pairs:
+        worst = min(p["ratio"] for p in pairs)
+        rows.append([f"memlong with the default text retriever >= "
+                     f"{100 * TARGETS['text_vs_hidden']:.0f}% of the `retriever=hidden` rate "
+                     "(same run)",
+                     ", ".join(f"{common.fmt_tokens(p['length'])}: {pct(p['ratio'])}"
+                               + (f" (bound at the ingestion's FLOP rate {pct(p['bound'])})"
+                                  if p["bound"] else "") for p in pairs)
+                     + load_note([p[k] for p in pairs for k in ("text", "hidden")]),
+                     verdict(worst >= TARGETS["text_vs_hidden"])])
     if "ingestion" in results:
         best = max((r["fraction_of_peak"] for r in results["ingestion"]["results"]["rows"]),
                    default=None)
@@ -507,9 +604,7 @@ def generation_targets(idx: dict, bound: str | None = None) -> list[list]:
                               else None)
     mem, torch = rate("memlong", 2048), rate("torch", 2048)
     ratio = mem / torch if mem and torch else None
-    load = max((r.get("load_average") or [0])[0] for r in idx.values()) if idx else 0
-    loaded = (f" (under load: load average up to {load:.1f})"
-              if load > UNDER_LOAD else "")
+    loaded = load_note(list(idx.values()))
     rows = [[f"generation: decode with a 2k prompt >= {TARGETS['decode_speedup']:.0f}x "
              "transformers' tokens/s", "not measured" if ratio is None else
              f"{ratio:.2f}x ({mem:.1f} vs {torch:.1f} tok/s){loaded}",
@@ -560,7 +655,10 @@ def render(results: dict) -> str:
     if target_rows:
         parts += ["## Targets (issues 6 and 19)",
                   table(["target", "measured", "verdict"], target_rows)]
-    parts += [fn(results[name]) for name, fn in sections.items() if name in results]
+    pair = retriever_data(results)
+    for name, fn in sections.items():
+        parts += [fn(results[name])] if name in results else []
+        parts += [retrievers_section(pair)] if name == "scoring" and pair else []
     if not results:
         parts.append("_No results yet: run the commands above._")
     return "\n\n".join(parts) + "\n"

@@ -61,22 +61,41 @@ def seconds(run) -> dict:
     return {(t["row"], t["length"]): t["seconds"] for t in run["timing"]} if run else {}
 
 
-def passkey_section(run) -> list[str]:
-    if not run:
+def merged(runs):
+    """Recall runs (each at its own lengths) as one: summaries, records and timing joined; the
+    first run's config."""
+    if not runs:
+        return None
+    join = lambda key: [x for run in runs for x in run[key]]
+    return {**runs[0], "summary": join("summary"), "records": join("records"),
+            "timing": join("timing")}
+
+
+def changed_settings(run, base) -> str:
+    """The block settings in which `run` differs from `base` (the run the intro reports)."""
+    mine, theirs = run["config"]["settings"]["block"], base["config"]["settings"]["block"]
+    return ", ".join(f"`{k}={v}`" for k, v in mine.items() if theirs.get(k) != v)
+
+
+def passkey_section(runs) -> list[str]:
+    if not runs:
         return ["## Passkey", "", "not run", ""]
+    run = merged(runs)
     acc, time = recall_cells(run, "accuracy"), seconds(run)
     answers: dict = {}
     for r in run["records"]:
         if "generated" in r:
             answers.setdefault((r["row"], r["length"]), []).append(
                 f"{r['answer']} -> {r['generated'].strip()[:20]!r}")
+    settings = {(t["row"], t["length"]): changed_settings(other, runs[0])
+                for other in runs[1:] for t in other["timing"]}
     lines = ["## Passkey (landmark format, depth 50%)", "",
-             "| length | row | items | accuracy | answers (key -> generated) | s (under load) |",
-             "|---|---|---|---|---|---|"]
+             "| length | row | items | accuracy | answers (key -> generated) | s (under load) | "
+             "settings other than above |", "|---|---|---|---|---|---|---|"]
     for (row, length), (value, items) in sorted(acc.items(), key=lambda kv: (kv[0][1], kv[0][0])):
         lines.append(f"| {label(length)} | {row} | {items} | {value:.0%} | "
                      f"{'; '.join(answers.get((row, length), []))} | "
-                     f"{time.get((row, length), 0):.0f} |")
+                     f"{time.get((row, length), 0):.0f} | {settings.get((row, length), '')} |")
     lines.append(f"\n`full` is n/a past the model's {run['config']['max_context']} positions.")
     return lines + [""]
 
@@ -130,11 +149,15 @@ def cost_section(cost, passkey) -> list[str]:
                   f"settings: prefix through {res['memlong']['memlong']['memory_layer']} layers, "
                   f"final window through all): {memlong / 1e9:.3f} GFLOP per token.", ""]
     if passkey:
-        lines += ["Block row wall time per prompt token in the passkey run (memory capacity "
-                  f"{passkey['config']['settings']['block']['memory_tokens']} tokens throughout; "
-                  "compilation included, one item, under load): "
-                  + ", ".join(f"{label(t['length'])}: {1e3 * t['seconds'] / t['length']:.0f} ms"
-                              for t in passkey["timing"] if t["row"] == "block") + ".", ""]
+        per_token = lambda run: ", ".join(
+            f"{label(t['length'])}: {1e3 * t['seconds'] / t['length']:.0f} ms"
+            for t in run["timing"] if t["row"] == "block")
+        lines += ["Block row wall time per prompt token in the passkey runs (compilation "
+                  "included, one item, under load): " + "; ".join(
+                      f"{per_token(run)} (memory capacity "
+                      f"{run['config']['settings']['block']['memory_tokens']} tokens, "
+                      f"{run['config']['settings']['block']['mem_dtype']})" for run in passkey)
+                  + ".", ""]
     return lines
 
 
@@ -161,9 +184,10 @@ def main(argv=None):
                         help="hand-written targets/discussion appended verbatim")
     args = parser.parse_args(argv)
     at = lambda name: os.path.join(args.results, name)
-    passkey, repeat, cost = load(at("passkey.json")), load(at("repeat.json")), load(at("cost.json"))
+    repeat, cost = load(at("repeat.json")), load(at("cost.json"))
+    passkey = [json.load(open(p)) for p in sorted(glob.glob(at("passkey*.json")))]
     ppl = [json.load(open(p)) for p in sorted(glob.glob(at("ppl_*.json")))]
-    recall_runs = [r for r in (passkey, repeat) if r]
+    recall_runs = passkey + ([repeat] if repeat else [])
     settings = (recall_runs[0]["config"]["settings"]["block"] if recall_runs
                 else ppl[0]["config"]["block"] if ppl else {})
     loads = [r["config"]["load_average"][0] for r in recall_runs if r["config"].get("load_average")]

@@ -156,3 +156,26 @@ def test_icl_section_and_target():
     assert "2.78x over all rows (local 10.00x, memlong m=18 2.00x)" in target
     assert "load average up to 3.5" in target and "**missed**" in target
     assert "150.0 GFLOP/s" in text
+
+
+def test_text_retriever_against_hidden_with_its_flop_bound():
+    """memlong with the text retriever over `hidden` per length, and the bound if the encoder
+    ran at the ingestion's FLOP rate: 1 / (1 + share * encoder FLOPs / ingestion FLOPs)."""
+    encoder = {"word_pieces_per_token": 1.1, "mflop_per_token_executed": 40.0,
+               "mflop_per_token_needed": 25.0}
+    rows = [_row("memlong", 32768, 16.0, 1000, encoder=encoder, load_average=[3.0, 2.0, 1.0],
+                 ingest_mflop_per_prefix_token=100.0),
+            _row("memlong-hidden", 32768, 12.0, 1000, load_average=[1.5, 1.0, 1.0]),
+            _row("local", 32768, 3.0, 900)]
+    data = {"date": "d", "config": {"local_window": 2048, "books": ["b"],
+                                    "matmul_peak": {"gflops": 150.0}}, "results": rows}
+    share = 1 - 3.0 / 12.0
+    bound = 1 / (1 + share * 32768 * 40.0 / (100.0 * (32768 - 2048)))
+    needed = 1 / (1 + share * 32768 * 25.0 / (100.0 * (32768 - 2048)))
+    for results in ({"scoring_retrievers": data}, {"scoring": data}):
+        text = report.render(results)
+        target = next(line for line in text.splitlines() if "default text retriever" in line)
+        assert f"32k: 75.0% (bound at the ingestion's FLOP rate {100 * bound:.1f}%)" in target
+        assert "load average up to 3.0" in target and "**missed**" in target
+        assert (f"| 32k | 2,048 | 2,731 | 75.0% | 1.10 | 40.0 / 25.0 | 100.0 | 75.0% | "
+                f"{100 * bound:.1f}% / {100 * needed:.1f}% | 3.0 / 1.5 |") in text

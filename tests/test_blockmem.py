@@ -184,6 +184,70 @@ def test_reselect_uses_only_fed_tokens(params):
     np.testing.assert_array_equal(np.asarray(a.keys), np.asarray(b.keys))
 
 
+@pytest.mark.parametrize("steps", [3, 6])
+def test_forked_continuations_equal_separate_runs(params, steps):
+    """Two continuations of one prompt from `fork` (stored blocks shared when neither reaches a
+    commit in `steps` steps, copied when they do) each give the logits of a generator started
+    afresh and fed the same tokens."""
+    generator = BlockGenerator(MODULE, SMALL)
+    prompt = np.asarray(random_ids(8, length=21))   # one token pending after the prompt
+    feeds = np.asarray(random_ids(9, batch=4, length=steps)).reshape(2, 2, steps)
+
+    def run(state, tokens):
+        out = []
+        for t in range(steps):
+            state, logits = generator.step(params, state, tokens[:, t])
+            out.append(np.asarray(logits))
+        return np.stack(out)
+
+    state = generator.start(params, prompt)[0]
+    forked = generator.fork(state, steps)
+    assert (forked.keys is state.keys) == (1 + steps <= SMALL.chunk)
+    got = [run(forked, feeds[1]), run(state, feeds[0])]
+    for tokens, logits in zip(feeds[::-1], got):
+        np.testing.assert_array_equal(logits, run(generator.start(params, prompt)[0], tokens))
+
+
+@pytest.mark.parametrize("mem_dtype", ["bfloat16", "float16", "float32"])
+def test_stored_blocks_equal_a_loop_of_plain_writes(mem_dtype):
+    """`store_blocks` / `load_blocks` (scatter and gather on the bits) write and read what a
+    loop of plain writes into a `mem_dtype` array puts there, bit for bit; slots past the
+    capacity are not written."""
+    rng = np.random.default_rng()
+    layers, rows, capacity, size, dim, n = 3, 4, 6, 4, 8, 2
+    dtype = jnp.dtype(mem_dtype)
+    plain = rng.standard_normal((layers, rows, capacity, size, dim)).astype(dtype)
+    stored = mem_ops.float_bits(jnp.asarray(plain))
+    store = jax.jit(blockmem.store_blocks, static_argnums=3, donate_argnums=0)
+    for _ in range(3):
+        slots = np.stack([rng.permutation(capacity + 1)[:n] for _ in range(layers * rows)])
+        slots = slots.reshape(layers, rows, n)   # distinct per row; capacity: nothing written
+        blocks = rng.standard_normal((layers, rows, n, size, dim)).astype(np.float32)
+        for i in np.ndindex(layers, rows, n):
+            if slots[i] < capacity:
+                plain[i[0], i[1], slots[i]] = blocks[i].astype(dtype)
+        stored = store(stored, jnp.asarray(slots), jnp.asarray(blocks), mem_dtype)
+        indices = rng.integers(0, capacity, (layers, rows, 3))
+        loaded = np.asarray(blockmem.load_blocks(stored, jnp.asarray(indices), mem_dtype))
+        expected = np.stack([plain[l, r, indices[l, r]] for l, r in np.ndindex(layers, rows)])
+        assert loaded.dtype == dtype
+        assert loaded.tobytes() == expected.reshape(loaded.shape).tobytes()
+    assert np.asarray(stored).tobytes() == plain.tobytes()
+
+
+def test_a_chunk_does_not_convert_the_whole_memory(params):
+    """XLA:CPU computes a scatter into a bf16 buffer in float32, converting the whole memory up
+    and back for every chunk; `score_chunks` must compile to in-place updates of the bits."""
+    bcfg = SMALL.replace(mem_dtype="bfloat16", memory_tokens=64)
+    state = blockmem.init_state(MODULE, bcfg, 2)
+    compiled = jax.jit(functools.partial(blockmem.score_chunks, MODULE, bcfg),
+                       donate_argnums=(1,)).lower(params, state, random_ids(0, length=16)) \
+        .compile().as_text()
+    whole = "[" + ",".join(map(str, state.keys.shape)) + "]"
+    converts = [line for line in compiled.splitlines() if whole in line and " convert(" in line]
+    assert "scatter" in compiled and not converts, converts
+
+
 @pytest.mark.parametrize("change, words", [
     (dict(window=6), "multiple of block_size"),
     (dict(chunk=16), "must not exceed the window"),

@@ -24,7 +24,8 @@ CFG = PRESETS["tiny"].model
 MCFG = PRESETS["tiny"].memlong.validate(CFG).replace(query_mode="chunk")  # tau 4, 8 slots, k 2
 MODULE = LlamaForCausalLM(CFG)
 MODES = [dict(query_mode="chunk"), dict(query_mode="chunk", continuation=True, top_k=4),
-         dict(query_mode="causal", continuation=True, top_k=4)]
+         dict(query_mode="causal", continuation=True, top_k=4),
+         dict(query_mode="chunk", continuation=True, previous=True, top_k=6)]
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +44,7 @@ def score(params, ids, mcfg, window=16):
 
 
 @pytest.mark.parametrize("change", MODES, ids=["chunk", "chunk+continuation",
-                                               "causal+continuation"])
+                                               "causal+continuation", "chunk+both neighbours"])
 def test_no_leakage(params, change):
     """Changing the tokens after t never changes the NLL of predictions up to t (window of 16
     tokens = 4 query chunks, so t inside the window also moves the later chunks' queries)."""
@@ -74,17 +75,21 @@ def test_one_chunk_window_equals_causal(params, continuation):
 
 # ---- the slow reference ------------------------------------------------------------------------
 
-def slow_top_k(emb, valid, insert_time, query, k, continuation):
-    """Slots of one row's memory for one query, by (score desc, slot asc); with continuation
-    the first k - k//2 and then the successor (insert time + 1, valid, not yet picked) of each
-    of the best k//2. Returns a list of slots (missing successors left out)."""
-    follow = k // 2 if continuation else 0
+def slow_top_k(emb, valid, insert_time, query, k, continuation, previous=False):
+    """Slots of one row's memory for one query, by (score desc, slot asc); with neighbours the
+    first k - kinds * (k // (kinds + 1)) by score, then the successor (insert time + 1, valid,
+    not yet picked) of each of the best k // (kinds + 1), then their predecessors (- 1).
+    Returns a list of slots (missing neighbours left out)."""
+    kinds = int(continuation) + int(previous)
+    follow = k // (kinds + 1) if kinds else 0
     scored = sorted((-float(np.dot(emb[s], query)), s) for s in range(len(valid)) if valid[s])
-    picked = [s for _, s in scored[:k - follow]]
-    for s in picked[:follow]:
-        after = [t for t in range(len(valid)) if valid[t] and insert_time[t] == insert_time[s] + 1]
-        if after and after[0] not in picked:
-            picked.append(after[0])
+    picked = [s for _, s in scored[:k - kinds * follow]]
+    best = picked[:follow]
+    for step, on in ((1, continuation), (-1, previous)):
+        for s in best if on else []:
+            near = [t for t in range(len(valid)) if valid[t] and insert_time[t] == insert_time[s] + step]
+            if near and near[0] not in picked:
+                picked.append(near[0])
     return picked
 
 
@@ -110,7 +115,8 @@ def slow_window_nll(params, mcfg, state, window_ids):
             if j == 0 and not state.has_last[b]:
                 continue
             for i, s in enumerate(slow_top_k(mem.emb[b], mem.valid[b], mem.insert_time[b],
-                                             query, mcfg.top_k, mcfg.continuation)):
+                                             query, mcfg.top_k, mcfg.continuation,
+                                             mcfg.previous)):
                 keys[b, i * tau:(i + 1) * tau] = mem.keys[b, s]
                 values[b, i * tau:(i + 1) * tau] = mem.values[b, s]
                 valid[b, i * tau:(i + 1) * tau] = True
@@ -124,11 +130,12 @@ def slow_window_nll(params, mcfg, state, window_ids):
     return np.asarray(scan.token_nll(logits[:, :-1], window_ids[:, 1:])), hits
 
 
-@pytest.mark.parametrize("continuation", [False, True])
-def test_equals_a_slow_loop_over_query_chunks(params, continuation):
-    """11 prefix chunks into 8 slots (eviction, so some successors are gone), then a 16-token
+@pytest.mark.parametrize("continuation,previous", [(False, False), (True, False), (True, True)])
+def test_equals_a_slow_loop_over_query_chunks(params, continuation, previous):
+    """11 prefix chunks into 8 slots (eviction, so some neighbours are gone), then a 16-token
     window in 4 query chunks."""
-    mcfg = MCFG.replace(continuation=continuation, top_k=4, eviction="fifo_half")
+    mcfg = MCFG.replace(continuation=continuation, previous=previous, top_k=4,
+                        eviction="fifo_half")
     ids = random_ids(11, length=60)
     state = scan.ingest_prefix(MODULE, mcfg, params, scan.init_state(MODULE, mcfg, 2),
                                   ids[:, :44])
@@ -144,10 +151,12 @@ def test_equals_a_slow_loop_over_query_chunks(params, continuation):
     assert hits.sum() > 2 * 4 * (mcfg.top_k // 2)     # several chunks picked per query chunk
 
 
-def test_continuation_takes_exactly_the_successors(params):
+@pytest.mark.parametrize("continuation,previous", [(True, False), (False, True), (True, True)])
+def test_neighbours_are_exactly_the_successors_and_predecessors(params, continuation, previous):
     """Random embeddings and a memory with evicted slots, many queries: the picks equal the
-    slow reference, in order, and some successors are missing (evicted or newest)."""
-    mcfg = MCFG.replace(continuation=True, top_k=6, memory_tokens=48)   # 12 slots
+    slow reference, in order, and some neighbours are missing (evicted, newest or oldest)."""
+    mcfg = MCFG.replace(continuation=continuation, previous=previous, top_k=6,
+                        memory_tokens=48)   # 12 slots
     rng = np.random.default_rng(0)
     state = scan.init_state(MODULE, mcfg, 3, 8)
     emb = rng.normal(size=(3, 20, 8)).astype(np.float32)
@@ -159,7 +168,8 @@ def test_continuation_takes_exactly_the_successors(params):
     mem, missing = jax.device_get(memory), 0
     for b in range(3):
         for q in range(5):
-            want = slow_top_k(mem.emb[b], mem.valid[b], mem.insert_time[b], queries[b, q], 6, True)
+            want = slow_top_k(mem.emb[b], mem.valid[b], mem.insert_time[b], queries[b, q], 6,
+                              continuation, previous)
             got = np.asarray(indices[b, q])[np.asarray(found[b, q])].tolist()
             assert got == want
             missing += 6 - len(want)

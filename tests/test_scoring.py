@@ -1,5 +1,6 @@
 """The scoring protocol: windows, scored positions, the three modes against the base model."""
 
+import functools
 import math
 import types
 
@@ -14,7 +15,8 @@ from memlong_jax.errors import UserError
 from memlong_jax.eval import generation, scoring
 from memlong_jax.llama.model import LlamaForCausalLM
 from memlong_jax.memlong import scan
-from memlong_jax.memlong.retrievers import make_retriever
+from memlong_jax.memlong.retrievers import TextEncoder, TextEncoderConfig, make_retriever
+from memlong_jax.memlong.retrievers.text_encoder import SentenceEncoder
 from memlong_jax.presets import PRESETS
 
 CFG = PRESETS["tiny"].model
@@ -239,3 +241,52 @@ def test_segment_queries_of_a_text_prefix(params):
     want = reference(24).memory
     np.testing.assert_allclose(np.asarray(gen.memlong.memory.keys, np.float32),
                                np.asarray(want.keys, np.float32), atol=1e-5)
+
+
+def tiny_text_encoder(seed):
+    """A random 2-layer BERT reading byte tokens: the real encoder's code (tokenizer,
+    truncation, padded batches, jitted forward) at test size."""
+    config = TextEncoderConfig(model_type="bert", vocab_size=256, hidden_size=32,
+                               num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
+                               max_position_embeddings=64, type_vocab_size=1, max_seq_length=24)
+    ids = jnp.zeros((1, 1), jnp.int32)
+    params = SentenceEncoder(config).init(jax.random.PRNGKey(seed), ids, ids)["params"]
+    return TextEncoder(config, params, byte_tokenizer())
+
+
+def test_text_embeddings_made_during_ingestion_score_as_the_serial_loop(params):
+    """The scorer makes the next block's text embeddings while the current block is ingested
+    (and counts a block once it is in memory); the NLL and the memory are exactly those of a
+    serial loop that embeds each block, then ingests it (what the scorer did before), with
+    segment queries of the prefix included."""
+    mcfg = MCFG.replace(retriever="text", query_mode="segment", prefix_context="window",
+                        memory_kv="per_layer", host_block_chunks=4)
+    protocol = scoring.Protocol(lengths=(56,), local_window=16, scored_tokens=12)
+    retriever = make_retriever(mcfg, byte_tokenizer(), tiny_text_encoder(0))
+    ids = random_ids(6, 56)   # a 40-token prefix: blocks of 16, 16 and 8 tokens, then 16 scored
+    events, chunk_keys = [], retriever.chunk_keys
+    retriever.chunk_keys = lambda part: events.append(("embed", part.shape[1])) or chunk_keys(part)
+    state, nll = scoring.Scorer(MODULE, params, mcfg, protocol, retriever).window_nll(
+        "memlong", ids, progress=lambda tokens: events.append(("done", tokens)))
+    del retriever.chunk_keys
+    assert events == [("embed", 16), ("embed", 16), ("done", 16), ("embed", 8), ("done", 16),
+                      ("embed", 16), ("done", 8), ("done", 16)]   # one block ahead
+
+    ingest = jax.jit(lambda params, state, part, keys, queries: scan.ingest_prefix(
+        MODULE, mcfg, params, state, part, keys, 16, queries))
+    want = retriever.empty_state(MODULE, mcfg, 1)
+    for start in (0, 16, 32):
+        part = ids[:, start:min(start + 16, 40)]
+        want = ingest(params, want, part, retriever.chunk_keys(part),
+                      retriever.prefix_queries(mcfg, part, 16))
+    window = ids[:, 40:]
+    want, want_nll = jax.jit(functools.partial(scan.window_nll, MODULE, mcfg, scored=11))(
+        params, want, window, retriever.chunk_keys(window), retriever.window_query(window))
+    np.testing.assert_array_equal(np.asarray(nll), np.asarray(want_nll))
+    for got, expected in zip(jax.tree_util.tree_leaves(state), jax.tree_util.tree_leaves(want)):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(expected))
+    # the memory holds this encoder's keys: another random encoder stores others
+    other = make_retriever(mcfg, byte_tokenizer(), tiny_text_encoder(1))
+    other_state, _ = scoring.Scorer(MODULE, params, mcfg, protocol, other).window_nll(
+        "memlong", ids)
+    assert np.abs(np.asarray(other_state.memory.emb) - np.asarray(state.memory.emb)).max() > 0.1

@@ -151,34 +151,50 @@ class Scorer:
             self.last_compile_seconds += time.perf_counter() - start
         return self._executables[key]
 
+    def _memlong_window(self, ids: np.ndarray, state, progress):
+        """The prefix into memory block by block (`host_block_chunks` chunks each), then the
+        final window scored; (state, NLL).
+
+        The retriever's host work for the next block (decoding, the encoder's tokenizer, its
+        batches: all of it for the text retriever, nothing for `hidden`) runs while the current
+        block's ingestion, already dispatched, runs on the device: a one-block lookahead on
+        this thread. It is enough because a block's host work is shorter than its ingestion,
+        and unlike a producer thread it keeps every call in one order, host memory one block
+        deep and errors where they were. Each block is waited for before it is counted, so
+        `progress` reports only tokens that are in memory."""
+        final = self.protocol.final_window(ids.shape[1])
+        prefix = ids.shape[1] - final
+        step = self.mcfg.host_block_chunks * self.mcfg.chunk_size
+        blocks = [ids[:, start:min(start + step, prefix)] for start in range(0, prefix, step)]
+        window = ids[:, prefix:]
+        retriever, context = self.retriever, self.protocol.local_window
+        embed_block = lambda part: (retriever.chunk_keys(part),
+                                    retriever.prefix_queries(self.mcfg, part, context))
+        embed_window = lambda: (retriever.chunk_keys(window), retriever.window_query(window))
+        state = self.empty_state(ids.shape[0]) if state is None else state
+        embeddings = embed_block(blocks[0]) if blocks else embed_window()
+        for i, part in enumerate(blocks):
+            args = (self.params, state, part, *embeddings)
+            state = self._compiled(("ingest", part.shape[1]), self._ingest, *args)(*args)
+            embeddings = embed_block(blocks[i + 1]) if i + 1 < len(blocks) else embed_window()
+            state = jax.block_until_ready(state)
+            progress(part.shape[1])
+        args = (self.params, state, window, *embeddings)
+        scored = functools.partial(scan.window_nll, self.module, self.mcfg,
+                                   scored=self.protocol.predictions(ids.shape[1]))
+        state, nll = jax.block_until_ready(self._compiled(("memlong", final), scored, *args)(*args))
+        progress(final)
+        return state, nll
+
     def window_nll(self, mode: str, ids, state=None, progress=None):
         """NLL `[B, predictions(N)]` of one window `ids` `[B, N]` in `mode`; `memlong` also takes
         and returns the memory state (None: empty memory). `progress(tokens)` is called as
         the window's tokens are processed."""
-        ids = jnp.asarray(ids, jnp.int32)
         progress = progress or (lambda tokens: None)
         self.last_compile_seconds = 0.0
-        if mode == "memlong":   # the prefix into memory block by block, then the final window
-            final = self.protocol.final_window(ids.shape[1])
-            prefix = ids.shape[1] - final
-            block = self.mcfg.host_block_chunks * self.mcfg.chunk_size
-            state = self.empty_state(ids.shape[0]) if state is None else state
-            for start in range(0, prefix, block):
-                part = ids[:, start:min(start + block, prefix)]
-                args = (self.params, state, part, self.retriever.chunk_keys(part),
-                        self.retriever.prefix_queries(self.mcfg, part, self.protocol.local_window))
-                state = jax.block_until_ready(
-                    self._compiled(("ingest", part.shape[1]), self._ingest, *args)(*args))
-                progress(part.shape[1])   # counted once done, not when dispatched
-            window = ids[:, prefix:]
-            args = (self.params, state, window, self.retriever.chunk_keys(window),
-                    self.retriever.window_query(window))
-            scored = functools.partial(scan.window_nll, self.module, self.mcfg,
-                                       scored=self.protocol.predictions(ids.shape[1]))
-            state, nll = jax.block_until_ready(
-                self._compiled(("memlong", final), scored, *args)(*args))
-            progress(final)
-            return state, nll
+        if mode == "memlong":
+            return self._memlong_window(np.asarray(ids, np.int32), state, progress)
+        ids = jnp.asarray(ids, jnp.int32)
         if mode == "block":
             if self.block is None:
                 raise UserError("the block mode needs block memory settings")

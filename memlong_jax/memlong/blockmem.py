@@ -68,8 +68,8 @@ class BlockConfig(Config):
                                                        "multiple of block_size)")
     mem_dtype: str = setting(
         "float32", choices=DTYPES,
-        help="storage dtype of the memory K/V (float32: XLA's CPU backend updates bfloat16 "
-             "arrays ~10x slower, measured)")
+        help="storage dtype of the memory K/V (bfloat16 halves the memory and rounds the "
+             "stored K/V; held as its bits, so writes stay in place on XLA's CPU backend)")
     eviction: str = setting("paper", choices=mem_ops.POLICIES,
                             help="MemLong's policies: paper (hit counts) or fifo_half")
     backend: str = setting("device", choices=BACKENDS,
@@ -153,8 +153,8 @@ class BlockState(NamedTuple):
     its own K/V are one-element placeholders."""
 
     layers: LayerBlocks   # every field stacked over layers on a leading axis
-    keys: jax.Array       # [L, B * KV, capacity, block_size, D] pre-RoPE K of stored blocks
-    values: jax.Array
+    keys: jax.Array       # [L, B * KV, capacity, block_size, D] pre-RoPE K of stored blocks,
+    values: jax.Array     # in mem_dtype as `mem_ops.float_bits` holds it (bf16 as uint16)
     start: jax.Array      # int32: position of the pending chunk's first token
     fill: jax.Array       # int32: tokens of the pending chunk fed so far
 
@@ -192,7 +192,7 @@ def init_state(module: LlamaForCausalLM, bcfg: BlockConfig, batch: int) -> Block
     layers = cfg.num_hidden_layers
     stacked = jax.tree_util.tree_map(lambda x: jnp.zeros((layers, *x.shape), x.dtype), layer)
     blocks = lambda: jnp.zeros((layers, batch * kv, bcfg.capacity_blocks, bcfg.block_size,
-                                dim), jnp.dtype(bcfg.mem_dtype))   # two buffers: both donated
+                                dim), mem_ops.bits_dtype(bcfg.mem_dtype))   # two: both donated
     return BlockState(stacked, blocks(), blocks(), jnp.zeros((), jnp.int32),
                       jnp.zeros((), jnp.int32))
 
@@ -364,17 +364,37 @@ def _tile(cfg: LlamaConfig, bcfg: BlockConfig, start, sink_k, sink_v, keys, valu
                                      valid.reshape(batch, kv, -1)], axis=-1))
 
 
+def _layer_row_index(stored):
+    """Index arrays `[L, 1, 1]` and `[1, rows, 1]` that pair each (layer, row) of `stored`
+    with its own slots `[L, rows, n]`."""
+    return (jnp.arange(stored.shape[0])[:, None, None],
+            jnp.arange(stored.shape[1])[None, :, None])
+
+
+def store_blocks(stored, slots, blocks, mem_dtype: str):
+    """`stored` (`BlockState.keys` or `.values`) with `blocks` `[L, rows, n, block_size, D]`
+    written, cast to `mem_dtype`, at `slots` `[L, rows, n]` (slots past the capacity are not
+    written). The scatter runs on the bits (`mem_ops.float_bits`), in place."""
+    layer_ix, row_ix = _layer_row_index(stored)
+    return stored.at[layer_ix, row_ix, slots].set(
+        mem_ops.float_bits(blocks.astype(mem_dtype)), mode="drop")
+
+
+def load_blocks(stored, indices, mem_dtype: str):
+    """The blocks at `indices` `[L, rows, k]` of `stored`, in `mem_dtype`:
+    `[L, rows, k, block_size, D]`."""
+    layer_ix, row_ix = _layer_row_index(stored)
+    return jax.lax.bitcast_convert_type(stored[layer_ix, row_ix, indices], jnp.dtype(mem_dtype))
+
+
 def _finish(cfg: LlamaConfig, bcfg: BlockConfig, state: BlockState, writes, picks, start):
     """All layers at once: the leaving blocks' K/V into their slots (in place), the picked
     blocks gathered into each layer's tile for the chunk starting at `start`."""
-    layer_ix = jnp.arange(state.keys.shape[0])[:, None, None]
-    row_ix = jnp.arange(state.keys.shape[1])[None, :, None]
     keys, values = state.keys, state.values
     if writes is not None:
-        put = lambda big, new: big.at[layer_ix, row_ix, writes.slots].set(
-            new.astype(big.dtype), mode="drop")
-        keys, values = put(keys, writes.keys), put(values, writes.values)
-    take = lambda big: big[layer_ix, row_ix, picks.indices]
+        keys = store_blocks(keys, writes.slots, writes.keys, bcfg.mem_dtype)
+        values = store_blocks(values, writes.slots, writes.values, bcfg.mem_dtype)
+    take = lambda big: load_blocks(big, picks.indices, bcfg.mem_dtype)
     tile = jax.vmap(functools.partial(_tile, cfg, bcfg, start))(
         state.layers.sink_k, state.layers.sink_v, take(keys), take(values), picks)
     return state._replace(layers=state.layers._replace(tile=tile), keys=keys, values=values)

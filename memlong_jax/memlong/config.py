@@ -48,6 +48,10 @@ class MemLongConfig(Config):
         False, help="retrieve top_k - top_k // 2 chunks and add the chunk written right after "
                     "each of the best top_k // 2 (RETRO's neighbour + continuation); off "
                     "upstream")
+    previous: bool = setting(
+        False, help="each of the best picks also brings the chunk written right before it, so a "
+                    "line cut by a chunk boundary is read whole (as block memory's `previous`); "
+                    "with continuation too, top_k // 3 picks bring both neighbours; off upstream")
     prefix_context: str = setting(
         "chunk", choices=("chunk", "window"),
         help="chunk: prefix chunks are computed alone (upstream scoring); window: the prefix "

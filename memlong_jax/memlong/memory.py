@@ -114,15 +114,23 @@ def _check_shape(name: str, x, shape) -> None:
         raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(x.shape)}")
 
 
-def _bits(x):
+def bits_dtype(dtype):
+    """What `float_bits` turns `dtype` into: uint16 for 16-bit floats, other dtypes as they are."""
+    dtype = jnp.dtype(dtype)
+    if jnp.issubdtype(dtype, jnp.floating) and dtype.itemsize == 2:
+        return jnp.dtype(jnp.uint16)
+    return dtype
+
+
+def float_bits(x):
     """A 16-bit float array as the same-width unsigned integers (other dtypes as they are).
 
-    XLA:CPU computes a `dynamic_update_slice` into a bf16/f16 buffer in float32: it converts
-    the whole buffer up and back, a pass over all of memory for every chunk written. On the
-    integer view of the same bits the update stays in place and costs one chunk."""
-    if jnp.issubdtype(x.dtype, jnp.floating) and x.dtype.itemsize == 2:
-        return jax.lax.bitcast_convert_type(x, jnp.uint16)
-    return x
+    XLA:CPU computes a `dynamic_update_slice` (or a scatter) into a bf16/f16 buffer in float32:
+    it converts the whole buffer up and back, a pass over all of memory for every chunk
+    written. On the integer view of the same bits the update stays in place and costs one
+    chunk."""
+    bits = bits_dtype(x.dtype)
+    return x if bits == x.dtype else jax.lax.bitcast_convert_type(x, bits)
 
 
 def write_chunk(mem: Memory, keys, values, emb, policy: str = "paper", rows=None) -> Memory:
@@ -150,11 +158,11 @@ def write_chunk(mem: Memory, keys, values, emb, policy: str = "paper", rows=None
         """One `dynamic_update_slice` per row (unselected rows get their old chunk back), which
         XLA performs in place inside `scan`; a batched scatter made it copy the whole memory
         for every chunk written. 16-bit float fields are updated through their bits
-        (`_bits`)."""
+        (`float_bits`)."""
         value = jnp.broadcast_to(jax.lax.stop_gradient(jnp.asarray(value)).astype(field.dtype),
                                  (batch,) + field.shape[2:])
         dtype = field.dtype
-        field, value = _bits(field), _bits(value)
+        field, value = float_bits(field), float_bits(value)
         for row in range(batch):
             start = (row, slot[row]) + (0,) * (field.ndim - 2)
             old = jax.lax.dynamic_slice(field, start, (1, 1) + field.shape[2:])

@@ -21,7 +21,8 @@ the segment its own top-k, chosen with the embedding of the chunk before it (the
 the first chunk), so a long window is not served by one query whose top-1 is always the chunk
 just before the window. A one-chunk segment (every prefix chunk) is the same in `causal` and
 `chunk`. With `continuation`, each of the best top_k // 2 chunks brings the chunk written after
-it (RETRO), within the same budget of top_k chunks.
+it (RETRO), within the same budget of top_k chunks; with `previous`, the chunk written before it
+(a line cut by a chunk boundary is read whole); with both, the best top_k // 3 bring both.
 """
 
 from __future__ import annotations
@@ -107,27 +108,37 @@ def chunk_queries(state: MemLongState, key_emb):
     return queries.astype(jnp.float32), ok
 
 
-def with_continuations(memory: mem_ops.Memory, indices, found, count: int):
-    """Append to the picks (`[B, k]`) the chunk written right after each of the first `count`:
-    the valid slot whose insertion time is one more. A successor that was evicted, not written
-    yet, or already picked is not found."""
+def with_neighbours(memory: mem_ops.Memory, indices, found, count: int, step: int):
+    """Append to the picks (`[B, k]`) the chunk written right after (`step` 1) or before (-1)
+    each of the first `count`: the valid slot whose insertion time differs by `step`. A
+    neighbour that was evicted, not written yet, or already picked is not found."""
     b = jnp.arange(indices.shape[0])[:, None]
-    after = memory.insert_time[b, indices[:, :count]] + 1                     # [B, count]
-    match = memory.valid[:, None, :] & (memory.insert_time[:, None, :] == after[..., None])
-    successor = jnp.argmax(match, axis=-1).astype(indices.dtype)
-    repeated = ((successor[..., None] == indices[:, None, :]) & found[:, None, :]).any(-1)
+    near = memory.insert_time[b, indices[:, :count]] + step                   # [B, count]
+    match = memory.valid[:, None, :] & (memory.insert_time[:, None, :] == near[..., None])
+    neighbour = jnp.argmax(match, axis=-1).astype(indices.dtype)
+    repeated = ((neighbour[..., None] == indices[:, None, :]) & found[:, None, :]).any(-1)
     ok = match.any(-1) & found[:, :count] & ~repeated
-    return (jnp.concatenate([indices, jnp.where(ok, successor, 0)], axis=1),
+    return (jnp.concatenate([indices, jnp.where(ok, neighbour, 0)], axis=1),
             jnp.concatenate([found, ok], axis=1))
+
+
+def neighbour_budget(mcfg: MemLongConfig) -> int:
+    """How many of the best picks bring neighbours: top_k // 2 with one kind (continuation or
+    previous), top_k // 3 with both; the rest of top_k is searched."""
+    kinds = int(mcfg.continuation) + int(mcfg.previous)
+    return mcfg.top_k // (kinds + 1) if kinds else 0
 
 
 def select_chunks(mcfg: MemLongConfig, memory: mem_ops.Memory, query):
     """Top-k slots for each query `[B, d]`: indices int `[B, top_k]`, found bool `[B, top_k]`
-    (with `continuation`, top_k - top_k // 2 neighbours and then their successors)."""
-    follow = mcfg.top_k // 2 if mcfg.continuation else 0
-    indices, found = retrieve(mcfg.backend, memory.emb, memory.valid, query, mcfg.top_k - follow)
-    if follow:
-        indices, found = with_continuations(memory, indices, found, follow)
+    (with neighbours: the searched picks, then their successors, then their predecessors)."""
+    follow = neighbour_budget(mcfg)
+    kinds = int(mcfg.continuation) + int(mcfg.previous)
+    indices, found = retrieve(mcfg.backend, memory.emb, memory.valid, query,
+                              mcfg.top_k - kinds * follow)
+    for step, on in ((1, mcfg.continuation), (-1, mcfg.previous)):
+        if on:
+            indices, found = with_neighbours(memory, indices, found, follow, step)
     return indices, found
 
 

@@ -154,7 +154,9 @@ class Reader:
         width = max(len(a) for a in answers)
         gold = np.stack([np.pad(a, (0, width - len(a)), mode="edge") for a in answers])
         valid = np.arange(width)[None] < np.asarray([len(a) for a in answers])[:, None]
-        forced = jax.tree_util.tree_map(jnp.copy, gen)   # steps consume (donate) their state
+        # Steps consume (donate) their state; the block row shares its stored blocks.
+        forced = (self._block_generator.fork(gen, self.budget - 1) if row == "block"
+                  else jax.tree_util.tree_map(jnp.copy, gen))
         logprob = _log_softmax_at(logits, gold[:, 0])
         forced_logits = logits
         for j in range(1, width):
