@@ -59,7 +59,7 @@ RECALL_DEMO = $(PY) -m memlong_jax.recall $(DEMO)/smollm2-135m-recall --lengths 
 	--rows memlong,local --local-window 1024 --set memory_tokens=32768 --set continuation=true
 recall-demo: $(DEMO)/smollm2-135m-recall/config.json $(DEMO)/pydoc_topics.txt
 	$(RECALL_DEMO) --tasks repeat --depths 0 --query-modes chunk --haystack $(DEMO)/pydoc_topics.txt
-	$(RECALL_DEMO) --tasks passkey --depths 50 --query-modes segment
+	$(RECALL_DEMO) --tasks passkey --depths 10,50,90 --query-modes segment
 
 clean:
 	rm -rf $(DEMO) .pytest_cache
