@@ -343,11 +343,13 @@ def test_cli_writes_table_json_csv_and_heatmap(tiny_checkpoint, haystack_file, t
     (["--plot", "OUT.gif"], "use a .png"),
     (["--json", "/nonexistent/dir/r.json"], "no such directory"),
 ])
-def test_bad_input_is_one_line_exit_2_and_writes_nothing(tiny_checkpoint, tmp_path, capsys,
-                                                          argv, message):
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(tiny_checkpoint, haystack_file,
+                                                          tmp_path, capsys, argv, message):
     argv = [a.replace("OUT", str(tmp_path / "r")) for a in argv]
     outputs = ["--json", str(tmp_path / "r.json"), "--csv", str(tmp_path / "r.csv")]
-    code, stdout, err = run([tiny_checkpoint, "--local-window", "16", "-q", *argv,
+    # a haystack of its own: the default one (../shared/data) may be absent
+    code, stdout, err = run([tiny_checkpoint, "--local-window", "16", "-q",
+                             "--haystack", haystack_file, *argv,
                              *([] if "--json" in argv else outputs)], capsys)
     assert code == 2 and message in err, err
     assert err.count("\n") == 1 and err.startswith("error: ")
