@@ -13,6 +13,7 @@ as the recall evaluation builds them (`prompts.passkey_item`, seed, index 0):
          the digit being predicted, and the teacher-forced log p and top-3 of every answer token;
          and the greedy answer through the evaluation's own reader.
   sweep  the greedy answer (correct?, log p of the key) of every item under each setting.
+  layout (c) alone, for many items: needs only the tokenizer, runs in seconds.
 
     python -m experiments.passkey_depth_diagnosis probe CKPT --items 4k:50:0,8k:50:0 --out F.json
     python -m experiments.passkey_depth_diagnosis sweep CKPT --items 4k:50:0 \\
@@ -40,13 +41,16 @@ from tqdm import tqdm
 
 import memlong_jax as ml
 from bench import common   # run record, atomic JSON
+from memlong_jax.cli.score import parse_length
 from memlong_jax.errors import UserError
 from memlong_jax.eval.recall import prompts
 from memlong_jax.eval.recall.evaluation import answer_correct
 from memlong_jax.eval.recall.reader import Reader
-from memlong_jax.cli.score import parse_length
+from memlong_jax.io.checkpoint import load_config
+from memlong_jax.io.tokenizer import load_tokenizer
 from memlong_jax.memlong import diagnostics, scan
 from memlong_jax.memlong.retrievers import make_retriever
+from memlong_jax.presets import load_for_checkpoint
 from memlong_jax.settings import ConfigError, apply_overrides
 
 BUDGET, ROW = 8, "memlong:segment"
@@ -103,6 +107,11 @@ def filler(tokenizer, prompt: int) -> int:
     fixed = len(prompts._join_lines(tokenizer, [prompts.INTRO, prompts.KEY_LINE.format(key=1),
                                                 prompts.QUESTION]))
     return prompt - fixed - 2 * len(prompts.encode(tokenizer, "\n"))
+
+
+def chunk_size(checkpoint: str) -> int:
+    """The checkpoint's MemLong tau, read from its config (no weights loaded)."""
+    return load_for_checkpoint(checkpoint, load_config(checkpoint)).chunk_size
 
 
 def parse_setting(text: str) -> tuple[str, int, tuple[str, ...]]:
@@ -299,7 +308,7 @@ def probe(bench: Bench, spec: ItemSpec, window: int, overrides) -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=("probe", "sweep"))
+    p.add_argument("what", choices=("probe", "sweep", "layout"))
     p.add_argument("checkpoint")
     p.add_argument("--items", required=True, help="comma-separated ITEMs (see above)")
     p.add_argument("--setting", action="append", default=[], metavar="NAME:KEY=VALUE,...",
@@ -314,13 +323,26 @@ def main(argv=None) -> int:
             raise UserError("--items names no item")
         if args.what == "probe" and len(settings) != 1:
             raise UserError("probe takes at most one --setting")
-        bench = Bench(args.checkpoint)
-        for _, window, overrides in settings:
-            bench.reader(window, overrides)            # bad settings fail before any work
-        items = {s: s.build(bench.tok) for s in specs}
-    except (UserError, ConfigError) as err:
+        if args.what == "layout":
+            tok = load_tokenizer(args.checkpoint)
+            if tok is None:
+                raise UserError(f"{args.checkpoint}: no tokenizer.json")
+            layouts = [{"item": s.label(), "local_window": w,
+                        **layout(tok, s.build(tok), w, chunk_size(args.checkpoint))}
+                       for s in specs for _, w, _ in settings]
+        else:
+            bench = Bench(args.checkpoint)
+            for _, window, overrides in settings:
+                bench.reader(window, overrides)            # bad settings fail before any work
+            items = {s: s.build(bench.tok) for s in specs}
+    except (UserError, ConfigError, OSError) as err:
         print(f"passkey_depth_diagnosis: {err}", file=sys.stderr)
         return 2
+    if args.what == "layout":
+        data = common.record("passkey_depth_diagnosis_layout", args, {"settings": args.setting})
+        data["results"] = layouts
+        common.write_json(args.out, data)
+        return 0
     started, git = time.perf_counter(), common.git_commit()
     config = {"checkpoint": args.checkpoint, "budget": BUDGET, "row": ROW,
               "read": dict(READ, local_window=WINDOW), "base": bench.base.to_dict(),
