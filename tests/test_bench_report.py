@@ -178,4 +178,24 @@ def test_text_retriever_against_hidden_with_its_flop_bound():
         assert f"32k: 75.0% (bound at the ingestion's FLOP rate {100 * bound:.1f}%)" in target
         assert "load average up to 3.0" in target and "**missed**" in target
         assert (f"| 32k | 2,048 | 2,731 | 75.0% | 1.10 | 40.0 / 25.0 | 100.0 | 75.0% | "
-                f"{100 * bound:.1f}% / {100 * needed:.1f}% | 3.0 / 1.5 |") in text
+                f"{100 * bound:.1f}% / {100 * needed:.1f}% | ") in text
+
+
+def test_issue19_torch_ratio_and_prefix_flop_rate_with_the_encoder():
+    """The side-by-side run's 32k text-retriever window against torch (target 2.5x) and the
+    prefix's FLOP rate with the encoder's needed FLOPs counted (target 70% of the peak)."""
+    encoder = {"word_pieces_per_token": 1.1, "mflop_per_token_executed": 40.0,
+               "mflop_per_token_needed": 25.0}
+    rows = [_row("memlong", 32768, 16.0, 1000, encoder=encoder, ingest_mflop_per_prefix_token=100.0),
+            _row("memlong-hidden", 32768, 12.0, 1000), _row("local", 32768, 3.0, 900),
+            _row("torch", 32768, 44.0, 900, 8192)]
+    data = {"date": "d", "config": {"local_window": 2048, "books": ["b"],
+                                    "matmul_peak": {"gflops": 500.0}}, "results": rows}
+    text = report.render({"scoring_retrievers": data})
+    # (100 + 25 * 32768 / 30720) MFLOP x 30720 prefix tokens in 16 - 3 s, over 500 GFLOP/s
+    fraction = (100.0 * 30720 + 25.0 * 32768) * 1e6 / 13.0 / 500e9
+    torch_row = next(line for line in text.splitlines() if "32k window >= 2.5x" in line)
+    assert "2.75x (matmul peak 500.0 GFLOP/s)" in torch_row and "| met |" in torch_row
+    flop_row = next(line for line in text.splitlines() if "encoder included, >= 70%" in line)
+    assert f"32k: {100 * fraction:.1f}%" in flop_row and "**missed**" in flop_row
+    assert f"| {100 * fraction:.1f}% | 2.75x |" in text
