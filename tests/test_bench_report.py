@@ -106,6 +106,9 @@ def test_generation_section_and_targets_compare_with_torch_at_the_same_prompt():
     data["results"][1]["load_average"] = [5.0, 4.0, 3.0]
     loaded = report.render({"generation": data})
     assert "(under load: load average up to 5.0) | unconfirmed (under load" in loaded
+    data["results"][1]["load_average"] = [1.0, 1.0, 1.0]
+    data["results"][2]["load_average"] = [5.0, 4.0, 3.0]  # a longer prompt's row: not compared
+    assert "2.50x (30.0 vs 12.0 tok/s) | met |" in report.render({"generation": data})
     flat = next(line for line in lines if "generation: tokens/s with a 128k prompt" in line)
     assert "32k: 27.0 tok/s, 10.0% below 2k" in flat and "128k not run; within at 32k" in flat
 
