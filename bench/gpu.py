@@ -349,7 +349,7 @@ class Runner:
         rng = np.random.default_rng(self.args.seed + n)
         window = lambda: rng.integers(0, cfg.vocab_size, (1, n), dtype=np.int32)
         before = gpu_memory()
-        known = set(scorer._compiled)
+        known = set(scorer._executables)
         start = time.perf_counter()
         _, nll = scorer.window_nll(mode, window())
         nll = np.asarray(nll)
@@ -372,7 +372,7 @@ class Runner:
         median = statistics.median(seconds or [first_s])
         predictions = scorer.protocol.predictions(n)
         flops = score_flops(cfg, mcfg, mode, n, scorer.protocol.local_window, predictions)
-        programs = {f"{k[0]}:{k[1]}": program_bytes(c) for k, c in scorer._compiled.items()
+        programs = {f"{k[0]}:{k[1]}": program_bytes(c) for k, c in scorer._executables.items()
                     if k not in known or k[0] == mode or (mode == "memlong" and k[0] == "ingest")}
         return {"kind": "score", "model": model, "mode": mode, "length": n,
                 "attention_kernel": kernel,
