@@ -40,7 +40,7 @@ UNDER_LOAD = 2.0   # a 1-minute load average above this (2-core machines): timin
 TARGETS = {"speedup": 3.0, "flat_time": 0.10, "flat_rss": 0.10, "peak_fraction": 0.5,
            "retrieval_share": 0.05, "decode_speedup": 2.0, "decode_flat": 0.20,
            "icl_speedup": 4.0, "text_vs_hidden": 0.9, "speedup_32k": 2.5,
-           "ingest_with_encoder": 0.7}
+           "ingest_with_encoder": 0.7, "gpu_full_80k_s": 6.0}
 # A side-by-side run of memlong with each retriever (bench/scoring.py --modes
 # memlong,memlong-hidden,local), kept apart from scoring.json when run alone.
 RETRIEVERS = "scoring_retrievers"
@@ -518,7 +518,30 @@ def gpu_section(data: dict) -> str:
         "of measurements runs in its own process, so the first of a group always has its own "
         "(`<=`: an earlier measurement of the same process set the mark higher).",
         table(["measurement", "tokens / rows x accum x seq", "s (median)", "tok/s", "TFLOP/s",
-               "MFU (measured)", "MFU (nominal)", "peak GPU GiB", "compile s"], rows)])
+               "MFU (measured)", "MFU (nominal)", "peak GPU GiB", "compile s"], rows),
+        *fused_notes(res)])
+
+
+def fused_notes(res: dict) -> list[str]:
+    """The fused attention kernel's checks in a gpu.json: its bf16 error next to the dense
+    path's, and each fused row's mean-NLL distance from the default kernel's."""
+    cases = [c for c in res.get("fused_accuracy") or [] if "error" not in c]
+    agree = [f"`{r['name']}` {r['mean_nll_max_diff_vs_auto']:.1e}" for r in res["measurements"]
+             if "mean_nll_max_diff_vs_auto" in r]
+    notes = []
+    if cases:
+        first = cases[0]
+        notes.append(
+            f"Fused attention kernel ({first['implementation']}), bf16, {first['length']} "
+            f"tokens, {first['heads']} heads of {first['head_dim']}: largest and mean error "
+            "against fp32 by memory form, the dense bf16 path's in brackets: " + "; ".join(
+                f"{c['memory']} {c['fused_max_abs_error']:.2e} ({c['dense_max_abs_error']:.2e}) "
+                f"and {c['fused_mean_abs_error']:.2e} ({c['dense_mean_abs_error']:.2e})"
+                for c in cases) + ".")
+    if agree:
+        notes.append("Mean NLL per window, fused rows against the default kernel on the same "
+                     "windows (largest difference): " + "; ".join(agree) + ".")
+    return notes
 
 
 # ---- targets ----------------------------------------------------------------------------------
@@ -612,7 +635,23 @@ def targets(results: dict) -> list[list]:
                                    if "decode_profile" in results else None)
     if "icl" in results:
         rows.append(icl_target(results["icl"]))
+    if "gpu" in results:
+        rows.append(gpu_full_target(results["gpu"]))
     return rows
+
+
+def gpu_full_target(data: dict) -> list:
+    """`full` at 80k on the OpenLLaMA-3B shape with the fused kernel, on the H200."""
+    row = next((r for r in data["results"]["measurements"]
+                if r["name"] == "score:openllama3b:full:80k:fused"), None)
+    seconds = row.get("median_s") if row else None
+    measured = (f"{seconds:.2f} s ({data['config'].get('device_kind', '?')})" if seconds
+                else row.get("error") or row.get("skipped") if row
+                else "not measured on a GPU yet (this gpu.json has no fused row)")
+    ok = None if seconds is None else seconds <= TARGETS["gpu_full_80k_s"]
+    return [f"GPU: `full` at 80k on the OpenLLaMA-3B shape <= {TARGETS['gpu_full_80k_s']:.0f} s "
+            "on the H200 (fused attention)", measured,
+            "n/a" if ok is None else ("met" if ok else "**missed**")]
 
 
 def icl_target(data: dict) -> list:

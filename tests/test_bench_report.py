@@ -58,6 +58,30 @@ def test_gpu_section_renders_rows_errors_and_skips():
     assert "error: OOM" in text and "skipped: budget" in text and "720.0 TFLOP/s" in text
 
 
+def test_gpu_section_and_targets_report_the_fused_kernel():
+    row = {"name": "score:openllama3b:full:80k:fused", "kind": "score", "length": 81920,
+           "median_s": 4.2, "tokens_per_s": 19505.0, "tflops": 400.0, "mfu_measured_peak": 0.6,
+           "mfu_nominal_peak": 0.4, "peak_gpu_gib": 20.0, "compile_s": 9.0,
+           "mean_nll_max_diff_vs_auto": 0.0012}
+    accuracy = {"memory": "shared", "implementation": "cudnn", "length": 2048, "heads": 32,
+                "head_dim": 100, "fused_max_abs_error": 0.01, "dense_max_abs_error": 0.012,
+                "fused_mean_abs_error": 0.001, "dense_mean_abs_error": 0.0009}
+    data = {"date": "d", "config": {"device_kind": "NVIDIA H200", "local_window": 2048},
+            "results": {"matmul_peak": {"gflops": 720000.0, "dtype": "bfloat16"},
+                        "nominal_peak_tflops": 989.0, "fused_accuracy": [accuracy],
+                        "measurements": [row]}}
+    text = report.render({"gpu": data})
+    assert "(cudnn), bf16, 2048 tokens, 32 heads of 100" in text
+    assert "shared 1.00e-02 (1.20e-02) and 1.00e-03 (9.00e-04)" in text
+    assert "`score:openllama3b:full:80k:fused` 1.2e-03" in text
+    target = "| GPU: `full` at 80k on the OpenLLaMA-3B shape <= 6 s on the H200 (fused attention) |"
+    assert f"{target} 4.20 s (NVIDIA H200) | met |" in text
+    row["median_s"] = 7.5
+    assert f"{target} 7.50 s (NVIDIA H200) | **missed** |" in report.render({"gpu": data})
+    data["results"]["measurements"] = []
+    assert f"{target} not measured on a GPU yet" in report.render({"gpu": data})
+
+
 def test_scoring_merge_replaces_only_rerun_rows_and_is_reported():
     scoring = pytest.importorskip("bench.scoring")
     old = _results()["scoring"]
