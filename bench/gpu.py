@@ -14,11 +14,16 @@ memory-layer states, no text encoder) and `backend=device` (exact top-k in-graph
 
 Measurements, in this order (each guarded: an error is recorded and the next one runs):
 
-1. matmul peak: best bf16 square matmul (4096, 8192) on this device (fp32 on CPU).
+1. matmul peak: best bf16 square matmul (4096, 8192) on this device (fp32 on CPU); then the
+   fused attention kernel's bf16 error against fp32 next to the dense path's
+   (`results.fused_accuracy`, bench/fused_accuracy.py: cuDNN's numbers need a GPU).
 2. scoring, openllama3b, memlong, 80k (81920) tokens: `memlong_jax.eval.scoring.Scorer.window_nll`,
    the path `python -m memlong_jax.score` runs (prefix through `memlong.ingest_prefix` in 8192-
    token host blocks, then the 2048-token local window scored with retrieval; a fresh memory
-   per window, so the 32k-token memory fills and evicts). Random token ids.
+   per window, so the 32k-token memory fills and evicts). Random token ids. Then the same with
+   `attention_kernel=fused` (row `...:fused`: `jax.nn.dot_product_attention`, cuDNN on a GPU,
+   head_dim zero-padded to a multiple of 8, memory merged through its log-sum-exp; see
+   memlong_jax/llama/fused.py), on the same weights and token ids.
 3. training step, openllama3b: bench/train_step.py's `build` (train.config.resolve with `--set`
    style overrides, train.setup.split_params, train.step.make_train_step jitted with donation),
    overrides: init_from= (random), dtype/param_dtype bfloat16, memlong.retriever=hidden,
@@ -26,11 +31,14 @@ Measurements, in this order (each guarded: an error is recorded and the next one
    or replaces; out of device memory, it is retried once with rows_per_replica 1). LoRA rank 64
    on q/k/v/o of layers 14-25, as the preset. FLOPs: train.metrics.step_flops (frozen-aware).
 4. scoring, smollm2-135m shape, memlong at 8k, 32k and 80k tokens.
-5. scoring, openllama3b, `local` (final 2048-token window alone) and `full` (plain causal over
-   all 80k tokens; blockwise attention) at 80k. `full` starts only when the budget left is at
-   least 60 s and at least its estimate (30 s compile + its FLOPs at the rate `local` reached,
-   a lower bound); its first run (compile excluded) may be its only timing
-   (`timed_from_first_run`).
+5. scoring, openllama3b, `local` (final 2048-token window alone), then `full` (plain causal over
+   all 80k tokens) with the fused kernel, then `full` with the default one (blockwise attention)
+   at 80k. Each `full` starts only when the budget left is at least 60 s and at least its
+   estimate (30 s compile + its FLOPs at the rate `local` reached, a lower bound); its first run
+   (compile excluded) may be its only timing (`timed_from_first_run`).
+
+A row of the fused kernel records `mean_nll_max_diff_vs_auto`, how far its per-window mean NLL
+lies from the default kernel's on the same windows (bf16 noise expected; a wrong kernel shows).
 
 Timing: compilation is timed apart (AOT for the train step; `Scorer.last_compile_seconds` for
 scoring), then one untimed run, then up to `--repeats` timed runs (at least one; no more once
@@ -75,7 +83,8 @@ names the group in progress), so a killed run keeps what it finished.
 
 --quick (CPU smoke test, about 1-2 minutes): the `tiny` shape with head_dim 100 for scoring
 (4096-token windows, so `full` goes blockwise), the `tiny` training preset (seq_len 256), the
-`tiny` shape for the second scoring model; numbers are meaningless.
+`tiny` shape for the second scoring model; the fused rows run XLA's (unfused) implementation
+there; numbers are meaningless.
 """
 
 from __future__ import annotations
@@ -122,7 +131,8 @@ def build_parser():
 # ---- the plan ---------------------------------------------------------------------------------
 
 def plan(quick: bool) -> dict:
-    """Models, lengths and the ordered measurement groups (models are freed between groups)."""
+    """Models, lengths and the ordered measurement groups (models are freed between groups).
+    A score item is ("score", model, mode, tokens, seconds it needs left, attention kernel)."""
     if quick:
         big, small, n_big = "tiny-hd100", "tiny", 4096
         window, scored, small_lengths = 256, 256, [512, 1024]
@@ -136,26 +146,34 @@ def plan(quick: bool) -> dict:
     # The smollm2-135m step as docs/results.md's fine-tuning run takes it (16 streams of 1024).
     small_train = [] if quick else [[("train", small, ["seq_len=1024",
                                                       "rows_per_replica=16"])]]
+    # The fused kernel next to the default one, same token ids: `full` fused before the
+    # (slower) blockwise `full`, so that a short budget still measures the fused one.
     return {"window": window, "scored": scored, "groups": small_train + [
-        [("score", big, "memlong", n_big, 0)],
+        [("score", big, "memlong", n_big, 0, "auto"),
+         ("score", big, "memlong", n_big, min_left, "fused")],
         [("train", *train)],
-        [("score", small, "memlong", n, min_left) for n in small_lengths],
-        [("score", big, "local", n_big, min_left), ("score", big, "full", n_big, full_min_left)],
+        [("score", small, "memlong", n, min_left, "auto") for n in small_lengths],
+        [("score", big, "local", n_big, min_left, "auto"),
+         ("score", big, "full", n_big, full_min_left, "fused"),
+         ("score", big, "full", n_big, full_min_left, "auto")],
     ]}
 
 
-def model_config(name: str):
+def model_config(name: str, kernel: str = "auto"):
     from memlong_jax.presets import PRESETS
     if name == "tiny-hd100":   # quick: head_dim 100 as openllama3b, on a 4-layer toy
-        return PRESETS["tiny"].model.replace(head_dim=100), PRESETS["tiny"].memlong
-    return PRESETS[name].model, PRESETS[name].memlong
+        model, mcfg = PRESETS["tiny"].model.replace(head_dim=100), PRESETS["tiny"].memlong
+    else:
+        model, mcfg = PRESETS[name].model, PRESETS[name].memlong
+    return model.replace(attention_kernel=kernel), mcfg
 
 
 def measurement_name(item) -> str:
     if item[0] == "train":
         return f"train:{item[1]}"
-    _, model, mode, n, _ = item
-    return f"score:{model}:{mode}:{common.fmt_tokens(n)}"
+    _, model, mode, n, _, kernel = item
+    return f"score:{model}:{mode}:{common.fmt_tokens(n)}" + (
+        "" if kernel == "auto" else f":{kernel}")
 
 
 # ---- device helpers ---------------------------------------------------------------------------
@@ -280,26 +298,30 @@ class Runner:
                  nominal: float | None):
         self.args, self.budget, self.layout = args, budget, layout
         self.peak, self.nominal = peak, nominal
-        self.scorers: dict = {}
+        self.scorers: dict = {}   # (model, kernel) -> Scorer; the kernels share the weights
+        self.params: dict = {}    # model -> weights
 
     def release(self) -> None:
         self.scorers.clear()
+        self.params.clear()
         gc.collect()
 
-    def scorer(self, name: str):
+    def scorer(self, name: str, kernel: str):
         import jax.numpy as jnp
         from memlong_jax.eval import scoring
         from memlong_jax.llama.model import LlamaForCausalLM
-        if name not in self.scorers:
-            cfg, mcfg = model_config(name)
+        if (name, kernel) not in self.scorers:
+            cfg, mcfg = model_config(name, kernel)
             mcfg = mcfg.replace(retriever="hidden", backend="device").validate(cfg)
-            params = random_params(cfg, jnp.bfloat16, self.args.seed)
+            if name not in self.params:
+                self.params[name] = random_params(cfg, jnp.bfloat16, self.args.seed)
             module = LlamaForCausalLM(cfg, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
             protocol = scoring.Protocol((self.layout["window"],), self.layout["window"],
                                         self.layout["scored"]).validate(mcfg.chunk_size)
             # retriever=hidden: no text encoder or tokenizer (the default Scorer retriever)
-            self.scorers[name] = scoring.Scorer(module, params, mcfg, protocol)
-        return self.scorers[name]
+            self.scorers[name, kernel] = scoring.Scorer(module, self.params[name], mcfg,
+                                                        protocol)
+        return self.scorers[name, kernel]
 
     def timed_runs(self, default: int) -> int:
         return self.args.repeats or default
@@ -321,13 +343,13 @@ class Runner:
         row = self.train(preset, merge_settings(defaults, ["rows_per_replica=1"]))
         return {**row, "first_attempt_error": first}
 
-    def score(self, model: str, mode: str, n: int) -> dict:
-        scorer = self.scorer(model)
+    def score(self, model: str, mode: str, n: int, kernel: str) -> dict:
+        scorer = self.scorer(model, kernel)
         cfg, mcfg = scorer.module.config, scorer.mcfg
         rng = np.random.default_rng(self.args.seed + n)
         window = lambda: rng.integers(0, cfg.vocab_size, (1, n), dtype=np.int32)
         before = gpu_memory()
-        known = set(scorer._compiled)
+        known = set(scorer._executables)
         start = time.perf_counter()
         _, nll = scorer.window_nll(mode, window())
         nll = np.asarray(nll)
@@ -350,9 +372,10 @@ class Runner:
         median = statistics.median(seconds or [first_s])
         predictions = scorer.protocol.predictions(n)
         flops = score_flops(cfg, mcfg, mode, n, scorer.protocol.local_window, predictions)
-        programs = {f"{k[0]}:{k[1]}": program_bytes(c) for k, c in scorer._compiled.items()
+        programs = {f"{k[0]}:{k[1]}": program_bytes(c) for k, c in scorer._executables.items()
                     if k not in known or k[0] == mode or (mode == "memlong" and k[0] == "ingest")}
         return {"kind": "score", "model": model, "mode": mode, "length": n,
+                "attention_kernel": kernel,
                 "local_window": scorer.protocol.final_window(n), "predictions": predictions,
                 "dtype": "bfloat16", "memlong": mcfg.to_dict() if mode == "memlong" else None,
                 "compile_s": compile_s, "first_run_s": first_s, "seconds": seconds,
@@ -426,7 +449,9 @@ def line(row: dict) -> str:
     return (f"{row['name']:<34} {row['median_s']:8.3f} s  {row['tokens_per_s']:>11,.0f} tok/s  "
             f"{row['tflops']:8.2f} TFLOP/s  MFU {pct(row['mfu_measured_peak']):>6} measured / "
             f"{pct(row['mfu_nominal_peak']):>6} nominal  {memory}  "
-            f"compile {row['compile_s']:.1f} s")
+            f"compile {row['compile_s']:.1f} s" + (
+                f"  NLL vs auto {row['mean_nll_max_diff_vs_auto']:.1e}"
+                if "mean_nll_max_diff_vs_auto" in row else ""))
 
 
 def measure_peak(quick: bool) -> dict:
@@ -442,7 +467,25 @@ def measure_peak(quick: bool) -> dict:
                                                   dtype="bfloat16" if on_gpu else "float32")
     except Exception as err:
         reply["matmul_peak"] = {"error": f"{type(err).__name__}: {err}"}
+    reply["fused_accuracy"] = fused_accuracy(quick)
     return reply
+
+
+def fused_accuracy(quick: bool) -> list[dict]:
+    """bench/fused_accuracy.py's bf16 errors of the fused kernel (cuDNN on a GPU) and the dense
+    path at OpenLLaMA-3B's attention shape (32 heads of 100; a 2048-token window, 8 chunks of
+    128 memory slots, shared or per query chunk of 128), `tiny`-sized with --quick."""
+    from bench.fused_accuracy import MEMORY_FORMS, bf16_errors
+    from memlong_jax.llama.fused import implementation
+    shape = (dict(length=256, heads=4, kv_heads=2, slots=32, chunks=4) if quick else
+             dict(length=2048, heads=32, kv_heads=32, slots=1024, chunks=16))
+    cases = []
+    for memory in MEMORY_FORMS:
+        try:
+            cases.append(bf16_errors(memory, implementation(), **shape))
+        except Exception as err:
+            cases.append({"memory": memory, "error": f"{type(err).__name__}: {err}"[:1000]})
+    return cases
 
 
 def run_group(job: dict) -> dict:
@@ -456,7 +499,7 @@ def run_group(job: dict) -> dict:
     rows = []
     for item in job["group"]:
         name = measurement_name(item)
-        min_left = item[-1] if item[0] == "score" else 0
+        min_left = item[4] if item[0] == "score" else 0
         estimate = (full_estimate_s(item[1], item[3], runner.layout, local_tflops)
                     if item[0] == "score" and item[2] == "full" else None)
         need = max(min_left, estimate or 0)
@@ -470,7 +513,7 @@ def run_group(job: dict) -> dict:
                 row = {"name": name,
                        "started_at_s": job["budget_s"] - budget.left(),
                        **(runner.train_with_fallback(item[1], item[2]) if item[0] == "train"
-                          else runner.score(item[1], item[2], item[3]))}
+                          else runner.score(*item[1:4], item[5]))}
             except Exception as err:
                 traceback.print_exc()
                 row = {"name": name, "error": f"{type(err).__name__}: {err}"[:2000]}
@@ -479,7 +522,21 @@ def run_group(job: dict) -> dict:
             local_tflops[row["model"]] = row["tflops"]
         rows.append(row)
         print(line(row), file=sys.stderr, flush=True)
+    nll_agreement(rows)
     return {"rows": rows}
+
+
+def nll_agreement(rows: list[dict]) -> None:
+    """A score row of another kernel gets `mean_nll_max_diff_vs_auto`: how far its per-window
+    mean NLL lies from the default kernel's on the same windows (same seeded token ids),
+    where both ran in this group; bf16 noise is expected, a wrong kernel shows."""
+    key = lambda r: (r.get("model"), r.get("mode"), r.get("length"))
+    auto = {key(r): r for r in rows if r.get("attention_kernel") == "auto"}
+    for row in rows:
+        other = auto.get(key(row))
+        if row.get("attention_kernel", "auto") != "auto" and other:
+            row["mean_nll_max_diff_vs_auto"] = max(
+                abs(a - b) for a, b in zip(row["mean_nll"], other["mean_nll"]))
 
 
 def full_estimate_s(model: str, n: int, layout: dict, local_tflops: dict) -> float | None:
@@ -523,7 +580,8 @@ def main() -> None:
               "xla_flags": os.environ.get("XLA_FLAGS")}
     data = common.record(NAME, args, config, devices=device["devices"])
     results = {"matmul_peak": device["matmul_peak"],
-               "nominal_peak_tflops": device["nominal_peak_tflops"], "measurements": [],
+               "nominal_peak_tflops": device["nominal_peak_tflops"],
+               "fused_accuracy": device["fused_accuracy"], "measurements": [],
                "in_progress": None}
     data["results"] = results
 
@@ -536,6 +594,12 @@ def main() -> None:
         print(f"matmul peak: {peak['gflops'] / 1e3:.1f} TFLOP/s {peak['dtype']} "
               f"(n = {peak['best_n']}); nominal {device['nominal_peak_tflops']} TFLOP/s "
               f"({device['device_kind']})", flush=True)
+    for case in device["fused_accuracy"]:
+        print(f"fused attention, memory {case['memory']}: " + (
+            f"ERROR: {case['error']}" if "error" in case else
+            f"bf16 max/mean abs error {case['fused_max_abs_error']:.2e}/"
+            f"{case['fused_mean_abs_error']:.2e} ({case['implementation']}), dense path "
+            f"{case['dense_max_abs_error']:.2e}/{case['dense_mean_abs_error']:.2e}"), flush=True)
     save()
 
     only = [s.strip() for s in args.only.split(",") if s.strip()]

@@ -39,7 +39,8 @@ COMMANDS = {
 UNDER_LOAD = 2.0   # a 1-minute load average above this (2-core machines): timings are not clean
 TARGETS = {"speedup": 3.0, "flat_time": 0.10, "flat_rss": 0.10, "peak_fraction": 0.5,
            "retrieval_share": 0.05, "decode_speedup": 2.0, "decode_flat": 0.20,
-           "icl_speedup": 4.0, "text_vs_hidden": 0.9}
+           "icl_speedup": 4.0, "text_vs_hidden": 0.9, "speedup_32k": 2.5,
+           "ingest_with_encoder": 0.7, "gpu_full_80k_s": 6.0}
 # A side-by-side run of memlong with each retriever (bench/scoring.py --modes
 # memlong,memlong-hidden,local), kept apart from scoring.json when run alone.
 RETRIEVERS = "scoring_retrievers"
@@ -208,6 +209,14 @@ def retriever_pairs(data: dict) -> list[dict]:
             pair["bound"] = 1 / (1 + share * per_window("mflop_per_token_executed"))
             pair["bound_needed"] = 1 / (1 + share * per_window("mflop_per_token_needed"))
             pair["prefix_share"] = share
+            # Prefix seconds = text window - local window (the final window's cost, as above).
+            peak = (data.get("config", {}).get("matmul_peak") or {}).get("gflops")
+            prefix_s = text["median_s"] - local["median_s"]
+            needed = ingest + enc["mflop_per_token_needed"] * n / (n - local_window)
+            if peak and prefix_s > 0:
+                pair["ingest_fraction"] = (needed * 1e6 * (n - local_window) / prefix_s
+                                           / (peak * 1e9))
+        pair["vs_torch"] = speedup(idx, n)
         pairs.append(pair)
     return pairs
 
@@ -230,6 +239,8 @@ def retrievers_section(data: dict) -> str:
                      num(p["text"].get("ingest_mflop_per_prefix_token"), 1),
                      pct(p.get("prefix_share")),
                      pct(p["bound"]) + " / " + pct(p["bound_needed"]),
+                     pct(p.get("ingest_fraction")),
+                     "n/a" if p["vs_torch"] is None else f"{p['vs_torch']:.2f}x",
                      " / ".join(num((p[k].get("load_average") or [None])[0], 1)
                                 for k in ("text", "hidden"))])
     peak = (data.get("config", {}).get("matmul_peak") or {}).get("gflops")
@@ -244,11 +255,16 @@ def retrievers_section(data: dict) -> str:
         "token as `bench/ingestion.py` counts them; prefix share = 1 - local / hidden seconds "
         "per window. Bound = the ratio if the encoder ran at the ingestion's FLOP rate on the "
         "same cores and everything else were hidden: 1 / (1 + share * encoder FLOPs / "
-        "ingestion FLOPs), executed / needed. Matmul peak measured in the same run: "
+        "ingestion FLOPs), executed / needed. Prefix FLOP rate = (ingestion + encoder FLOPs "
+        "needed) x prefix tokens / (text - local seconds), over the peak; text vs torch = the "
+        "torch reference's seconds per window (its last 8k tokens) / the text retriever's, where "
+        "the run has torch rows. Matmul peak measured in the same run: "
         f"{num(peak, 1)} GFLOP/s.",
         table(["N", "text tok/s", "hidden tok/s", "text / hidden", "word pieces per token",
                "encoder MFLOP/token (executed / needed)", "ingestion MFLOP/prefix token",
-               "prefix share", "bound (executed / needed)", "load average (text / hidden)"],
+               "prefix share", "bound (executed / needed)",
+               "prefix FLOP rate, encoder included (% of peak)", "text vs torch",
+               "load average (text / hidden)"],
               rows)])
 
 
@@ -502,7 +518,30 @@ def gpu_section(data: dict) -> str:
         "of measurements runs in its own process, so the first of a group always has its own "
         "(`<=`: an earlier measurement of the same process set the mark higher).",
         table(["measurement", "tokens / rows x accum x seq", "s (median)", "tok/s", "TFLOP/s",
-               "MFU (measured)", "MFU (nominal)", "peak GPU GiB", "compile s"], rows)])
+               "MFU (measured)", "MFU (nominal)", "peak GPU GiB", "compile s"], rows),
+        *fused_notes(res)])
+
+
+def fused_notes(res: dict) -> list[str]:
+    """The fused attention kernel's checks in a gpu.json: its bf16 error next to the dense
+    path's, and each fused row's mean-NLL distance from the default kernel's."""
+    cases = [c for c in res.get("fused_accuracy") or [] if "error" not in c]
+    agree = [f"`{r['name']}` {r['mean_nll_max_diff_vs_auto']:.1e}" for r in res["measurements"]
+             if "mean_nll_max_diff_vs_auto" in r]
+    notes = []
+    if cases:
+        first = cases[0]
+        notes.append(
+            f"Fused attention kernel ({first['implementation']}), bf16, {first['length']} "
+            f"tokens, {first['heads']} heads of {first['head_dim']}: largest and mean error "
+            "against fp32 by memory form, the dense bf16 path's in brackets: " + "; ".join(
+                f"{c['memory']} {c['fused_max_abs_error']:.2e} ({c['dense_max_abs_error']:.2e}) "
+                f"and {c['fused_mean_abs_error']:.2e} ({c['dense_mean_abs_error']:.2e})"
+                for c in cases) + ".")
+    if agree:
+        notes.append("Mean NLL per window, fused rows against the default kernel on the same "
+                     "windows (largest difference): " + "; ".join(agree) + ".")
+    return notes
 
 
 # ---- targets ----------------------------------------------------------------------------------
@@ -556,6 +595,22 @@ def targets(results: dict) -> list[list]:
                                   if p["bound"] else "") for p in pairs)
                      + load_note([p[k] for p in pairs for k in ("text", "hidden")]),
                      verdict(worst >= TARGETS["text_vs_hidden"])])
+        peak = (pair.get("config", {}).get("matmul_peak") or {}).get("gflops")
+        at_32k = next((p for p in pairs if p["length"] == 32768), None)
+        up = at_32k and at_32k["vs_torch"]
+        rows.append([f"memlong (text retriever) on a 32k window >= "
+                     f"{TARGETS['speedup_32k']}x the torch reference (same run)",
+                     (f"{up:.2f}x (matmul peak {num(peak, 1)} GFLOP/s)"
+                      + load_note([at_32k["text"]])) if up else "not measured",
+                     verdict(None if not up else up >= TARGETS["speedup_32k"])])
+        fractions = [(p["length"], p["ingest_fraction"]) for p in pairs if "ingest_fraction" in p]
+        rows.append([f"prefix ingestion, encoder included, >= "
+                     f"{100 * TARGETS['ingest_with_encoder']:.0f}% of the measured matmul peak "
+                     "(FLOPs it needs; same run)",
+                     ", ".join(f"{common.fmt_tokens(n)}: {pct(f)}" for n, f in fractions)
+                     or "not measured",
+                     verdict(None if not fractions else
+                             min(f for _, f in fractions) >= TARGETS["ingest_with_encoder"])])
     if "ingestion" in results:
         best = max((r["fraction_of_peak"] for r in results["ingestion"]["results"]["rows"]),
                    default=None)
@@ -580,7 +635,23 @@ def targets(results: dict) -> list[list]:
                                    if "decode_profile" in results else None)
     if "icl" in results:
         rows.append(icl_target(results["icl"]))
+    if "gpu" in results:
+        rows.append(gpu_full_target(results["gpu"]))
     return rows
+
+
+def gpu_full_target(data: dict) -> list:
+    """`full` at 80k on the OpenLLaMA-3B shape with the fused kernel, on the H200."""
+    row = next((r for r in data["results"]["measurements"]
+                if r["name"] == "score:openllama3b:full:80k:fused"), None)
+    seconds = row.get("median_s") if row else None
+    measured = (f"{seconds:.2f} s ({data['config'].get('device_kind', '?')})" if seconds
+                else row.get("error") or row.get("skipped") if row
+                else "not measured on a GPU yet (this gpu.json has no fused row)")
+    ok = None if seconds is None else seconds <= TARGETS["gpu_full_80k_s"]
+    return [f"GPU: `full` at 80k on the OpenLLaMA-3B shape <= {TARGETS['gpu_full_80k_s']:.0f} s "
+            "on the H200 (fused attention)", measured,
+            "n/a" if ok is None else ("met" if ok else "**missed**")]
 
 
 def icl_target(data: dict) -> list:
@@ -604,7 +675,8 @@ def generation_targets(idx: dict, bound: str | None = None) -> list[list]:
                               else None)
     mem, torch = rate("memlong", 2048), rate("torch", 2048)
     ratio = mem / torch if mem and torch else None
-    loaded = load_note(list(idx.values()))
+    loaded = load_note([idx[(engine, 2048)] for engine in ("memlong", "torch")
+                        if (engine, 2048) in idx])  # the rows this ratio compares
     rows = [[f"generation: decode with a 2k prompt >= {TARGETS['decode_speedup']:.0f}x "
              "transformers' tokens/s", "not measured" if ratio is None else
              f"{ratio:.2f}x ({mem:.1f} vs {torch:.1f} tok/s){loaded}",

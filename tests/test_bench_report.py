@@ -58,6 +58,30 @@ def test_gpu_section_renders_rows_errors_and_skips():
     assert "error: OOM" in text and "skipped: budget" in text and "720.0 TFLOP/s" in text
 
 
+def test_gpu_section_and_targets_report_the_fused_kernel():
+    row = {"name": "score:openllama3b:full:80k:fused", "kind": "score", "length": 81920,
+           "median_s": 4.2, "tokens_per_s": 19505.0, "tflops": 400.0, "mfu_measured_peak": 0.6,
+           "mfu_nominal_peak": 0.4, "peak_gpu_gib": 20.0, "compile_s": 9.0,
+           "mean_nll_max_diff_vs_auto": 0.0012}
+    accuracy = {"memory": "shared", "implementation": "cudnn", "length": 2048, "heads": 32,
+                "head_dim": 100, "fused_max_abs_error": 0.01, "dense_max_abs_error": 0.012,
+                "fused_mean_abs_error": 0.001, "dense_mean_abs_error": 0.0009}
+    data = {"date": "d", "config": {"device_kind": "NVIDIA H200", "local_window": 2048},
+            "results": {"matmul_peak": {"gflops": 720000.0, "dtype": "bfloat16"},
+                        "nominal_peak_tflops": 989.0, "fused_accuracy": [accuracy],
+                        "measurements": [row]}}
+    text = report.render({"gpu": data})
+    assert "(cudnn), bf16, 2048 tokens, 32 heads of 100" in text
+    assert "shared 1.00e-02 (1.20e-02) and 1.00e-03 (9.00e-04)" in text
+    assert "`score:openllama3b:full:80k:fused` 1.2e-03" in text
+    target = "| GPU: `full` at 80k on the OpenLLaMA-3B shape <= 6 s on the H200 (fused attention) |"
+    assert f"{target} 4.20 s (NVIDIA H200) | met |" in text
+    row["median_s"] = 7.5
+    assert f"{target} 7.50 s (NVIDIA H200) | **missed** |" in report.render({"gpu": data})
+    data["results"]["measurements"] = []
+    assert f"{target} not measured on a GPU yet" in report.render({"gpu": data})
+
+
 def test_scoring_merge_replaces_only_rerun_rows_and_is_reported():
     scoring = pytest.importorskip("bench.scoring")
     old = _results()["scoring"]
@@ -106,6 +130,9 @@ def test_generation_section_and_targets_compare_with_torch_at_the_same_prompt():
     data["results"][1]["load_average"] = [5.0, 4.0, 3.0]
     loaded = report.render({"generation": data})
     assert "(under load: load average up to 5.0) | unconfirmed (under load" in loaded
+    data["results"][1]["load_average"] = [1.0, 1.0, 1.0]
+    data["results"][2]["load_average"] = [5.0, 4.0, 3.0]  # a longer prompt's row: not compared
+    assert "2.50x (30.0 vs 12.0 tok/s) | met |" in report.render({"generation": data})
     flat = next(line for line in lines if "generation: tokens/s with a 128k prompt" in line)
     assert "32k: 27.0 tok/s, 10.0% below 2k" in flat and "128k not run; within at 32k" in flat
 
@@ -178,4 +205,24 @@ def test_text_retriever_against_hidden_with_its_flop_bound():
         assert f"32k: 75.0% (bound at the ingestion's FLOP rate {100 * bound:.1f}%)" in target
         assert "load average up to 3.0" in target and "**missed**" in target
         assert (f"| 32k | 2,048 | 2,731 | 75.0% | 1.10 | 40.0 / 25.0 | 100.0 | 75.0% | "
-                f"{100 * bound:.1f}% / {100 * needed:.1f}% | 3.0 / 1.5 |") in text
+                f"{100 * bound:.1f}% / {100 * needed:.1f}% | ") in text
+
+
+def test_issue19_torch_ratio_and_prefix_flop_rate_with_the_encoder():
+    """The side-by-side run's 32k text-retriever window against torch (target 2.5x) and the
+    prefix's FLOP rate with the encoder's needed FLOPs counted (target 70% of the peak)."""
+    encoder = {"word_pieces_per_token": 1.1, "mflop_per_token_executed": 40.0,
+               "mflop_per_token_needed": 25.0}
+    rows = [_row("memlong", 32768, 16.0, 1000, encoder=encoder, ingest_mflop_per_prefix_token=100.0),
+            _row("memlong-hidden", 32768, 12.0, 1000), _row("local", 32768, 3.0, 900),
+            _row("torch", 32768, 44.0, 900, 8192)]
+    data = {"date": "d", "config": {"local_window": 2048, "books": ["b"],
+                                    "matmul_peak": {"gflops": 500.0}}, "results": rows}
+    text = report.render({"scoring_retrievers": data})
+    # (100 + 25 * 32768 / 30720) MFLOP x 30720 prefix tokens in 16 - 3 s, over 500 GFLOP/s
+    fraction = (100.0 * 30720 + 25.0 * 32768) * 1e6 / 13.0 / 500e9
+    torch_row = next(line for line in text.splitlines() if "32k window >= 2.5x" in line)
+    assert "2.75x (matmul peak 500.0 GFLOP/s)" in torch_row and "| met |" in torch_row
+    flop_row = next(line for line in text.splitlines() if "encoder included, >= 70%" in line)
+    assert f"32k: {100 * fraction:.1f}%" in flop_row and "**missed**" in flop_row
+    assert f"| {100 * fraction:.1f}% | 2.75x |" in text

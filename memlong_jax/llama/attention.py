@@ -1,7 +1,8 @@
 """Grouped-query self-attention with an explicit boolean mask, softmax in fp32, and MemLong's
 retrieval-causal variant: one joint softmax over [retrieved memory keys ; local causal keys].
 Long causal sequences (with or without memory) use exact blockwise (online-softmax) attention
-instead, so no `[T, T]` mask or score matrix is ever materialised."""
+instead, so no `[T, T]` mask or score matrix is ever materialised; or, by choice
+(`LlamaConfig.attention_kernel`), one fused call (`fused.py`)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from memlong_jax.llama.fused import checked_implementation, fused_causal_attention
 from memlong_jax.llama.layers import apply_rope, dense
 
 # Causal attention over at least `min_length` tokens goes blockwise, in tiles of `block` queries
@@ -26,6 +28,15 @@ def blockwise_plan(min_length: int = 0, block: int = 0) -> tuple[int, int]:
     of the backend this trace runs on."""
     default = BLOCKWISE.get(jax.default_backend(), BLOCKWISE_DEFAULT)
     return min_length or default[0], block or default[1]
+
+
+def causal_kernel(kernel: str, length: int, min_length: int) -> str:
+    """'dense', 'blockwise' or 'fused' for causal attention over `length` tokens: `kernel`
+    itself, or for 'auto' dense below `min_length` and blockwise from it. ('auto' stays off
+    the fused kernel until it is measured on a GPU: bench/gpu.py has the rows.)"""
+    if kernel != "auto":
+        return kernel
+    return "blockwise" if length >= min_length else "dense"
 
 
 class MemoryKV(NamedTuple):
@@ -315,6 +326,8 @@ class Attention(nn.Module):
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
     blockwise: tuple[int, int] = (0, 0)   # (min_length, block); 0: `blockwise_plan`'s default
+    kernel: str = "auto"       # causal kernel: `LlamaConfig.attention_kernel`
+    head_multiple: int = 8     # `LlamaConfig.attention_head_multiple` (fused only)
 
     def setup(self):
         proj = lambda features: dense(features, None, self.dtype, self.param_dtype)
@@ -338,13 +351,18 @@ class Attention(nn.Module):
         return self.k_proj(x).reshape(shape), self.v_proj(x).reshape(shape)
 
     def __call__(self, x, cos, sin, mask=None, memory: MemoryKV | None = None):
-        """Self-attention under `mask` (None: causal, blockwise when long); with `memory`,
+        """Self-attention under `mask` (None: causal, by `causal_kernel`); with `memory`,
         MemLong's retrieval-causal attention."""
         length = x.shape[1]
         q, k, v = self.qkv(x)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         min_length, block = blockwise_plan(*self.blockwise)
-        if mask is None and length >= min_length:
+        kernel = "dense" if mask is not None else causal_kernel(self.kernel, length, min_length)
+        if kernel == "fused":
+            impl = checked_implementation(self.head_dim, q.dtype, memory is not None,
+                                          self.head_multiple)
+            out = fused_causal_attention(q, k, v, memory, self.head_multiple, impl)
+        elif kernel == "blockwise":
             out = blockwise_causal_attention(q, k, v, block, memory)
         else:
             if mask is None:

@@ -22,6 +22,8 @@ DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat
           "float16": np.dtype(np.float16)}
 
 MAX_DIM = 2**31 - 1  # int32 indexing; anything larger is a typo (vocab_size 1e12)
+# How causal self-attention runs (`LlamaConfig.attention_kernel`; `attention.causal_kernel`).
+ATTENTION_KERNELS = ("auto", "dense", "blockwise", "fused")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,6 +49,15 @@ class LlamaConfig(Config):
                 "backend's default, attention.BLOCKWISE)", least=0)
     blockwise_block: int = setting(
         0, help="tile size of blockwise attention (0: the backend's default)", least=0)
+    attention_kernel: str = setting(
+        "auto", choices=ATTENTION_KERNELS,
+        help="causal self-attention: dense (explicit [T, T] mask), blockwise (online-softmax "
+             "tiles), fused (jax.nn.dot_product_attention: cuDNN flash attention on a GPU, "
+             "bfloat16/float16 only; XLA elsewhere) or auto (dense below blockwise_min_length, "
+             "blockwise from it)")
+    attention_head_multiple: int = setting(
+        8, help="fused attention zero-pads head_dim (plus 2 dims when memory is read) up to a "
+                "multiple of this (cuDNN takes multiples of 8)", least=1)
 
     def __post_init__(self):
         check(self)

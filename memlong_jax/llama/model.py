@@ -36,7 +36,8 @@ class DecoderLayer(nn.Module):
         self.self_attn = Attention(cfg.hidden_size, cfg.num_attention_heads,
                                    cfg.num_key_value_heads, cfg.head_dim, self.dtype,
                                    self.param_dtype,
-                                   (cfg.blockwise_min_length, cfg.blockwise_block))
+                                   (cfg.blockwise_min_length, cfg.blockwise_block),
+                                   cfg.attention_kernel, cfg.attention_head_multiple)
         self.post_attention_layernorm = norm()
         self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size, self.dtype, self.param_dtype)
 
