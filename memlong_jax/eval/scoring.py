@@ -90,6 +90,14 @@ class Protocol:
         return starts[: self.max_windows] if self.max_windows else starts
 
 
+def overlap_context(mcfg: MemLongConfig, previous_block):
+    """What `scan.ingest_prefix` needs from the previous host block `[B, n]` of a prefix fed in
+    blocks (None for the first): its last `prefix_overlap` chunks, or None when off."""
+    if previous_block is None or not mcfg.prefix_overlap:
+        return None
+    return previous_block[:, -mcfg.prefix_overlap * mcfg.chunk_size:]
+
+
 class Scorer:
     """Jitted window scorers for the modes of one model; each (mode, length) compiles once
     ahead of time, and the compile time is recorded apart from the scoring time. `retriever`:
@@ -106,8 +114,8 @@ class Scorer:
                                 f"chunk ({block.chunk})")
         self._executables: dict = {}
         self.last_compile_seconds = 0.0
-        self._ingest = lambda params, state, ids, key_emb, queries: scan.ingest_prefix(
-            module, mcfg, params, state, ids, key_emb, protocol.local_window, queries)
+        self._ingest = lambda params, state, ids, key_emb, queries, context: scan.ingest_prefix(
+            module, mcfg, params, state, ids, key_emb, protocol.local_window, queries, context)
 
     def empty_state(self, batch: int = 1) -> scan.MemLongState:
         return self.retriever.empty_state(self.module, self.mcfg, batch)
@@ -174,8 +182,10 @@ class Scorer:
         state = self.empty_state(ids.shape[0]) if state is None else state
         embeddings = embed_block(blocks[0]) if blocks else embed_window()
         for i, part in enumerate(blocks):
-            args = (self.params, state, part, *embeddings)
-            state = self._compiled(("ingest", part.shape[1]), self._ingest, *args)(*args)
+            context = overlap_context(self.mcfg, blocks[i - 1] if i else None)
+            args = (self.params, state, part, *embeddings, context)
+            state = self._compiled(("ingest", part.shape[1], context is None), self._ingest,
+                                   *args)(*args)
             embeddings = embed_block(blocks[i + 1]) if i + 1 < len(blocks) else embed_window()
             state = jax.block_until_ready(state)
             progress(part.shape[1])

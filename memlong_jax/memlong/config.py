@@ -56,6 +56,11 @@ class MemLongConfig(Config):
         "chunk", choices=("chunk", "window"),
         help="chunk: prefix chunks are computed alone (upstream scoring); window: the prefix "
              "runs as segments of the local window, as training writes them")
+    prefix_overlap: int = setting(
+        0, least=0,
+        help="with prefix_context=window: chunks of the previous window segment run in front of "
+             "each later one as context, not written again, so the segment's first stored token "
+             "is not its attention sink (issue 15); 0: off")
     memory_positions: str = setting(
         "zero", choices=("zero", "true", "near"),
         help="zero: memory keys unrotated (RoPE position 0); true: rotated at their original "
@@ -116,6 +121,8 @@ class MemLongConfig(Config):
                                   f"(memory_layer..last layer), got {layer}")
         if len(set(self.retrieval_layers)) != len(self.retrieval_layers):
             raise ConfigError(f"retrieval_layers has duplicates: {list(self.retrieval_layers)}")
+        if self.prefix_overlap and self.prefix_context != "window":
+            raise ConfigError("prefix_overlap needs prefix_context=window")
         if self.memory_tokens % self.chunk_size:
             raise ConfigError(f"memory_tokens ({self.memory_tokens}) must be a multiple of "
                               f"chunk_size ({self.chunk_size})")

@@ -282,54 +282,94 @@ def read_step(module: LlamaForCausalLM, mcfg: MemLongConfig, params, state: MemL
     return state._replace(memory=seg.memory), lm.final(h)
 
 
+def with_context(mcfg: MemLongConfig, retrieved: MemoryKV, context: int) -> MemoryKV:
+    """`retrieved` for a segment run with `context` tokens (whole chunks) in front of it: in
+    `chunk` mode the context chunks read the first chunk's picks; `true` positions move by
+    `context`, so that every memory token keeps its distance to the segment's tokens."""
+    if not context:
+        return retrieved
+    if retrieved.per_chunk:
+        front = lambda a: None if a is None else jnp.concatenate(
+            [jnp.repeat(a[:, :1], context // mcfg.chunk_size, axis=1), a], axis=1)
+        retrieved = MemoryKV(*(front(a) for a in retrieved))
+    if mcfg.memory_positions == "true":
+        retrieved = retrieved._replace(positions=retrieved.positions + context)
+    return retrieved
+
+
 def ingest_step(module: LlamaForCausalLM, mcfg: MemLongConfig, params, state: MemLongState,
-                ids, key_emb=None, segment_query=None) -> MemLongState:
+                ids, key_emb=None, segment_query=None, context=None) -> MemLongState:
     """Retrieve (hits only) -> write for a prefix segment `ids` `[B, S]` whose logits nobody
     needs: only the layers that produce what memory stores run (below the memory layer, or up
-    to the last retrieval layer with `memory_kv=per_layer`)."""
-    seg = segment_inputs(module, mcfg, params, state, ids, key_emb, segment_query)
+    to the last retrieval layer with `memory_kv=per_layer`). `context` `[B, c]` (whole chunks,
+    `prefix_overlap`): tokens run in front of `ids` (positions 1..c, `ids` after them) and not
+    written; retrieval, queries and chunk keys are those of `ids`."""
+    c = 0 if context is None else context.shape[1]
+    run = ids if context is None else jnp.concatenate([context, ids], axis=1)
+    lower = lower_stack(module, mcfg, params, run)
+    seg = segment_inputs(module, mcfg, params, state, ids, key_emb, segment_query,
+                         lower=tuple(a[:, c:] for a in lower))
     keys, values = seg.keys, seg.values
     if mcfg.memory_kv == "per_layer":
-        _, keys, values = per_layer_stack(module.bind({"params": params}), mcfg, seg.h,
-                                          seg.positions, seg.retrieved(),
+        _, keys, values = per_layer_stack(module.bind({"params": params}), mcfg, lower[1],
+                                          lower[0], with_context(mcfg, seg.retrieved(), c),
                                           max(mcfg.retrieval_layers) + 1)
+        keys, values = keys[:, c:], values[:, c:]
     return write_segment(mcfg, seg.memory, keys, values, seg.key_emb)
 
 
 def ingest_segments(module: LlamaForCausalLM, mcfg: MemLongConfig, params, state: MemLongState,
-                    ids, key_emb, segment: int, queries=None) -> MemLongState:
+                    ids, key_emb, segment: int, queries=None, context=None) -> MemLongState:
     """`ids` `[B, P]` into memory as a scan of `ingest_step` over `segment`-token
     segments (a shorter last one when `segment` does not divide P). `queries`
     `[B, ceil(P / segment), d]`: a host-side retriever's segment-mode query of each segment
-    (`Retriever.prefix_queries`); one-chunk segments default to their chunk's key (same text)."""
+    (`Retriever.prefix_queries`); one-chunk segments default to their chunk's key (same text).
+    With `prefix_overlap`, each segment runs with the `prefix_overlap` chunks before it as
+    context (`ingest_step`); `context` `[B, >= that]`: the tokens before `ids` (already in
+    memory) when this continues an earlier call, else the first segment has none."""
     tau, (batch, total) = mcfg.chunk_size, ids.shape
+    overlap = mcfg.prefix_overlap * tau
+    if overlap > segment:
+        raise ValueError(f"prefix_overlap ({overlap} tokens) exceeds the segment ({segment})")
     emb_of = lambda a, b: None if key_emb is None else key_emb[:, a // tau:b // tau]
     if mcfg.query_mode == "segment" and key_emb is not None and queries is None:
         if segment != tau:
             raise ValueError("segment-mode ingestion with a host-side retriever needs each "
                              "segment's query (Retriever.prefix_queries)")
         queries = key_emb
+    stream = ids if context is None or not overlap else jnp.concatenate(
+        [context[:, -overlap:], ids], axis=1)
+    shift = stream.shape[1] - total
+    before = lambda start: (None if not overlap or start + shift < overlap
+                            else stream[:, start + shift - overlap:start + shift])
+    query_of = lambda i: None if queries is None else queries[:, i]
 
     def body(state, xs):
-        seg_ids, seg_emb, seg_query = xs
-        return ingest_step(module, mcfg, params, state, seg_ids, seg_emb, seg_query), None
+        seg_ids, seg_emb, seg_query, seg_context = xs
+        return ingest_step(module, mcfg, params, state, seg_ids, seg_emb, seg_query,
+                           seg_context), None
 
     n = total // segment
-    if n:
-        split = lambda a: jnp.moveaxis(a.reshape(batch, n, -1, *a.shape[2:]), 1, 0)
-        emb = emb_of(0, n * segment)
+    first = int(n > 0 and before(0) is None and overlap > 0)   # no context: run alone
+    if first:
+        state, _ = body(state, (ids[:, :segment], emb_of(0, segment), query_of(0), None))
+    if n > first:
+        split = lambda a: jnp.moveaxis(a.reshape(batch, n - first, -1, *a.shape[2:]), 1, 0)
+        emb = emb_of(first * segment, n * segment)
+        contexts = None if not overlap else jnp.stack(
+            [before(i * segment) for i in range(first, n)])
         state, _ = jax.lax.scan(body, state, (
-            split(ids[:, :n * segment]), None if emb is None else split(emb),
-            None if queries is None else jnp.moveaxis(queries[:, :n], 1, 0)))
+            split(ids[:, first * segment:n * segment]), None if emb is None else split(emb),
+            None if queries is None else jnp.moveaxis(queries[:, first:n], 1, 0), contexts))
     if total % segment:
-        state, _ = body(state, (ids[:, n * segment:], emb_of(n * segment, total),
-                                None if queries is None else queries[:, n]))
+        state, _ = body(state, (ids[:, n * segment:], emb_of(n * segment, total), query_of(n),
+                                before(n * segment)))
     return state
 
 
 def ingest_prefix(module: LlamaForCausalLM, mcfg: MemLongConfig, params, state: MemLongState,
                   ids, key_emb=None, window: int | None = None,
-                  segment_queries=None) -> MemLongState:
+                  segment_queries=None, context=None) -> MemLongState:
     """Send `ids` `[B, P]` (P a multiple of tau) into memory chunk by chunk, exactly as a loop of
     `ingest_step` over tau-token chunks would, but faster.
 
@@ -338,7 +378,9 @@ def ingest_prefix(module: LlamaForCausalLM, mcfg: MemLongConfig, params, state: 
     the cheap retrieve (hit counts) -> write bookkeeping walks the chunks in order. With
     `prefix_context=window` the prefix goes as segments of `window` tokens instead, and with
     `memory_kv=per_layer` through the retrieval layers (`ingest_segments`; `segment_queries`:
-    a host-side retriever's segment-mode query per window segment, `Retriever.prefix_queries`).
+    a host-side retriever's segment-mode query per window segment, `Retriever.prefix_queries`;
+    `context`: the tokens before `ids` when a prefix fed in blocks continues, for
+    `prefix_overlap`).
     """
     tau = mcfg.chunk_size
     if mcfg.prefix_context == "window" or mcfg.memory_kv == "per_layer":
@@ -346,7 +388,7 @@ def ingest_prefix(module: LlamaForCausalLM, mcfg: MemLongConfig, params, state: 
             raise ValueError("prefix_context=window needs the local window's length")
         segment = window if mcfg.prefix_context == "window" else tau
         return ingest_segments(module, mcfg, params, state, ids, key_emb, segment,
-                               segment_queries)
+                               segment_queries, context)
     batch, n = ids.shape[0], ids.shape[1] // tau
 
     def block(state, xs):

@@ -114,8 +114,11 @@ class Reader:
             ids = head_ids[:, start:start + block]
             key_emb = scorer.retriever.chunk_keys(ids)
             queries = scorer.retriever.prefix_queries(mcfg, ids, self.window)
+            context = scoring.overlap_context(mcfg, head_ids[:, :start] if start else None)
             state = jax.block_until_ready(ingest(self.params, state, jnp.asarray(ids), key_emb,
-                                                 segment_queries=queries))
+                                                 segment_queries=queries,
+                                                 context=None if context is None
+                                                 else jnp.asarray(context)))
         return state
 
     def _generator(self, query_mode: str) -> generation.Generator:
