@@ -1,0 +1,142 @@
+"""`prefix_overlap`: each prefix window segment after the first runs with the previous segment's
+last chunk in front of it, unwritten, so its first stored token is not the segment's attention
+sink (issue 15). Checked against a slow layer-by-layer forward of [previous chunk ; window]."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from memlong_jax.eval import scoring
+from memlong_jax.llama.attention import MemoryKV
+from memlong_jax.llama.model import LlamaForCausalLM
+from memlong_jax.memlong import scan
+from memlong_jax.presets import PRESETS
+from memlong_jax.settings import ConfigError
+
+from helpers import random_token_ids, sharp_params
+
+CFG = PRESETS["tiny"].model
+MODULE = LlamaForCausalLM(CFG)
+TAU, WINDOW, PREFIX, EMB = 4, 8, 28, 8       # segments of 8, 8, 8 and 4 tokens
+WINDOWED = PRESETS["tiny"].memlong.replace(memory_tokens=64, prefix_context="window")
+SETTINGS = {"shared": dict(),
+            "per_layer+near": dict(memory_kv="per_layer", memory_positions="near"),
+            "per_layer+segment+true": dict(memory_kv="per_layer", query_mode="segment",
+                                           memory_positions="true"),
+            "per_layer+chunk": dict(memory_kv="per_layer", query_mode="chunk")}
+
+
+@pytest.fixture(scope="module")
+def params():
+    return sharp_params(MODULE)
+
+
+def host_embeddings(seed, batch=2):
+    """Chunk keys and segment queries from a host-side retriever (random, unit norm), so that
+    retrieval does not depend on the K/V being checked."""
+    rng = np.random.default_rng(seed)
+    unit = lambda a: jnp.asarray(a / np.linalg.norm(a, axis=-1, keepdims=True), jnp.float32)
+    return (unit(rng.normal(size=(batch, PREFIX // TAU, EMB))),
+            unit(rng.normal(size=(batch, -(-PREFIX // WINDOW), EMB))))
+
+
+def ingest(params, mcfg, ids, keys, queries, context=None, state=None):
+    state = scan.init_state(MODULE, mcfg, ids.shape[0], EMB) if state is None else state
+    return scan.ingest_prefix(MODULE, mcfg, params, state, ids, keys, WINDOW,
+                              queries if mcfg.query_mode == "segment" else None, context)
+
+
+def reference(params, mcfg, ids, keys, queries):
+    """Segment by segment: today's retrieval for the window, then the model layer by layer on
+    [the chunk before it ; window] at positions 1.., the window's K/V taken at each stored
+    layer's input and written."""
+    lm = MODULE.bind({"params": params})
+    state = scan.init_state(MODULE, mcfg, ids.shape[0], EMB)
+    for i, start in enumerate(range(0, PREFIX, WINDOW)):
+        stop = min(start + WINDOW, PREFIX)
+        seg_keys = keys[:, start // TAU:stop // TAU]
+        seg = scan.segment_inputs(MODULE, mcfg, params, state, ids[:, start:stop], seg_keys,
+                                  queries[:, i])
+        context = TAU if start else 0
+        run = ids[:, start - context:stop]
+        retrieved = seg.retrieved()
+        if context and retrieved.per_chunk:      # the context chunk reads the first's picks
+            retrieved = MemoryKV(*(None if a is None else jnp.concatenate([a[:, :1], a], 1)
+                                   for a in retrieved))
+        if context and mcfg.memory_positions == "true":   # stream position - run start + 1
+            times = np.asarray(state.memory.insert_time)[np.arange(2)[:, None],
+                                                         np.asarray(seg.indices)]
+            stream = (times[..., None] * TAU + np.arange(1, TAU + 1)).reshape(2, -1)
+            retrieved = retrieved._replace(positions=jnp.asarray(stream - (start - context)))
+        positions = jnp.broadcast_to(jnp.arange(1, run.shape[1] + 1), run.shape)
+        h, stored = lm.model.embed_tokens(run), []
+        for layer in range(CFG.num_hidden_layers):
+            if layer in mcfg.kv_layers:
+                stored.append(lm.model.layers[layer].memory_kv(h)[1:])
+            h = lm.model.run_layers(h, positions, layer, layer + 1, retrieved,
+                                    mcfg.retrieval_layers)
+        k, v = (jnp.concatenate([s[j][:, context:] for s in stored], -1) for j in (0, 1))
+        state = scan.write_segment(mcfg, seg.memory, k, v, seg_keys)
+    return state
+
+
+def assert_same_state(got, want, atol=1e-5):
+    for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
+        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32),
+                                   atol=atol, rtol=0)
+
+
+@pytest.mark.parametrize("settings", SETTINGS.values(), ids=SETTINGS.keys())
+def test_each_written_chunk_is_computed_after_the_previous_chunk(params, settings):
+    """The memory (K/V, keys, times, hits) equals the slow reference's (fp32, summation order:
+    1e-5), and the context changed the K/V of every segment after the first."""
+    mcfg = WINDOWED.replace(prefix_overlap=1, **settings).validate(CFG)
+    ids = random_token_ids(11, CFG.vocab_size, 2, PREFIX)
+    keys, queries = host_embeddings(11)
+    got = ingest(params, mcfg, ids, keys, queries)
+    assert_same_state(got, reference(params, mcfg, ids, keys, queries))
+    plain = ingest(params, mcfg.replace(prefix_overlap=0), ids, keys, queries)
+    changed = np.abs(np.asarray(got.memory.keys) - np.asarray(plain.memory.keys)).max((0, 2, 3, 4))
+    assert (changed[:2] < 1e-5).all() and (changed[2:PREFIX // TAU] > 1e-2).all(), changed
+
+
+def test_memory_holds_each_prefix_chunk_once_in_order(params):
+    """7 prefix chunks -> 7 valid slots, written at times 0..6 with the chunks' own keys."""
+    mcfg = WINDOWED.replace(prefix_overlap=1, memory_kv="per_layer")
+    ids = random_token_ids(12, CFG.vocab_size, 2, PREFIX)
+    keys, queries = host_embeddings(12)
+    memory = ingest(params, mcfg, ids, keys, queries).memory
+    n = PREFIX // TAU
+    valid, times = np.asarray(memory.valid), np.asarray(memory.insert_time)
+    assert (valid.sum(1) == n).all()
+    for b in range(2):
+        order = np.argsort(np.where(valid[b], times[b], np.iinfo(times.dtype).max))[:n]
+        np.testing.assert_array_equal(times[b, order], np.arange(n))
+        np.testing.assert_array_equal(np.asarray(memory.emb)[b, order], np.asarray(keys)[b])
+
+
+def test_a_prefix_fed_in_blocks_continues_with_the_previous_block(params):
+    """Two calls (`context`: the first call's tokens) store what one call stores; and the
+    scorer, feeding blocks of 4 chunks (two windows), scores as the one-graph `score_sequence`."""
+    mcfg = WINDOWED.replace(prefix_overlap=1, memory_kv="per_layer", query_mode="chunk")
+    ids = random_token_ids(13, CFG.vocab_size, 2, PREFIX)
+    keys, queries = host_embeddings(13)
+    whole = ingest(params, mcfg, ids, keys, queries)
+    half = ingest(params, mcfg, ids[:, :16], keys[:, :4], queries)
+    assert_same_state(ingest(params, mcfg, ids[:, 16:], keys[:, 4:], queries, ids[:, :16],
+                             half), whole)
+
+    mcfg = mcfg.replace(retriever="hidden", host_block_chunks=4)
+    protocol = scoring.Protocol((PREFIX + WINDOW,), WINDOW, WINDOW).validate(TAU)
+    ids = np.asarray(random_token_ids(14, CFG.vocab_size, 1, PREFIX + WINDOW), np.int32)
+    state, nll = scoring.Scorer(MODULE, params, mcfg, protocol).window_nll("memlong", ids)
+    want_state, want = scan.score_sequence(MODULE, mcfg, params, scan.init_state(MODULE, mcfg, 1),
+                                           jnp.asarray(ids), WINDOW)
+    np.testing.assert_allclose(np.asarray(nll), np.asarray(want), atol=1e-5, rtol=0)
+    assert_same_state(state, want_state)
+
+
+def test_overlap_needs_window_segments():
+    with pytest.raises(ConfigError, match="prefix_context=window"):
+        PRESETS["tiny"].memlong.replace(prefix_overlap=1).validate(CFG)
