@@ -182,9 +182,9 @@ class Scorer:
         state = self.empty_state(ids.shape[0]) if state is None else state
         embeddings = embed_block(blocks[0]) if blocks else embed_window()
         for i, part in enumerate(blocks):
-            context = overlap_context(self.mcfg, blocks[i - 1] if i else None)
-            args = (self.params, state, part, *embeddings, context)
-            state = self._compiled(("ingest", part.shape[1], context is None), self._ingest,
+            before = overlap_context(self.mcfg, blocks[i - 1] if i else None)
+            args = (self.params, state, part, *embeddings, before)
+            state = self._compiled(("ingest", part.shape[1], before is None), self._ingest,
                                    *args)(*args)
             embeddings = embed_block(blocks[i + 1]) if i + 1 < len(blocks) else embed_window()
             state = jax.block_until_ready(state)
