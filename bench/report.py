@@ -186,6 +186,11 @@ def retriever_data(results: dict) -> dict | None:
     return None
 
 
+def matmul_gflops(data: dict) -> float | None:
+    """The matmul peak (GFLOP/s) a result file measured in its own run, if it did."""
+    return (data.get("config", {}).get("matmul_peak") or {}).get("gflops")
+
+
 def retriever_pairs(data: dict) -> list[dict]:
     """Per length with both memlong rows: the text retriever's rate over the hidden one's, and
     what that ratio can reach if the encoder ran at the ingestion's FLOP rate on the same cores
@@ -194,7 +199,7 @@ def retriever_pairs(data: dict) -> list[dict]:
     ingestion's, s the prefix's share of the hidden window time (1 - local / hidden: the
     final window costs about what `local` does)."""
     idx, local_window = scoring_index(data), data.get("config", {}).get("local_window") or 0
-    pairs = []
+    peak, pairs = matmul_gflops(data), []
     for (mode, n), text in sorted(idx.items(), key=lambda kv: kv[0][1]):
         hidden, local = idx.get(("memlong-hidden", n)), idx.get(("local", n))
         if mode != "memlong" or hidden is None:
@@ -210,7 +215,6 @@ def retriever_pairs(data: dict) -> list[dict]:
             pair["bound_needed"] = 1 / (1 + share * per_window("mflop_per_token_needed"))
             pair["prefix_share"] = share
             # Prefix seconds = text window - local window (the final window's cost, as above).
-            peak = (data.get("config", {}).get("matmul_peak") or {}).get("gflops")
             prefix_s = text["median_s"] - local["median_s"]
             needed = ingest + enc["mflop_per_token_needed"] * n / (n - local_window)
             if peak and prefix_s > 0:
@@ -243,7 +247,7 @@ def retrievers_section(data: dict) -> str:
                      "n/a" if p["vs_torch"] is None else f"{p['vs_torch']:.2f}x",
                      " / ".join(num((p[k].get("load_average") or [None])[0], 1)
                                 for k in ("text", "hidden"))])
-    peak = (data.get("config", {}).get("matmul_peak") or {}).get("gflops")
+    peak = matmul_gflops(data)
     return "\n\n".join([
         "## memlong with the text retriever vs `hidden` (`bench/scoring.py`, issue 19)",
         provenance(data),
@@ -595,7 +599,7 @@ def targets(results: dict) -> list[list]:
                                   if p["bound"] else "") for p in pairs)
                      + load_note([p[k] for p in pairs for k in ("text", "hidden")]),
                      verdict(worst >= TARGETS["text_vs_hidden"])])
-        peak = (pair.get("config", {}).get("matmul_peak") or {}).get("gflops")
+        peak = matmul_gflops(pair)
         at_32k = next((p for p in pairs if p["length"] == 32768), None)
         up = at_32k and at_32k["vs_torch"]
         rows.append([f"memlong (text retriever) on a 32k window >= "
