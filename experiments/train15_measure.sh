@@ -24,7 +24,8 @@ PASSKEY_LENGTHS=${PASSKEY_LENGTHS:-8k,32k}
 BOOK_LENGTHS=${BOOK_LENGTHS:-16k}
 ITEMS=${ITEMS:-1}
 TAG=${TAG:-trained}      # file-name prefix of the trained model's new results (e.g. trained60)
-READ="--local-window 1024 --set memory_tokens=32768 --set continuation=true"
+# READ_EXTRA: more reading settings for every memlong row (e.g. "--set prefix_overlap=1")
+READ="--local-window 1024 --set memory_tokens=32768 --set continuation=true ${READ_EXTRA:-}"
 mkdir -p "$OUT"
 
 recall() {  # NAME CKPT ARGS...
@@ -62,7 +63,7 @@ passkey_rate()    { local seed=${RATE_SEED:-1}
                     for n in ${RATE_LENGTHS:-4k 8k 16k 32k}; do
                       recall "${TAG}_passkey_rate_${n}_s$seed" "$TRAINED" --tasks passkey \
                         --depths "${RATE_DEPTHS:-10,30,50,70,90}" --seed "$seed" --lengths "$n" \
-                        --rows memlong,local --query-modes segment $READ; done; }
+                        --rows "${RATE_ROWS:-memlong,local}" --query-modes segment $READ; done; }
 # 128k needs a memory that holds all of it (the paper's eviction would drop the key otherwise).
 passkey_128k()    { for d in ${DEPTHS_128K:-50}; do
                       recall "${TAG}_passkey_128k_d$d" "$TRAINED" --tasks passkey --depths "$d" \

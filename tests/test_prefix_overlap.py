@@ -149,3 +149,20 @@ def test_forward_step_with_context_equals_explicit_reference(params, settings, i
 def test_overlap_needs_window_segments():
     with pytest.raises(ConfigError, match="prefix_context=window"):
         PRESETS["tiny"].memlong.replace(prefix_overlap=1).validate(CFG)
+
+
+@pytest.mark.parametrize("overlap,host_block_chunks", [(0, 3), (1, 3), (1, 5)])
+def test_host_blocks_cut_the_prefix_where_its_windows_do(params, overlap, host_block_chunks):
+    """`host_block_chunks` is speed only: blocks of 3 or 5 chunks (12, 20 tokens, not whole
+    8-token windows) still ingest the 28-token prefix as windows of 8, 8, 8 and 4, so the
+    scorer scores and stores what the one-graph `score_sequence` does."""
+    mcfg = WINDOWED.replace(prefix_overlap=overlap, memory_kv="per_layer", retriever="hidden",
+                            host_block_chunks=host_block_chunks)
+    protocol = scoring.Protocol((PREFIX + WINDOW,), WINDOW, WINDOW).validate(TAU)
+    ids = np.asarray(random_token_ids(15 + host_block_chunks, CFG.vocab_size, 1,
+                                      PREFIX + WINDOW), np.int32)
+    state, nll = scoring.Scorer(MODULE, params, mcfg, protocol).window_nll("memlong", ids)
+    want_state, want = scan.score_sequence(MODULE, mcfg, params, scan.init_state(MODULE, mcfg, 1),
+                                           jnp.asarray(ids), WINDOW)
+    np.testing.assert_allclose(np.asarray(nll), np.asarray(want), atol=1e-5, rtol=0)
+    assert_same_state(state, want_state)

@@ -5,6 +5,7 @@ import dataclasses
 import json
 import os
 
+import jax
 import numpy as np
 import pytest
 
@@ -354,3 +355,20 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(tiny_checkpoint, haysta
     assert code == 2 and message in err, err
     assert err.count("\n") == 1 and err.startswith("error: ")
     assert os.listdir(tmp_path) == []
+
+
+def test_reader_memory_in_host_blocks_is_the_whole_prefix_ingested_at_once(model):
+    """The reader feeds a long head in host blocks (3 chunks here, not whole 16-token windows)
+    with the previous block's tail as `prefix_overlap` context: the memory equals one
+    `ingest_prefix` call over the whole head."""
+    mcfg = model.memlong_config.replace(prefix_context="window", prefix_overlap=1,
+                                        memory_kv="per_layer", host_block_chunks=3,
+                                        memory_tokens=256)
+    reader = recall.Reader(model, mcfg, None, WINDOW, BUDGET)
+    head = np.random.default_rng(3).integers(0, 256, size=(2, 56)).astype(np.int32)
+    got = reader.memory(head)
+    state = scan.init_state(model.module, mcfg, 2)
+    want = scan.ingest_prefix(model.module, mcfg, model.params, state, head, window=WINDOW)
+    for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
+        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32),
+                                   atol=1e-5)

@@ -90,6 +90,16 @@ class Protocol:
         return starts[: self.max_windows] if self.max_windows else starts
 
 
+def host_block_tokens(mcfg: MemLongConfig, window: int) -> int:
+    """Tokens of a long prefix fed from the host per call: `host_block_chunks` chunks, with
+    `prefix_context=window` rounded down to whole local windows (at least one), so that the
+    blocks cut the prefix where its ingestion windows do and the setting stays speed-only."""
+    tokens = mcfg.host_block_chunks * mcfg.chunk_size
+    if mcfg.prefix_context != "window":
+        return tokens
+    return max(window, tokens // window * window)
+
+
 def overlap_context(mcfg: MemLongConfig, previous_block):
     """What `scan.ingest_prefix` needs from the previous host block `[B, n]` of a prefix fed in
     blocks (None for the first): its last `prefix_overlap` chunks, or None when off."""
@@ -172,7 +182,7 @@ class Scorer:
         `progress` reports only tokens that are in memory."""
         final = self.protocol.final_window(ids.shape[1])
         prefix = ids.shape[1] - final
-        step = self.mcfg.host_block_chunks * self.mcfg.chunk_size
+        step = host_block_tokens(self.mcfg, self.protocol.local_window)
         blocks = [ids[:, start:min(start + step, prefix)] for start in range(0, prefix, step)]
         window = ids[:, prefix:]
         retriever, context = self.retriever, self.protocol.local_window

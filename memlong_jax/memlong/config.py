@@ -75,8 +75,9 @@ class MemLongConfig(Config):
                                           "batch (ingest_prefix); speed only", least=1)
     host_block_chunks: int = setting(
         64, least=1, help="chunks of a long prefix fed from the host per jitted call (scoring, "
-                          "recall): text embeddings made block by block, host memory flat "
-                          "however long the window; speed only")
+                          "recall; whole local windows with prefix_context=window): text "
+                          "embeddings made block by block, host memory flat however long the "
+                          "window; speed only")
 
     @property
     def capacity_chunks(self) -> int:

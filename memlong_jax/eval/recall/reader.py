@@ -109,7 +109,7 @@ class Reader:
                 scan.ingest_prefix, self.module, mcfg, window=self.window))
         ingest = self._ingesters[mcfg]
         state = scorer.empty_state(head_ids.shape[0])
-        block = mcfg.host_block_chunks * mcfg.chunk_size
+        block = scoring.host_block_tokens(mcfg, self.window)
         for start in range(0, head_ids.shape[1], block):
             ids = head_ids[:, start:start + block]
             key_emb = scorer.retriever.chunk_keys(ids)
