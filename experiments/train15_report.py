@@ -1,5 +1,6 @@
 """docs/results.md's issue-15 section from the JSON of experiments/lever_sweep.sh,
-experiments/train15_measure.sh and the training run's metrics.jsonl.
+experiments/train15_measure.sh, experiments/memory_gain_curve.py and the training run's
+metrics.jsonl.
 
     .venv/bin/python -m experiments.train15_report [--doc docs/results.md]
         [--metrics experiments/results/train15/metrics.jsonl]
@@ -107,6 +108,26 @@ def curve_section(metrics: str) -> str:
     return table(header, body) + "\n"
 
 
+def gain_curve_section(path: str) -> str:
+    """experiments/memory_gain_curve.py's rows: the gain per point and kind on the same
+    held-out batches, with its spread over the batches."""
+    data = load(path)
+    if not data or not data["rows"]:
+        return "_not measured yet_\n"
+    body = [[r["step"], r["kind"], fmt(r["loss_memory"]), fmt(r["loss_no_memory"]),
+             f"{r['gain']:.4f} ± {r['gain_std']:.4f}",
+             " / ".join(f"{g:.3f}" for g in r["gain_per_batch"])] for r in data["rows"]]
+    c = data["config"]
+    note = (f"{c['validation_blocks']['used']} validation blocks of {c['batch']['seq_len']} "
+            f"tokens (from block {c['validation_blocks']['first']}), {data['rows'][0]['batches']} "
+            f"batches of {c['batch']['grad_accum']} micro-steps, a fresh memory per batch (its "
+            "first block reads none); `recall`: every episode of the same blocks a recall "
+            f"episode (seed {c['mix_seed']}, not the run's). Gain: mean ± standard deviation "
+            "over the batches.\n\n")
+    return note + table(["step", "kind", "loss with memory", "without memory",
+                         "memory gain (nats)", "gain per batch"], body) + "\n"
+
+
 def recall_section(measured: str) -> str:
     """Repeat (2nd-copy NLL) and passkey (accuracy, log p) per row and length: the trained
     model's rows, the base model's `local`/`full`, and the base model read as the recipe reads
@@ -131,6 +152,9 @@ def recall_section(measured: str) -> str:
                ("trained 60 steps, every item pooled (depths 10-90%, seeds 0 and 1)",
                 load(f"{measured}/trained60_repeat_32k.json"), merged(rate),
                 load(f"{measured}/trained60_needle.json")),
+               ("trained 60 steps, read with prefix_overlap=1 (every item pooled)",
+                load(f"{measured}/overlap60_repeat.json"),
+                merged(sorted(glob.glob(f"{measured}/overlap60_passkey_rate_*.json"))), None),
                ("trained 60 steps, read with previous=true (depths 10-90%, seeds 0 and 1)",
                 None, merged(sorted(glob.glob(f"{measured}/trained60_previous_passkey_*.json"))),
                 None),
@@ -195,6 +219,8 @@ def render(folder: str, measured: str, metrics: str) -> str:
         lever_section(folder),
         "\n### Issue 15: the training run's memory signals (every 10 steps)\n",
         curve_section(metrics),
+        "\n### Issue 15: the memory gain on fixed held-out batches, per checkpoint\n",
+        gain_curve_section(os.path.join(measured, "memory_gain_curve.json")),
         "\n### Issue 15: recall, trained vs untrained (1 item per cell unless the JSON says "
         "more)\n", recall_section(measured),
         "\n### Issue 15: perplexity, the last 1023 predictions of each window\n",
