@@ -65,6 +65,9 @@ PRESETS: dict[str, Preset] = {
     # The memory holds the previous block only (all of it retrieved), so training teaches
     # reading; at evaluation the text retriever picks chunks from a long memory and `near`
     # positions present them as the text just before the window, as training did.
+    # `--set memlong.prefix_overlap=1` trains each block behind the last chunk of its stream's
+    # previous block (unwritten, unscored), so memory is written as reading with overlap
+    # writes it; off here, as the adapter trained without it.
     "smollm2-135m-recall": Preset(
         _SMOLLM2, _SMOLLM2_MEMLONG.replace(
             memory_layer=8, retrieval_layers=tuple(range(8, 30)), memory_kv="per_layer",

@@ -15,6 +15,7 @@ from tensorboardX.proto import event_pb2
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
 from memlong_jax.io.documents import pydoc_text
+from memlong_jax.llama.attention import MemoryKV
 from memlong_jax.memlong import scan
 
 SHARED_DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
@@ -160,6 +161,46 @@ def reference_score(module, mcfg, params, state, ids, window: int, key_emb=None,
     if prefix_out is not None:
         nll = jnp.concatenate([prefix_out, nll], axis=1)
     return state, nll, logits
+
+
+def explicit_segment(module, params, mcfg, state, ids, start: int, context=None, keys=None,
+                     query=None):
+    """Slow reference of one MemLong segment `ids` `[B, S]` (stream tokens start+1..start+S)
+    with `context` `[B, c]` (whole chunks) before it. Retrieval: `scan.segment_inputs` on `ids`
+    alone (host-side `keys` `[B, S/tau, d]` / segment `query`, or a causal query: none depends on
+    this segment's K/V). Then the model layer by layer on [context; ids] at positions 1..c+S
+    with the picks (chunk mode: the first chunk's picks read by the context chunks too; `true`
+    positions: each memory token at its stream position minus the run's start); the K/V of `ids`
+    at each stored layer's input are written, with `keys` or the memory layer's input of `ids`
+    pooled. Returns (state, logits of `ids` `[B, S, V]`)."""
+    lm, tau, batch = module.bind({"params": params}), mcfg.chunk_size, ids.shape[0]
+    c = 0 if context is None else context.shape[1]
+    run = ids if context is None else jnp.concatenate([context, ids], axis=1)
+    seg = scan.segment_inputs(module, mcfg, params, state, ids, keys, query)
+    picks, retrieved = np.asarray(seg.indices), seg.retrieved()
+    if c and retrieved.per_chunk:
+        front = lambda a: jnp.concatenate([a[:, :1]] * (c // tau) + [a], axis=1)
+        retrieved = MemoryKV(*(None if a is None else front(a) for a in retrieved))
+        picks = np.asarray(front(picks))
+    if mcfg.memory_positions == "true":
+        times = np.take_along_axis(np.asarray(state.memory.insert_time),
+                                   picks.reshape(batch, -1), axis=1).reshape(picks.shape)
+        stream = times[..., None] * tau + np.arange(1, tau + 1)
+        retrieved = retrieved._replace(positions=jnp.asarray(
+            (stream - (start - c)).reshape(*picks.shape[:-1], -1)))
+    positions = jnp.broadcast_to(jnp.arange(1, run.shape[1] + 1), run.shape)
+    h, stored = lm.model.embed_tokens(run), []
+    for layer in range(module.config.num_hidden_layers):
+        if layer == mcfg.memory_layer and keys is None:
+            x = lm.model.layers[layer].memory_kv(h)[0][:, c:].astype(jnp.float32)
+            pooled = x.reshape(batch, -1, tau, x.shape[-1]).mean(axis=2)
+            keys = pooled / jnp.linalg.norm(pooled, axis=-1, keepdims=True)
+        if layer in mcfg.kv_layers:
+            stored.append(lm.model.layers[layer].memory_kv(h)[1:])
+        h = lm.model.run_layers(h, positions, layer, layer + 1, retrieved,
+                                mcfg.retrieval_layers)
+    k, v = (jnp.concatenate([s[j][:, c:] for s in stored], -1) for j in (0, 1))
+    return scan.write_segment(mcfg, seg.memory, k, v, keys), lm.final(h)[:, c:]
 
 
 def tensorboard_scalars(directory) -> list:

@@ -67,3 +67,34 @@ def test_memory_gain_equals_plain_attention():
     masses = [got[f"memory_mass_l{layer}"] for layer in mcfg.retrieval_layers]
     assert all(0.0 < m < 0.5 for m in masses)  # micro-step 1 reads nothing: mass 0 there
 
+
+
+def test_memory_gain_with_overlap_equals_plain_attention():
+    """With `prefix_overlap=1` the second micro-step runs with the first block's last chunk in
+    front, at the positions it had: [block 1 (memory); its last chunk again; block 2] is the
+    plain model on that sequence with those positions (each token sees memory and the context
+    as the model sees earlier tokens). Without memory, the plain model on [last chunk; block 2].
+    The first micro-step has no context: its block alone either way."""
+    cfg, module, mcfg, frozen, trainable, t = _setup(1)
+    mcfg = mcfg.replace(query_mode="chunk", prefix_context="window", prefix_overlap=1)
+    seq, tau = 8, mcfg.chunk_size
+    ids = jax.random.randint(jax.random.PRNGKey(4), (2, 2, seq), 0, cfg.vocab_size)
+    context = jnp.stack([jnp.zeros_like(ids[0, :, -tau:]), ids[0, :, -tau:]])
+    batch = {"ids": ids, "context": context, "has_context": jnp.array([False, True])}
+    mem = scan.init_state(module, mcfg, 2)
+    got = jax.jit(signals.make_signal_step(module, mcfg, t))(trainable, frozen, mem, batch)
+
+    params = lora.merge(frozen, trainable, t.lora_alpha / t.lora_rank)
+    first, second = ids[0], ids[1]
+    alone = plain_nll(module, params, first).mean()
+    run = jnp.concatenate([first, first[:, -tau:], second], axis=1)
+    positions = jnp.concatenate([jnp.arange(seq), jnp.arange(seq - tau, 2 * seq)])
+    logits = module.apply({"params": params}, run, jnp.broadcast_to(positions, run.shape))
+    with_memory = np.asarray(scan.token_nll(logits[:, seq + tau:-1], second[:, 1:])).mean()
+    without = plain_nll(module, params, run[:, seq:])[:, tau:].mean()
+    np.testing.assert_allclose(got["signal_loss"], (alone + with_memory) / 2, rtol=1e-5)
+    np.testing.assert_allclose(got["signal_loss_no_memory"], (alone + without) / 2, rtol=1e-5)
+    np.testing.assert_allclose(got["memory_gain"], (without - with_memory) / 2, atol=2e-5)
+    assert abs(got["memory_gain"]) > 1e-3
+    masses = [got[f"memory_mass_l{layer}"] for layer in mcfg.retrieval_layers]
+    assert all(0.0 < m < 0.5 for m in masses)

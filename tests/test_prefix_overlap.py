@@ -8,13 +8,12 @@ import numpy as np
 import pytest
 
 from memlong_jax.eval import scoring
-from memlong_jax.llama.attention import MemoryKV
 from memlong_jax.llama.model import LlamaForCausalLM
 from memlong_jax.memlong import scan
 from memlong_jax.presets import PRESETS
 from memlong_jax.settings import ConfigError
 
-from helpers import random_token_ids, sharp_params
+from helpers import explicit_segment, random_token_ids, sharp_params
 
 CFG = PRESETS["tiny"].model
 MODULE = LlamaForCausalLM(CFG)
@@ -48,36 +47,13 @@ def ingest(params, mcfg, ids, keys, queries, context=None, state=None):
 
 
 def reference(params, mcfg, ids, keys, queries):
-    """Segment by segment: today's retrieval for the window, then the model layer by layer on
-    [the chunk before it ; window] at positions 1.., the window's K/V taken at each stored
-    layer's input and written."""
-    lm = MODULE.bind({"params": params})
+    """Segment by segment: the slow explicit segment on [the chunk before it ; window]."""
     state = scan.init_state(MODULE, mcfg, ids.shape[0], EMB)
     for i, start in enumerate(range(0, PREFIX, WINDOW)):
         stop = min(start + WINDOW, PREFIX)
-        seg_keys = keys[:, start // TAU:stop // TAU]
-        seg = scan.segment_inputs(MODULE, mcfg, params, state, ids[:, start:stop], seg_keys,
-                                  queries[:, i])
-        context = TAU if start else 0
-        run = ids[:, start - context:stop]
-        retrieved = seg.retrieved()
-        if context and retrieved.per_chunk:      # the context chunk reads the first's picks
-            retrieved = MemoryKV(*(None if a is None else jnp.concatenate([a[:, :1], a], 1)
-                                   for a in retrieved))
-        if context and mcfg.memory_positions == "true":   # stream position - run start + 1
-            times = np.asarray(state.memory.insert_time)[np.arange(2)[:, None],
-                                                         np.asarray(seg.indices)]
-            stream = (times[..., None] * TAU + np.arange(1, TAU + 1)).reshape(2, -1)
-            retrieved = retrieved._replace(positions=jnp.asarray(stream - (start - context)))
-        positions = jnp.broadcast_to(jnp.arange(1, run.shape[1] + 1), run.shape)
-        h, stored = lm.model.embed_tokens(run), []
-        for layer in range(CFG.num_hidden_layers):
-            if layer in mcfg.kv_layers:
-                stored.append(lm.model.layers[layer].memory_kv(h)[1:])
-            h = lm.model.run_layers(h, positions, layer, layer + 1, retrieved,
-                                    mcfg.retrieval_layers)
-        k, v = (jnp.concatenate([s[j][:, context:] for s in stored], -1) for j in (0, 1))
-        state = scan.write_segment(mcfg, seg.memory, k, v, seg_keys)
+        state, _ = explicit_segment(MODULE, params, mcfg, state, ids[:, start:stop], start,
+                                    ids[:, start - TAU:start] if start else None,
+                                    keys[:, start // TAU:stop // TAU], queries[:, i])
     return state
 
 
@@ -135,6 +111,39 @@ def test_a_prefix_fed_in_blocks_continues_with_the_previous_block(params):
                                            jnp.asarray(ids), WINDOW)
     np.testing.assert_allclose(np.asarray(nll), np.asarray(want), atol=1e-5, rtol=0)
     assert_same_state(state, want_state)
+
+
+CONTEXT_CASES = {**{name: (settings, False) for name, settings in SETTINGS.items()},
+                 "per_layer+near, in-graph keys": (dict(memory_kv="per_layer",
+                                                        memory_positions="near"), True)}
+
+
+@pytest.mark.parametrize("settings, in_graph", CONTEXT_CASES.values(), ids=CONTEXT_CASES.keys())
+def test_forward_step_with_context_equals_explicit_reference(params, settings, in_graph):
+    """Training's step with `context` (the previous block's last chunk): the logits of `ids`
+    and the memory written (in-graph: keys pooled from the run with context) equal the slow
+    explicit segment's (fp32: 1e-5 on the state, 1e-4 on logits of about +-30), the memory
+    equals what `ingest_step(context)` writes, and the context changes the logits."""
+    mcfg = WINDOWED.replace(prefix_overlap=1, **settings).validate(CFG)
+    ids = random_token_ids(21, CFG.vocab_size, 2, PREFIX)
+    keys, queries = host_embeddings(21)
+    start, stop = 2 * WINDOW, 3 * WINDOW                      # two windows already in memory
+    keys = None if in_graph else keys
+    seg_keys = None if in_graph else keys[:, start // TAU:stop // TAU]
+    query = queries[:, 2] if mcfg.query_mode == "segment" else None
+    state = ingest(params, mcfg, ids[:, :start], keys, queries,
+                   state=scan.init_state(MODULE, mcfg, 2, None if in_graph else EMB))
+    context, seg_ids = ids[:, start - TAU:start], ids[:, start:stop]
+    got, logits = scan.forward_step(MODULE, mcfg, params, state, seg_ids, seg_keys, query,
+                                    context)
+    want, want_logits = explicit_segment(MODULE, params, mcfg, state, seg_ids, start, context,
+                                         seg_keys, query)
+    np.testing.assert_allclose(np.asarray(logits), np.asarray(want_logits), atol=1e-4, rtol=0)
+    assert_same_state(got, want)
+    assert_same_state(got, scan.ingest_step(MODULE, mcfg, params, state, seg_ids, seg_keys,
+                                            query, context))
+    _, alone = scan.forward_step(MODULE, mcfg, params, state, seg_ids, seg_keys, query)
+    assert np.abs(np.asarray(alone) - np.asarray(logits)).max() > 1e-2
 
 
 def test_overlap_needs_window_segments():

@@ -36,6 +36,26 @@ def test_same_seed_same_batches_in_any_order_other_seed_differs():
     assert 0 < np.mean(changed) < 1      # some blocks carry recall items, others are plain
 
 
+def test_context_is_the_tail_of_the_previous_block_in_any_order():
+    """`prefix_overlap`'s context of each micro-step is the last `width` tokens of the block its
+    stream read (recall items in) one micro-step before, across steps and the epoch boundary
+    (step 15), also when a fresh instance starts at a later step (a resume); only the very
+    first micro-step has none."""
+    width, steps = 12, 20
+    a, b = streams(), streams()
+    ids = np.concatenate([a.batch(step) for step in range(steps)])    # [micro, row, SEQ]
+    backward = [b.context(step, width) for step in reversed(range(steps))][::-1]
+    context = np.concatenate([c for c, _ in backward])
+    has = np.concatenate([h for _, h in backward])
+    np.testing.assert_array_equal(has, np.arange(len(ids)) > 0)
+    np.testing.assert_array_equal(context[1:], ids[:-1, :, -width:])
+    assert not context[0].any()
+    assert a.micro_per_epoch < len(ids)          # the epoch boundary is crossed
+    one_row, _ = streams().context(7, width, rows=[1])
+    np.testing.assert_array_equal(one_row[:, 1], context[14:16, 1])
+    assert not one_row[:, 0].any()
+
+
 def test_fraction_of_recall_episodes():
     mix = streams(fraction=0.3).mix
     kinds = [mix.kind(row, episode) for row in range(4) for episode in range(500)]

@@ -57,6 +57,9 @@ def validate(run: Resolved, model: LlamaConfig) -> Resolved:
     if t.seq_len % m.chunk_size:
         raise ConfigError(f"seq_len ({t.seq_len}) must be a multiple of memlong.chunk_size "
                           f"({m.chunk_size})")
+    if m.prefix_overlap * m.chunk_size > t.seq_len:
+        raise ConfigError(f"memlong.prefix_overlap ({m.prefix_overlap} chunks) must fit in "
+                          f"seq_len ({t.seq_len}): the context is the previous block's tail")
     if t.eval_batches:
         if t.eval_window % m.chunk_size or t.eval_length % m.chunk_size or \
                 not 0 < t.eval_window <= t.eval_length:

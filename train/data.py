@@ -212,6 +212,21 @@ class Streams:
                 out[i, r] = self.tokens(step * self.grad_accum + i, r)
         return out
 
+    def context(self, step: int, width: int, rows=None) -> tuple[np.ndarray, np.ndarray]:
+        """`prefix_overlap`'s input for optimizer step `step`: (context `[grad_accum, streams,
+        width]` int32, has_context `[grad_accum]` bool). Each micro-step's context is the last
+        `width` tokens of the block its stream read at the micro-step before (as trained: recall
+        episodes mixed in; across an epoch boundary, the previous epoch's last block, which
+        memory holds). The very first micro-step has none (has_context False, zeros): it runs
+        alone, as the first window of a prefix does when it is read. `rows` as in `batch`."""
+        out = np.zeros((self.grad_accum, self.streams, width), np.int32)
+        micro = step * self.grad_accum + np.arange(self.grad_accum)
+        rows = range(self.streams) if rows is None else rows
+        for i in np.flatnonzero(micro > 0):
+            for r in rows:
+                out[i, r] = self.tokens(int(micro[i]) - 1, r)[self.blocks.seq_len - width:]
+        return out, micro > 0
+
     def tokens(self, micro_step: int, row: int) -> np.ndarray:
         """The block that stream `row` reads at `micro_step` (recall episodes mixed in)."""
         real = lambda micro: self.blocks.block(self.block_index(micro, row))

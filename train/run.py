@@ -281,6 +281,11 @@ class Trainer:
     def batch(self, step: int) -> dict:
         ids = self.streams.batch(step, self.local_rows)  # zeros in the rows other hosts feed
         out = {"ids": self._global(ids, 1)}
+        if self.m.prefix_overlap:
+            context, has_context = self.streams.context(
+                step, self.m.prefix_overlap * self.m.chunk_size, self.local_rows)
+            out["context"] = self._global(context, 1)
+            out["has_context"] = sharding.put(has_context, sharding.replicated(self.mesh))
         if self.retriever.host_side:
             out["key_emb"], out["query"] = self._embedded(ids, 1)
         return out

@@ -4,7 +4,11 @@ warmup / linear-decay schedule, and the validation scorer.
 
 Each micro-step is one whole `seq_len` block per row, run as a single MemLong segment
 (upstream's `last_context_length = seq_len`): retrieve from the memory
-filled by earlier micro-steps, forward, loss, write the block's chunks.
+filled by earlier micro-steps, forward, loss, write the block's chunks. With
+`prefix_overlap`, the last chunks of the stream's previous block run in front of it as
+unwritten, unscored context (`batch["context"]`, `train.data.Streams.context`), so that memory
+is written the way `ingest_prefix` writes it when reading; the run's very first micro-step has
+none and runs alone (`overlapped`).
 `value_and_grad` runs over the trainable subtree only; the frozen tree is a plain argument, and
 `forward_step` already puts `stop_gradient` on the lower stack and on memory K/V. Gradients are
 summed in a `lax.scan` carry (grad-inside-scan: exact, since nothing carried across micro-steps
@@ -65,18 +69,35 @@ def _retrieval_stats(mem: scan.MemLongState, mcfg: MemLongConfig):
     return found.astype(jnp.float32).mean() / mcfg.top_k
 
 
+def overlapped(run, context, has_context):
+    """`run(context)` for a micro-step with `prefix_overlap` context (`[B, c]`, or None when
+    off), `run(None)` when `has_context` (a traced bool) says it has none: the run's first."""
+    if context is None:
+        return run(None)
+    return jax.lax.cond(has_context, run, lambda _: run(None), context)
+
+
+def micro_xs(batch) -> tuple:
+    """The per-micro-step inputs of a batch, in the order the micro-step scans take them:
+    ids, key_emb, query, context, has_context (None where absent)."""
+    return tuple(batch.get(k) for k in ("ids", "key_emb", "query", "context", "has_context"))
+
+
 def make_train_step(module, mcfg: MemLongConfig, t, tx, schedule):
     """`step(state, frozen, mem, batch) -> (state, mem, metrics)`.
 
     state: {"step", "trainable", "opt_state", "rng"}; batch: {"ids": [A, B, S] int32, and for
-    the text retriever "key_emb": [A, B, S/tau, d], "query": [A, B, d] (segment mode)}.
+    the text retriever "key_emb": [A, B, S/tau, d], "query": [A, B, d] (segment mode); with
+    `prefix_overlap` "context": [A, B, c] int32 and "has_context": [A] bool}.
     """
     scale = t.lora_alpha / t.lora_rank
     dropout = t.lora_dropout if t.trainable == "lora" else 0.0
 
-    def loss_fn(trainable, frozen, mem, ids, key_emb, query, rng):
+    def loss_fn(trainable, frozen, mem, ids, key_emb, query, context, has_context, rng):
         params = lora.merge(frozen, trainable, scale, dropout, rng)
-        mem, logits = scan.forward_step(module, mcfg, params, mem, ids, key_emb, query)
+        mem, logits = overlapped(lambda c: scan.forward_step(module, mcfg, params, mem, ids,
+                                                             key_emb, query, c),
+                                 context, has_context)
         nll = scan.token_nll(logits[:, :-1], ids[:, 1:])
         return nll.mean(), mem
 
@@ -88,15 +109,15 @@ def make_train_step(module, mcfg: MemLongConfig, t, tx, schedule):
 
         def micro(carry, xs):
             gsum, mem = carry
-            i, ids, key_emb, query = xs
+            i, inputs = xs
             filled = _retrieval_stats(mem, mcfg)
-            (loss, mem), grads = grad_fn(trainable, frozen, mem, ids, key_emb, query,
+            (loss, mem), grads = grad_fn(trainable, frozen, mem, *inputs,
                                          jax.random.fold_in(step_rng, i))
             return (jax.tree_util.tree_map(jnp.add, gsum, grads), mem), (loss, filled)
 
         accum = batch["ids"].shape[0]
         zeros = jax.tree_util.tree_map(jnp.zeros_like, trainable)
-        xs = (jnp.arange(accum), batch["ids"], batch.get("key_emb"), batch.get("query"))
+        xs = (jnp.arange(accum), micro_xs(batch))
         (gsum, mem), (losses, filled) = jax.lax.scan(micro, (zeros, mem), xs)
         grads = jax.tree_util.tree_map(lambda g: g / accum, gsum)
         updates, opt_state = tx.update(grads, state["opt_state"], trainable)

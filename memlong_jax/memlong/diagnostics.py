@@ -18,13 +18,14 @@ from memlong_jax.memlong.config import MemLongConfig
 
 
 def memory_mass(module: LlamaForCausalLM, mcfg: MemLongConfig, params, h, positions,
-                retrieved: MemoryKV, weights=None, at=None):
+                retrieved: MemoryKV, weights=None, at=None, skip: int = 0):
     """Attention mass on memory `[B, len(retrieval_layers), heads]` (retrieval layers in
     ascending order), averaged over the segment's queries (or taken at query index `at`), for
     hidden states `h` `[B, S, D]` entering the memory layer. Attention with values 1 on memory
     slots and 0 on local ones is that mass (the same `with_memory` + `grouped_attention` the
     model uses); the layers run between them as in `scan.forward_step`. `weights` `[B, M]`
-    (0/1 per retrieved token): the mass on those memory tokens only (e.g. a pass key's)."""
+    (0/1 per retrieved token): the mass on those memory tokens only (e.g. a pass key's). `skip`:
+    the first queries (a context run in front of the segment) are left out of the average."""
     cfg = module.config
     apply = functools.partial(module.apply, {"params": params})
     cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta)
@@ -45,16 +46,18 @@ def memory_mass(module: LlamaForCausalLM, mcfg: MemLongConfig, params, h, positi
                                              causal_mask(k.shape[1], k.shape[1]), ones)
             out = grouped_attention(apply_rope(q, cos, sin), keys, values, mask)
             out = out[..., 0].astype(jnp.float32)
-            masses.append(out.mean(axis=1) if at is None else out[:, at])
+            masses.append(out[:, skip:].mean(axis=1) if at is None else out[:, at])
         h = apply(h, positions, layer, layer + 1, retrieved, mcfg.retrieval_layers,
                   method=module.run_layers)
     return jnp.stack(masses, axis=1)
 
 
 def segment_memory_mass(module: LlamaForCausalLM, mcfg: MemLongConfig, params,
-                        state: scan.MemLongState, ids, key_emb=None, segment_query=None):
-    """`memory_mass` of segment `ids` `[B, S]` reading the memory of `state`, retrieved as
-    `scan.forward_step` would."""
-    seg = scan.segment_inputs(module, mcfg, params, state, ids, key_emb, segment_query,
-                              need_emb=False)
-    return memory_mass(module, mcfg, params, seg.h, seg.positions, seg.retrieved())
+                        state: scan.MemLongState, ids, key_emb=None, segment_query=None,
+                        context=None):
+    """`memory_mass` of segment `ids` `[B, S]` reading the memory of `state`, retrieved and run
+    (with `context` in front, its queries left out) as `scan.forward_step` would."""
+    _, (positions, h, *_), retrieved = scan.context_segment(
+        module, mcfg, params, state, ids, key_emb, segment_query, context, need_emb=False)
+    return memory_mass(module, mcfg, params, h, positions, retrieved,
+                       skip=h.shape[1] - ids.shape[1])

@@ -248,40 +248,6 @@ def segment_inputs(module: LlamaForCausalLM, mcfg: MemLongConfig, params, state:
                          mcfg.memory_positions)
 
 
-def forward_step(module: LlamaForCausalLM, mcfg: MemLongConfig, params, state: MemLongState,
-                 ids, key_emb=None, segment_query=None):
-    """Retrieve -> forward -> write for `ids` `[B, S]`, S a multiple of tau: (new state, logits
-    `[B, S, V]`)."""
-    seg = segment_inputs(module, mcfg, params, state, ids, key_emb, segment_query)
-    lm, keys, values = module.bind({"params": params}), seg.keys, seg.values
-    stop = module.config.num_hidden_layers
-    if mcfg.memory_kv == "per_layer":
-        h, keys, values = per_layer_stack(lm, mcfg, seg.h, seg.positions, seg.retrieved(), stop)
-    else:
-        h = lm.model.run_layers(seg.h, seg.positions, mcfg.memory_layer, stop, seg.retrieved(),
-                                mcfg.retrieval_layers)
-    return write_segment(mcfg, seg.memory, keys, values, seg.key_emb), lm.final(h)
-
-
-def read_step(module: LlamaForCausalLM, mcfg: MemLongConfig, params, state: MemLongState, ids,
-              key_emb=None, segment_query=None, head_at=None, lower=None):
-    """Retrieve -> forward for `ids` `[B, S]` without writing them to memory (S need not be a
-    multiple of tau, except in `chunk` mode): (state with the retrieval's hits counted, logits).
-    `head_at` int `[B, P]`: run the final norm and LM head only at these positions (logits
-    `[B, P, V]`). `lower`: `lower_stack(..., ids)` made by the caller (`segment_inputs`)."""
-    seg = segment_inputs(module, mcfg, params, state, ids, key_emb, segment_query,
-                         need_emb=False, lower=lower)
-    lm, stop = module.bind({"params": params}), module.config.num_hidden_layers
-    if mcfg.memory_kv == "per_layer":
-        h = per_layer_stack(lm, mcfg, seg.h, seg.positions, seg.retrieved(), stop)[0]
-    else:
-        h = lm.model.run_layers(seg.h, seg.positions, mcfg.memory_layer, stop, seg.retrieved(),
-                                mcfg.retrieval_layers)
-    if head_at is not None:
-        h = jnp.take_along_axis(h, head_at[..., None], axis=1)
-    return state._replace(memory=seg.memory), lm.final(h)
-
-
 def with_context(mcfg: MemLongConfig, retrieved: MemoryKV, context: int) -> MemoryKV:
     """`retrieved` for a segment run with `context` tokens (whole chunks) in front of it: in
     `chunk` mode the context chunks read the first chunk's picks; `true` positions move by
@@ -297,24 +263,83 @@ def with_context(mcfg: MemLongConfig, retrieved: MemoryKV, context: int) -> Memo
     return retrieved
 
 
+def context_segment(module: LlamaForCausalLM, mcfg: MemLongConfig, params,
+                    state: MemLongState, ids, key_emb=None, segment_query=None, context=None,
+                    need_emb: bool = True, lower=None):
+    """`segment_inputs` of `ids` `[B, S]` run with `context` `[B, c]` in front of it (whole
+    chunks, `prefix_overlap`; None: none): positions 1..c, `ids` after them; retrieval, queries
+    and chunk keys are those of `ids`. `lower`: `lower_stack` of [context; ids] when the caller
+    has it. Returns (SegmentInputs of `ids`, `lower_stack` of the whole run, the retrieved K/V
+    as the whole run reads them, `with_context`)."""
+    c = 0 if context is None else context.shape[1]
+    if lower is None:
+        run = ids if context is None else jnp.concatenate([context, ids], axis=1)
+        lower = lower_stack(module, mcfg, params, run)
+    seg = segment_inputs(module, mcfg, params, state, ids, key_emb, segment_query, need_emb,
+                         lower=tuple(a[:, c:] for a in lower) if c else lower)
+    return seg, lower, with_context(mcfg, seg.retrieved(), c)
+
+
+def run_segment(module: LlamaForCausalLM, mcfg: MemLongConfig, params, state: MemLongState,
+                ids, key_emb=None, segment_query=None, context=None, stop: int | None = None,
+                need_emb: bool = True, lower=None):
+    """`context_segment`, then layers memory_layer..`stop`-1 on [context; ids] (`stop` None:
+    none, what memory stores comes from below). Nothing of the context is returned: (SegmentInputs
+    of `ids`, h `[B, S, D]` of `ids` after layer `stop`-1 or None, keys, values to store for
+    `ids`: the memory layer's, or with `memory_kv=per_layer` the retrieval layers' collected on
+    the way, `stop` then past the last of `kv_layers`)."""
+    seg, (positions, h, *_), retrieved = context_segment(module, mcfg, params, state, ids,
+                                                         key_emb, segment_query, context,
+                                                         need_emb, lower)
+    c, keys, values = h.shape[1] - ids.shape[1], seg.keys, seg.values
+    if stop is None:
+        return seg, None, keys, values
+    lm = module.bind({"params": params})
+    if mcfg.memory_kv == "per_layer":
+        h, keys, values = per_layer_stack(lm, mcfg, h, positions, retrieved, stop)
+        keys, values = keys[:, c:], values[:, c:]
+    else:
+        h = lm.model.run_layers(h, positions, mcfg.memory_layer, stop, retrieved,
+                                mcfg.retrieval_layers)
+    return seg, h[:, c:], keys, values
+
+
+def forward_step(module: LlamaForCausalLM, mcfg: MemLongConfig, params, state: MemLongState,
+                 ids, key_emb=None, segment_query=None, context=None):
+    """Retrieve -> forward -> write for `ids` `[B, S]`, S a multiple of tau: (new state, logits
+    `[B, S, V]`). `context` `[B, c]` (training with `prefix_overlap`): tokens run in front of
+    `ids`, neither written nor given logits (`run_segment`); the K/V written are those
+    `ingest_step(context=...)` writes."""
+    seg, h, keys, values = run_segment(module, mcfg, params, state, ids, key_emb, segment_query,
+                                       context, module.config.num_hidden_layers)
+    logits = module.bind({"params": params}).final(h)
+    return write_segment(mcfg, seg.memory, keys, values, seg.key_emb), logits
+
+
+def read_step(module: LlamaForCausalLM, mcfg: MemLongConfig, params, state: MemLongState, ids,
+              key_emb=None, segment_query=None, head_at=None, lower=None, context=None):
+    """Retrieve -> forward for `ids` `[B, S]` without writing them to memory (S need not be a
+    multiple of tau, except in `chunk` mode): (state with the retrieval's hits counted, logits).
+    `head_at` int `[B, P]`: run the final norm and LM head only at these positions (logits
+    `[B, P, V]`). `context`: as in `forward_step`. `lower`: `lower_stack` of [context; ids] made
+    by the caller (`context_segment`)."""
+    seg, h, _, _ = run_segment(module, mcfg, params, state, ids, key_emb, segment_query,
+                               context, module.config.num_hidden_layers, need_emb=False,
+                               lower=lower)
+    if head_at is not None:
+        h = jnp.take_along_axis(h, head_at[..., None], axis=1)
+    return state._replace(memory=seg.memory), module.bind({"params": params}).final(h)
+
+
 def ingest_step(module: LlamaForCausalLM, mcfg: MemLongConfig, params, state: MemLongState,
                 ids, key_emb=None, segment_query=None, context=None) -> MemLongState:
     """Retrieve (hits only) -> write for a prefix segment `ids` `[B, S]` whose logits nobody
     needs: only the layers that produce what memory stores run (below the memory layer, or up
     to the last retrieval layer with `memory_kv=per_layer`). `context` `[B, c]` (whole chunks,
-    `prefix_overlap`): tokens run in front of `ids` (positions 1..c, `ids` after them) and not
-    written; retrieval, queries and chunk keys are those of `ids`."""
-    c = 0 if context is None else context.shape[1]
-    run = ids if context is None else jnp.concatenate([context, ids], axis=1)
-    lower = lower_stack(module, mcfg, params, run)
-    seg = segment_inputs(module, mcfg, params, state, ids, key_emb, segment_query,
-                         lower=tuple(a[:, c:] for a in lower))
-    keys, values = seg.keys, seg.values
-    if mcfg.memory_kv == "per_layer":
-        _, keys, values = per_layer_stack(module.bind({"params": params}), mcfg, lower[1],
-                                          lower[0], with_context(mcfg, seg.retrieved(), c),
-                                          max(mcfg.retrieval_layers) + 1)
-        keys, values = keys[:, c:], values[:, c:]
+    `prefix_overlap`): tokens run in front of `ids` and not written (`run_segment`)."""
+    stop = max(mcfg.retrieval_layers) + 1 if mcfg.memory_kv == "per_layer" else None
+    seg, _, keys, values = run_segment(module, mcfg, params, state, ids, key_emb, segment_query,
+                                       context, stop)
     return write_segment(mcfg, seg.memory, keys, values, seg.key_emb)
 
 
