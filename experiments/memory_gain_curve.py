@@ -43,15 +43,15 @@ from memlong_jax.memlong import scan
 from memlong_jax.memlong.config import MemLongConfig
 from train import config as cfgmod
 from train import data as datamod
-from train import export, recall_mix, resume, setup, signals, step as stepmod
+from train import adapter, export, recall_mix, resume, setup, signals, step as stepmod
 from train.checkpointing import Checkpoints
 
 KINDS = ("plain", "recall", *recall_mix.KINDS)
 DEFAULT_OUT = os.path.join(common.REPO, "experiments", "results", "train15",
                            "memory_gain_curve.json")
-# Settings an adapter must share with the run for its numbers to be the same model's.
-SAME_MODEL = ("trainable", "lora_rank", "lora_alpha", "lora_targets", "train_norms",
-              "train_from", "seq_len", "grad_accum")
+# Besides the LoRA settings, what an adapter must share with the run for its numbers to be the
+# same model's.
+SAME_MODEL = ("seq_len", "grad_accum")
 
 
 def validation_batches(blocks: datamod.Blocks, grad_accum: int, batches: int) -> np.ndarray:
@@ -145,7 +145,8 @@ def run_config(run_dir: str):
 def check_adapter(path: str, stored: dict, run: cfgmod.Resolved) -> None:
     """An adapter of another model (other LoRA settings, other reading) is refused."""
     theirs = setup.resolved_from_dict(stored["run"])
-    diffs = [k for k in SAME_MODEL if getattr(theirs.train, k) != getattr(run.train, k)]
+    diffs = adapter.lora_differences(stored, run.train)
+    diffs += [k for k in SAME_MODEL if getattr(theirs.train, k) != getattr(run.train, k)]
     if theirs.memlong != run.memlong:
         diffs.append("memlong")
     if diffs:
@@ -166,7 +167,7 @@ def point_source(step: int, run_dir: str, steps: list[int], adapters: dict) -> s
 def point_trainable(step: int, run_dir: str, adapters: dict, fresh):
     """The trained tree at `step` (numpy or jax), checked against the run's structure."""
     if step in adapters:
-        _, _, trained = export.read_adapter(adapters[step])
+        _, _, trained = adapter.read(adapters[step])
     elif step == 0:
         return fresh
     else:
@@ -228,7 +229,7 @@ def main(argv=None) -> None:
     run = cfgmod.validate(run, model)
     adapters = {}
     for path in args.adapter:
-        stored, step, _ = export.read_adapter(path)
+        stored, step, _ = adapter.read(path)
         check_adapter(path, stored, run)
         adapters[step] = path
     steps = sorted(set(args.step_list) | set(adapters))

@@ -65,6 +65,15 @@ class TrainConfig(Config):
     adam_b2: float = setting(0.999, help="AdamW beta2")
     adam_eps: float = setting(1e-8, help="AdamW epsilon")
     seed: int = setting(42, help="seed of random init, LoRA init and LoRA dropout")
+    init_adapter: str = setting(
+        "",
+        help="start the trained parameters from this adapter (python -m train.export RUN DIR "
+             "--adapter; same model and LoRA settings) instead of a fresh LoRA: continues a "
+             "finished run under other settings, with a fresh optimizer and schedule")
+    data_start: int = setting(
+        0, least=0,
+        help="micro-steps each stream skips before its first block (to continue another run's "
+             "data after it: its steps x grad_accum)")
     trainable: str = setting(
         "lora", choices=("lora", "upper"),
         help="lora (LoRA on lora_targets of the layers above the memory layer) or upper "

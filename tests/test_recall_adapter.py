@@ -13,7 +13,8 @@ from memlong_jax.io import checkpoint
 from memlong_jax.llama.config import DTYPES, LlamaConfig
 from train import config as cfgmod
 from train import lora
-from train.export import export_run, read_adapter
+from train.adapter import read as read_adapter
+from train.export import export_run
 from train.setup import resolved_from_dict
 
 ADAPTER = os.path.join(os.path.dirname(__file__), "..", "adapters", "smollm2-135m-recall")

@@ -18,6 +18,7 @@ from memlong_jax.memlong.config import MemLongConfig
 from memlong_jax.presets import PRESETS
 from memlong_jax.settings import ConfigError, apply_overrides, check, describe
 from memlong_jax.train_config import TrainConfig
+from train import adapter
 from train.recall_mix import KINDS as RECALL_KINDS
 
 MEMLONG_PREFIX = "memlong."
@@ -76,6 +77,9 @@ def validate(run: Resolved, model: LlamaConfig) -> Resolved:
             raise ConfigError(f"{key} must be in [0, 1), got {getattr(t, key)}")
     if not 0 <= t.recall_fraction <= 1:
         raise ConfigError(f"recall_fraction must be in [0, 1], got {t.recall_fraction}")
+    if t.init_adapter and not adapter.is_adapter(t.init_adapter):
+        raise ConfigError(f"init_adapter {t.init_adapter!r} is not an adapter directory "
+                          "(python -m train.export RUN DIR --adapter writes one)")
     if t.recall_episode < 2:
         raise ConfigError(f"recall_episode must be at least 2 blocks, got {t.recall_episode}")
     kinds = t.recall_kind_list

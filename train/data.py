@@ -185,8 +185,9 @@ class Blocks:
 class Streams:
     """`streams` contiguous slices of the training blocks, walked in lockstep."""
 
-    def __init__(self, blocks: Blocks, streams: int, grad_accum: int, mix=None):
+    def __init__(self, blocks: Blocks, streams: int, grad_accum: int, mix=None, start: int = 0):
         self.blocks, self.streams, self.grad_accum = blocks, streams, grad_accum
+        self.start = start   # micro-steps skipped: the run's micro-step m reads m + start
         self.mix = mix   # a train.recall_mix.RecallMix, or None: the blocks as they are
         per_stream = blocks.n_train // streams
         # Whole optimizer steps per epoch, so a step never straddles an epoch boundary.
@@ -222,18 +223,20 @@ class Streams:
         out = np.zeros((self.grad_accum, self.streams, width), np.int32)
         micro = step * self.grad_accum + np.arange(self.grad_accum)
         rows = range(self.streams) if rows is None else rows
-        for i in np.flatnonzero(micro > 0):
+        has = micro + self.start > 0
+        for i in np.flatnonzero(has):
             for r in rows:
                 out[i, r] = self.tokens(int(micro[i]) - 1, r)[self.blocks.seq_len - width:]
-        return out, micro > 0
+        return out, has
 
     def tokens(self, micro_step: int, row: int) -> np.ndarray:
         """The block that stream `row` reads at `micro_step` (recall episodes mixed in)."""
+        micro_step += self.start
         real = lambda micro: self.blocks.block(self.block_index(micro, row))
         return real(micro_step) if self.mix is None else self.mix.block(row, micro_step, real)
 
     def cursor(self, step: int) -> dict:
-        micro = step * self.grad_accum
+        micro = step * self.grad_accum + self.start
         return {"micro_step": micro, "epoch": micro // self.micro_per_epoch,
                 "block_in_stream": micro % self.micro_per_epoch, "streams": self.streams,
                 "per_stream": self.per_stream}

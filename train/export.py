@@ -15,14 +15,11 @@ size) is how a run trained on one machine travels to another that has the base w
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
 import jax
 import numpy as np
-from flax import traverse_util
-from safetensors.numpy import load_file, save_file
 
 from memlong_jax.errors import UserError, atomic_output_dir, entry_point
 from memlong_jax.io import checkpoint
@@ -31,7 +28,7 @@ from memlong_jax.io.safe_paths import refuse_overwrite
 from memlong_jax.llama.config import LlamaConfig
 from convert.to_hf import main as to_hf
 from train import config as cfgmod
-from train import lora, resume, setup
+from train import adapter, lora, resume, setup
 from train.checkpointing import Checkpoints
 
 
@@ -45,36 +42,6 @@ def write_model(out_dir: str, model_cfg, mcfg, params, tokenizer_from: str = "",
             copy_tokenizer_files(tokenizer_from, tmp, [*TOKENIZER_FILES, "chat_template.jinja"])
     if hf_dir:
         to_hf([out_dir, hf_dir, "--quiet"])
-
-
-ADAPTER_WEIGHTS = "adapter.safetensors"
-ADAPTER_CONFIG = "adapter_config.json"
-
-
-def is_adapter(path: str) -> bool:
-    return os.path.isfile(os.path.join(path, ADAPTER_CONFIG))
-
-
-def write_adapter(out_dir: str, stored: dict, step: int, trainable) -> None:
-    """The trained tree (flattened, '/'-joined names) and the run's config, as `out_dir`."""
-    flat = {"/".join(k): np.ascontiguousarray(v)
-            for k, v in traverse_util.flatten_dict(trainable).items()}
-    with atomic_output_dir(out_dir) as tmp:
-        save_file(flat, os.path.join(tmp, ADAPTER_WEIGHTS))
-        with open(os.path.join(tmp, ADAPTER_CONFIG), "w") as f:
-            json.dump({"step": step, **stored}, f, indent=1)
-
-
-def read_adapter(path: str):
-    """(stored config, step, trainable tree) of an adapter directory."""
-    try:
-        with open(os.path.join(path, ADAPTER_CONFIG)) as f:
-            stored = json.load(f)
-        flat = load_file(os.path.join(path, ADAPTER_WEIGHTS))
-    except (OSError, ValueError) as err:
-        raise UserError(f"{path}: not a readable adapter ({err})") from None
-    tree = traverse_util.unflatten_dict({tuple(k.split("/")): v for k, v in flat.items()})
-    return stored, stored.pop("step"), tree
 
 
 def export_merged(frozen, trainable, run, model_cfg, base_dtypes, out_dir: str,
@@ -106,15 +73,15 @@ def export_run(source: str, out: str, hf_dir: str = "", step: int | None = None,
     """Merge a run's checkpoint (newest, or `step`) or an exported adapter into its base model
     (`base` overrides the recorded `init_from`) and write it out; or, with `adapter_only`, write
     just the trained parameters."""
-    adapter = is_adapter(source)
+    from_adapter = adapter.is_adapter(source)
     refuse_overwrite([out, hf_dir], directories=[
-        source if adapter else os.path.join(source, "checkpoints"), base])
-    if adapter:
-        stored, step, trained = read_adapter(source)
+        source if from_adapter else os.path.join(source, "checkpoints"), base])
+    if from_adapter:
+        stored, step, trained = adapter.read(source)
     else:
         stored, step, trained = trained_from_checkpoint(source, step)
     if adapter_only:
-        write_adapter(out, stored, step, trained)
+        adapter.write(out, stored, step, trained)
         return
     run = setup.resolved_from_dict(stored["run"])
     if base:
@@ -141,7 +108,7 @@ def main(argv=None) -> None:
     parser.add_argument("--base", default="",
                         help="base model directory (default: the run's init_from)")
     args = parser.parse_args(argv)
-    if not is_adapter(args.source) and \
+    if not adapter.is_adapter(args.source) and \
             not os.path.isdir(os.path.join(args.source, "checkpoints")):
         raise UserError(f"{args.source} is neither a training run (no checkpoints/) nor an "
                         "adapter directory")

@@ -36,7 +36,7 @@ from memlong_jax.llama.config import DTYPES, LlamaConfig
 from memlong_jax.memlong import scan
 from train import config as cfgmod
 from train import data as datamod
-from train import (export, hosts, lora, metrics, recall_mix, resume, setup, sharding,
+from train import (adapter, export, hosts, lora, metrics, recall_mix, resume, setup, sharding,
                    signals, step as stepmod)
 from train.run_lock import RunLock
 from train.checkpointing import Checkpoints, abstract_like, state_to_tree, tree_to_state
@@ -191,7 +191,8 @@ class Trainer:
         self.blocks = datamod.Blocks(tokens, t.seq_len, t.val_fraction)
         mix = recall_mix.RecallMix(self.tokenizer, t.seq_len, t.recall_fraction, t.recall_episode,
                                    t.seed, t.recall_kind_list) if t.recall_fraction else None
-        self.streams = datamod.Streams(self.blocks, self.n_streams, t.grad_accum, mix)
+        self.streams = datamod.Streams(self.blocks, self.n_streams, t.grad_accum, mix,
+                                       t.data_start)
         self.total_steps = t.steps or self.streams.steps_per_epoch
         self.ckpt = None
         if os.path.isdir(os.path.join(t.output_dir, "checkpoints")):
@@ -206,6 +207,8 @@ class Trainer:
         self.base_dtypes = setup.base_dtypes(base)
         frozen, trainable = setup.split_params(run, model, base)
         del base
+        if t.init_adapter:
+            trainable = adapter.start_from(t.init_adapter, t, model.to_hf_dict(), trainable)
         self.module = stepmod.make_module(model, t.dtype, t.remat, t.scan_layers)
         self.tx, self.schedule = stepmod.make_optimizer(t, self.total_steps)
         state = {"step": jnp.int32(0), "trainable": trainable,
