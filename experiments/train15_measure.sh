@@ -38,21 +38,21 @@ recall() {  # NAME CKPT ARGS...
 score() {   # NAME CKPT INPUT ARGS...
   local name=$1 ckpt=$2 input=$3; shift 3
   $PY -m memlong_jax.score "$ckpt" "$input" --local-window 1024 --scored-tokens 1024 \
-    --max-windows "${WINDOWS:-1}" --json "$OUT/$name.json" -q "$@"
+    --max-windows "${WINDOWS:-1}" --json "$OUT/$name.json" -q "$@" ${READ_EXTRA:-}
 }
 
-repeat_trained()  { recall trained_repeat "$TRAINED" --tasks repeat --depths 0 --lengths "$LENGTHS" \
+repeat_trained()  { recall "${TAG}_repeat" "$TRAINED" --tasks repeat --depths 0 --lengths "$LENGTHS" \
                       --rows memlong,local --query-modes chunk $READ; }
 repeat_base()     { recall base_repeat "$BASE" --tasks repeat --depths 0 --lengths 4k,8k \
                       --rows local,full --local-window 1024; }
-passkey_trained() { recall trained_passkey "$TRAINED" --tasks passkey --depths 50 \
+passkey_trained() { recall "${TAG}_passkey" "$TRAINED" --tasks passkey --depths 50 \
                       --lengths "$PASSKEY_LENGTHS" --rows memlong,local --query-modes segment $READ; }
-book_trained()    { score trained_book "$TRAINED" "$BOOK" --lengths "$BOOK_LENGTHS" --modes memlong,local \
+book_trained()    { score "${TAG}_book" "$TRAINED" "$BOOK" --lengths "$BOOK_LENGTHS" --modes memlong,local \
                       --set memory_tokens=32768 --set continuation=true --set query_mode=chunk; }
-wiki_trained()    { score trained_wiki "$TRAINED" ../shared/data/wikitext/wikitext2_raw_test.txt \
+wiki_trained()    { score "${TAG}_wiki" "$TRAINED" ../shared/data/wikitext/wikitext2_raw_test.txt \
                       --lengths 4k --modes memlong,local --join --set memory_tokens=32768 --set query_mode=chunk \
                       --set continuation=true; }
-latex_trained()   { score trained_latex "$TRAINED" ../shared/data/proofpile_like/carleson_blueprint.tex \
+latex_trained()   { score "${TAG}_latex" "$TRAINED" ../shared/data/proofpile_like/carleson_blueprint.tex \
                       --lengths 4k --modes memlong,local --set memory_tokens=32768 --set query_mode=chunk \
                       --set continuation=true; }
 book_base()       { score base_book "$BASE" "$BOOK" --lengths 4k --modes local,full; }
