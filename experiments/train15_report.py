@@ -155,6 +155,10 @@ def recall_section(measured: str) -> str:
                ("trained 60 steps, read with prefix_overlap=1 (every item pooled)",
                 load(f"{measured}/overlap60_repeat.json"),
                 merged(sorted(glob.glob(f"{measured}/overlap60_passkey_rate_*.json"))), None),
+               ("continued to 90 steps with prefix_overlap=1, read with it (every item pooled)",
+                merged([p for p in (f"{measured}/cont90_repeat.json",
+                                    f"{measured}/cont90_repeat_32k.json") if os.path.isfile(p)]),
+                merged(sorted(glob.glob(f"{measured}/cont90_passkey_rate_*.json"))), None),
                ("trained 60 steps, read with previous=true (depths 10-90%, seeds 0 and 1)",
                 None, merged(sorted(glob.glob(f"{measured}/trained60_previous_passkey_*.json"))),
                 None),
@@ -202,6 +206,7 @@ def ppl_section(measured: str) -> str:
     for name, text in (("book", "Jane Eyre (held out)"), ("wiki", "WikiText-2 raw test"),
                        ("latex", "carleson_blueprint.tex")):
         for model, shown in (("trained", "trained 10 steps"), ("trained60", "trained 60 steps"),
+                             ("cont90", "continued to 90 steps, prefix_overlap=1"),
                              ("base", "base")):
             # `trained_book.json`, then runs added later (`trained_book_32k.json`)
             paths = sorted(glob.glob(f"{measured}/{model}_{name}*.json"), key=len)
@@ -221,6 +226,12 @@ def render(folder: str, measured: str, metrics: str) -> str:
         curve_section(metrics),
         "\n### Issue 15: the memory gain on fixed held-out batches, per checkpoint\n",
         gain_curve_section(os.path.join(measured, "memory_gain_curve.json")),
+        "\n### Issue 15, run 2: the 60-step adapter continued for 30 steps with "
+        "prefix_overlap=1 (signals every 5 steps)\n",
+        curve_section(os.path.join(measured, "metrics_cont90.jsonl")),
+        "\n### Issue 15, run 2: the memory gain on fixed held-out batches (step 0 = the "
+        "60-step adapter)\n",
+        gain_curve_section(os.path.join(measured, "memory_gain_curve_cont90.json")),
         "\n### Issue 15: recall, trained vs untrained (1 item per cell unless the JSON says "
         "more)\n", recall_section(measured),
         "\n### Issue 15: perplexity, the last 1023 predictions of each window\n",
