@@ -170,12 +170,13 @@ def check_adapter(path: str, stored: dict, run: cfgmod.Resolved) -> None:
 
 
 def initial_source(run: cfgmod.Resolved) -> str:
-    """The label of step 0, what the run started from."""
+    """The label of step 0, what the run started from (the init_adapter as found from here:
+    a relative path is the run's own only when run from where the run was)."""
     path = run.train.init_adapter
     if not path:
         return "base model (LoRA zero)"
     _, step, _ = adapter.read(path)
-    return f"init_adapter {path} (its step {step})"
+    return f"init_adapter {os.path.abspath(path)} (its step {step})"
 
 
 def initial_trainable(run: cfgmod.Resolved, model: LlamaConfig, fresh):
