@@ -12,8 +12,11 @@ micro-step, a fresh memory per batch), each batch in several kinds:
                          every episode a recall episode, of a kind drawn from the run's kinds;
   repeat, facts, passkey the same, every episode of that one kind.
 The recall seed (--mix-seed) is not the run's, so no statement of training comes back.
+A run trained with `memlong.prefix_overlap` is scored with it, as it trained: each micro-step
+after a batch's first has the last chunks of the (mixed) block before it in front.
 
-Points: step 0 is the base model (the run's fresh split: LoRA B = 0, norms as loaded), other
+Points: step 0 is what the run started from: the base model (the run's fresh split: LoRA B = 0,
+norms as loaded), or its `init_adapter`'s trained parameters; other
 `--steps` are checkpoints of RUN_DIR, and each `--adapter` (train.export's adapter directory)
 counts at the step it records. One JSON row per (point, kind), written after each row.
 
@@ -87,6 +90,16 @@ def kind_batches(batches: np.ndarray, kinds, run_kinds, tokenizer, episode: int,
             for kind in kinds}
 
 
+def batch_context(ids: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """`prefix_overlap`'s input for one batch `[grad_accum, seq_len]` run from a fresh memory:
+    `Streams.context` of a one-stream run whose data is this batch (context `[grad_accum, 1,
+    width]`, has_context `[grad_accum]`: micro-step i > 0 gets the tail of block i - 1, the
+    first none)."""
+    grad_accum, seq_len = ids.shape
+    blocks = datamod.Blocks(ids.reshape(-1), seq_len, 0.0)
+    return datamod.Streams(blocks, 1, grad_accum).context(0, width)
+
+
 class GainScorer:
     """`train.signals.make_signal_step` (the metric the run logs) on one batch at a time, each
     from a fresh memory; jitted once for every point (the trainable trees share a structure)."""
@@ -95,11 +108,14 @@ class GainScorer:
         self.signal = jax.jit(signals.make_signal_step(module, mcfg, t, with_mass=False))
         self.frozen, self.retriever = frozen, retriever
         self.empty = scan.init_state(module, mcfg, 1, emb_dim)
+        self.context_width = mcfg.prefix_overlap * mcfg.chunk_size
 
     def batch(self, trainable, ids: np.ndarray) -> dict:
         """Signals of one batch `[grad_accum, seq_len]` (a single stream) as floats."""
-        ids = ids[:, None]
-        batch = {"ids": ids}
+        batch = {"ids": ids[:, None]}
+        if self.context_width:
+            batch["context"], batch["has_context"] = batch_context(ids, self.context_width)
+        ids = batch["ids"]
         if self.retriever.host_side:
             batch["key_emb"], batch["query"] = datamod.host_embeddings(self.retriever, ids)
         out = self.signal(trainable, self.frozen, self.empty, batch)
@@ -153,23 +169,42 @@ def check_adapter(path: str, stored: dict, run: cfgmod.Resolved) -> None:
         raise UserError(f"adapter {path} differs from the run in {', '.join(diffs)}")
 
 
-def point_source(step: int, run_dir: str, steps: list[int], adapters: dict) -> str:
+def initial_source(run: cfgmod.Resolved) -> str:
+    """The label of step 0, what the run started from (the init_adapter as found from here:
+    a relative path is the run's own only when run from where the run was)."""
+    path = run.train.init_adapter
+    if not path:
+        return "base model (LoRA zero)"
+    _, step, _ = adapter.read(path)
+    return f"init_adapter {os.path.abspath(path)} (its step {step})"
+
+
+def initial_trainable(run: cfgmod.Resolved, model: LlamaConfig, fresh):
+    """The trainable tree of step 0: the run's `init_adapter` (checked as training checks it),
+    else the fresh split."""
+    path = run.train.init_adapter
+    return adapter.start_from(path, run.train, model.to_hf_dict(), fresh) if path else fresh
+
+
+def point_source(step: int, run_dir: str, steps: list[int], adapters: dict,
+                 run: cfgmod.Resolved) -> str:
     if step in adapters:
         return f"adapter {adapters[step]}"
     if step == 0:
-        return "base model (LoRA zero)"
+        return initial_source(run)
     if step not in steps:
         raise UserError(f"step {step}: no checkpoint in {run_dir} (it holds "
                         f"{', '.join(map(str, steps))}) and no --adapter records it")
     return f"checkpoint {step}"
 
 
-def point_trainable(step: int, run_dir: str, adapters: dict, fresh):
-    """The trained tree at `step` (numpy or jax), checked against the run's structure."""
+def point_trainable(step: int, run_dir: str, adapters: dict, fresh, initial):
+    """The trained tree at `step` (numpy or jax), checked against the run's structure
+    (`initial`: step 0's, from `initial_trainable`)."""
     if step in adapters:
         _, _, trained = adapter.read(adapters[step])
     elif step == 0:
-        return fresh
+        return initial
     else:
         _, _, trained = export.trained_from_checkpoint(run_dir, step)
     if jax.tree_util.tree_structure(trained) != jax.tree_util.tree_structure(fresh):
@@ -184,8 +219,9 @@ def parse_args(argv):
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run_dir", help="train.run output directory (checkpoints/ and their config)")
     p.add_argument("--steps", default="0",
-                   help="comma-separated steps: 0 = the base model, others = checkpoints of "
-                        "RUN_DIR (default 0; --adapter adds its own step)")
+                   help="comma-separated steps: 0 = what the run started from (the base "
+                        "model or its init_adapter), others = checkpoints of RUN_DIR (default "
+                        "0; --adapter adds its own step)")
     p.add_argument("--adapter", action="append", default=[], metavar="DIR",
                    help="an exported adapter directory, scored at the step it records "
                         "(repeatable)")
@@ -233,7 +269,7 @@ def main(argv=None) -> None:
         check_adapter(path, stored, run)
         adapters[step] = path
     steps = sorted(set(args.step_list) | set(adapters))
-    sources = {s: point_source(s, args.run_dir, ckpt_steps, adapters) for s in steps}
+    sources = {s: point_source(s, args.run_dir, ckpt_steps, adapters, run) for s in steps}
 
     tokenizer = datamod.load_tokenizer(t.tokenizer, t.init_from, model.vocab_size)
     files = datamod.list_sources(t.data)
@@ -252,6 +288,7 @@ def main(argv=None) -> None:
     base = setup.load_base(run, model)
     frozen, fresh = setup.split_params(run, model, base)
     del base
+    initial = initial_trainable(run, model, fresh) if 0 in sources else None
     module = stepmod.make_module(model, t.dtype, "none", t.scan_layers)
     scorer = GainScorer(module, run.memlong, t, frozen, retriever,
                         retriever.embedding_size(model))
@@ -260,13 +297,14 @@ def main(argv=None) -> None:
               "run": run.to_dict(), "data_fingerprint": data_print,
               "validation_blocks": {"first": blocks.n_train, "used": args.batches * t.grad_accum,
                                     "available": blocks.n_val},
-              "batch": {"streams": 1, "grad_accum": t.grad_accum, "seq_len": t.seq_len},
+              "batch": {"streams": 1, "grad_accum": t.grad_accum, "seq_len": t.seq_len,
+                        "context_tokens": scorer.context_width},
               "recall_episode": t.recall_episode, "mix_seed": args.mix_seed}
     data = common.record("memory_gain_curve", args, config, git=git)
     data["rows"] = []
     bar = tqdm(total=len(steps) * len(batches), unit="row", file=sys.stderr)
     for step in steps:
-        trainable = point_trainable(step, args.run_dir, adapters, fresh)
+        trainable = point_trainable(step, args.run_dir, adapters, fresh, initial)
         for kind, row in score_point(scorer, trainable, batches):
             data["rows"].append({"step": step, "source": sources[step], "kind": kind, **row})
             data["wall_s"] = time.perf_counter() - started

@@ -8,17 +8,25 @@ and a block read without memory is the plain model on that block alone.
 
 import json
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import traverse_util
 
 from experiments import memory_gain_curve as curve
 from experiments import train15_report
+from helpers import toy_corpus
 from memlong_jax.errors import UserError, run_cli
+from memlong_jax.memlong import scan
 from memlong_jax.memlong.retrievers import HIDDEN
 from test_memory_signals import _setup, plain_nll
+from train import adapter
+from train import config as cfgmod
 from train import data as datamod
-from train import lora
+from train import lora, signals
+from train.export import export_run
+from train.run import Trainer
 
 
 def block_means(nll: np.ndarray, blocks: int, seq: int) -> np.ndarray:
@@ -49,6 +57,78 @@ def test_gain_equals_plain_attention_over_each_batch():
     np.testing.assert_allclose([row["gain_min"], row["gain_max"]], [gains.min(), gains.max()],
                                atol=2e-5)
     assert np.all(np.abs(gains) > 1e-3)   # memory changes something on these weights
+
+
+def test_overlap_scores_each_block_after_the_tail_of_the_one_before():
+    """A run trained with `prefix_overlap=p` is scored with it: micro-step i > 0 of a batch has
+    the last p chunks of block i - 1 in front, the first none (a fresh memory per batch), i.e.
+    `train.signals` with that context built here by hand."""
+    cfg, module, mcfg, frozen, trainable, t = _setup(6)
+    mcfg = mcfg.replace(query_mode="chunk", prefix_context="window", prefix_overlap=2,
+                        memory_tokens=64)
+    seq, micro, n_batches, width = 3 * mcfg.chunk_size, 3, 2, 2 * mcfg.chunk_size
+    batches = np.random.default_rng().integers(0, cfg.vocab_size,
+                                               (n_batches, micro, seq)).astype(np.int32)
+    scorer = curve.GainScorer(module, mcfg, t, frozen, HIDDEN, None)
+    (_, row), = curve.score_point(scorer, trainable, {"plain": batches})
+
+    signal = jax.jit(signals.make_signal_step(module, mcfg, t, with_mass=False))
+    empty = scan.init_state(module, mcfg, 1)
+    want, without_context = [], []
+    for ids in batches:
+        context = np.zeros((micro, 1, width), np.int32)
+        for i in range(1, micro):
+            context[i, 0] = ids[i - 1, -width:]
+        batch = {"ids": ids[:, None], "context": context, "has_context": np.arange(micro) > 0}
+        want.append(signal(trainable, frozen, empty, batch))
+        without_context.append(signal(trainable, frozen, empty, {"ids": ids[:, None]}))
+    gains = [float(w["memory_gain"]) for w in want]
+    np.testing.assert_allclose(row["gain_per_batch"], gains, atol=1e-6)
+    np.testing.assert_allclose(row["loss_memory"],
+                               np.mean([w["signal_loss"] for w in want]), rtol=1e-6)
+    np.testing.assert_allclose(row["loss_no_memory"],
+                               np.mean([w["signal_loss_no_memory"] for w in want]), rtol=1e-6)
+    dropped = [float(w["memory_gain"]) for w in without_context]
+    assert np.all(np.abs(np.subtract(gains, dropped)) > 1e-3)   # the context matters here
+
+
+def _tiny_run(tmp_path, name, data, *sets):
+    run = cfgmod.resolve("tiny", [f"output_dir={tmp_path / name}", f"data={data}",
+                                  f"cache_dir={tmp_path / 'cache'}", "progress=false",
+                                  "tensorboard=false", "eval_batches=0", "val_fraction=0.2",
+                                  *sets])
+    model = cfgmod.model_config(run)
+    trainer = Trainer(cfgmod.validate(run, model), model)
+    try:
+        trainer.train()
+    finally:
+        trainer.release()
+    return trainer
+
+
+def test_step_0_of_an_init_adapter_run_is_the_adapter(tmp_path):
+    """A run started from an adapter starts from its trained parameters: step 0 scores exactly
+    as that adapter passed with --adapter does, and is labelled so."""
+    data = toy_corpus(tmp_path / "toy.txt", seed=4)
+    _tiny_run(tmp_path, "first", data, "steps=2", "lr=1e-2")
+    export_run(str(tmp_path / "first"), str(tmp_path / "adapter"), adapter_only=True)
+    _tiny_run(tmp_path, "second", data, "steps=1", f"init_adapter={tmp_path / 'adapter'}")
+    common = ["--batches", "2", "--kinds", "plain", "--cache-dir", str(tmp_path / "cache")]
+
+    def curve_rows(run_dir, *args):
+        out = tmp_path / f"{run_dir}.json"
+        assert run_cli(curve.main, [str(tmp_path / run_dir), *args, *common,
+                                    "--out", str(out)]) == 0
+        result = json.loads(out.read_text())
+        return result["config"]["points"], {r["step"]: r["gain_per_batch"] for r in result["rows"]}
+
+    points, gains = curve_rows("second", "--steps", "0", "--adapter", str(tmp_path / "adapter"))
+    assert sorted(gains) == [0, 2]                     # the adapter records its step 2
+    assert points["0"] == f"init_adapter {tmp_path / 'adapter'} (its step 2)"
+    assert gains[0] == gains[2]
+    base_points, base = curve_rows("first", "--steps", "0")
+    assert base_points["0"] == "base model (LoRA zero)"
+    assert np.all(np.abs(np.subtract(base[0], gains[0])) > 1e-6)   # two steps of training
 
 
 def test_validation_batches_are_the_held_out_blocks_in_order():

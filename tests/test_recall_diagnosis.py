@@ -62,20 +62,27 @@ def slow_mass(params, h, mem_keys, valid, layer, cfg, weights=None):
     return out
 
 
-def test_memory_mass_equals_a_slow_softmax():
+def mass_inputs(seed):
+    """A tiny model with sharp weights that has read 20 random tokens, the next 8 tokens' hidden
+    states entering the memory layer and the K/V they retrieve: (cfg, module, mcfg, params,
+    state, ids, h, kv)."""
     cfg = PRESETS["tiny"].model
     module = LlamaForCausalLM(cfg)
-    params = module.init(jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32))["params"]
+    params = module.init(jax.random.PRNGKey(seed), jnp.zeros((1, 4), jnp.int32))["params"]
     params = jax.tree_util.tree_map(lambda x: x * 3.0 if x.ndim == 2 else x, params)
     mcfg = PRESETS["tiny"].memlong.replace(retrieval_layers=(1,), top_k=3)
-    ids = jax.random.randint(jax.random.PRNGKey(1), (1, 28), 0, cfg.vocab_size)
+    ids = jax.random.randint(jax.random.PRNGKey(seed + 1), (1, 28), 0, cfg.vocab_size)
     state = scan.ingest_prefix(module, mcfg, params, scan.init_state(module, mcfg, 1),
                                   ids[:, :20])
-    got = np.asarray(recall_diagnosis.memory_mass(module, mcfg, params, state, ids[:, 20:]))
     _, h, _, _, _ = scan.lower_stack(module, mcfg, params, ids[:, 20:])
     memory, indices, found = scan.retrieve_chunks(mcfg, state.memory, state.last_emb,
                                                      state.has_last)
-    kv = scan.retrieved_kv(memory, indices, found)
+    return cfg, module, mcfg, params, state, ids, h, scan.retrieved_kv(memory, indices, found)
+
+
+def test_memory_mass_equals_a_slow_softmax():
+    cfg, module, mcfg, params, state, ids, h, kv = mass_inputs(0)
+    got = np.asarray(recall_diagnosis.memory_mass(module, mcfg, params, state, ids[:, 20:]))
     want = slow_mass(params, h, np.asarray(kv.keys, np.float64), np.asarray(kv.valid), 1, cfg)
     np.testing.assert_allclose(got[0], want.mean(0), atol=1e-5)
     assert want.min() > 0.01
@@ -89,6 +96,20 @@ def test_memory_mass_equals_a_slow_softmax():
                      weights)
     np.testing.assert_allclose(part[0, 0], slow[at], atol=1e-5)
     assert 0.01 < slow[at].min() and (slow[at] < want[at] - 1e-3).all()
+
+
+def test_memory_mass_skip_leaves_out_the_first_queries():
+    """`skip` (a context run in front of the segment): the mean over the queries after it only."""
+    seed = int(np.random.default_rng().integers(1 << 30))
+    cfg, module, mcfg, params, _, _, h, kv = mass_inputs(seed)
+    slow = slow_mass(params, h, np.asarray(kv.keys, np.float64), np.asarray(kv.valid), 1, cfg)
+    positions = jnp.broadcast_to(jnp.arange(1, 9), (1, 8))
+    for skip in (1, 3, 6):
+        got = np.asarray(diagnostics.memory_mass(module, mcfg, params, h, positions, kv,
+                                                 skip=skip))
+        np.testing.assert_allclose(got[0, 0], slow[skip:].mean(0), atol=1e-5)
+        for other in (skip - 1, skip + 1):      # the skip matters on these inputs
+            assert np.abs(slow[other:].mean(0) - slow[skip:].mean(0)).max() > 1e-3
 
 
 def fake_results():

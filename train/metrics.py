@@ -83,6 +83,12 @@ def step_flops(cfg: LlamaConfig, mcfg: MemLongConfig, t) -> dict:
     half and, in retrieval layers, the top_k * tau memory keys; x3 (forward + backward) above
     the memory layer. Plus, per step, the LoRA merges A @ B (forward, and the two backward
     contractions).
+
+    With `prefix_overlap` p, each micro-step runs p * tau context tokens in front of its block
+    (every micro-step but the run's very first; counted in all): through every layer as its
+    tokens are, gradients included above the memory layer (the block's queries read the
+    context's K/V there), and attended to by the block's queries; only the LM head skips them.
+    `flops_per_token` is per scored (block) token.
     """
     p = layer_params(cfg)
     layer = sum(p.values())
@@ -94,16 +100,18 @@ def step_flops(cfg: LlamaConfig, mcfg: MemLongConfig, t) -> dict:
     else:
         trained = layer
     weight_grads = n - (m + 1 if t.train_from < 0 else t.train_from)   # layers that train
-    per_token = (2 * layer * (m + 1) + 2 * (p["k_proj"] + p["v_proj"])
-                 + upper * 4 * layer + weight_grads * 2 * trained + 4 * head)
+    per_run_token = (2 * layer * (m + 1) + 2 * (p["k_proj"] + p["v_proj"])
+                     + upper * 4 * layer + weight_grads * 2 * trained)
     s = t.seq_len
-    causal_keys = (s + 1) / 2
-    mem_keys = mcfg.top_k * mcfg.chunk_size
+    run = s + mcfg.prefix_overlap * mcfg.chunk_size   # context + block, one causal run
+    causal_pairs = run * (run + 1) / 2
+    mem_pairs = run * mcfg.top_k * mcfg.chunk_size
     pair = 4 * cfg.num_attention_heads * cfg.head_dim
     attn = 0.0
     for i in range(n):
-        keys = causal_keys + (mem_keys if i in mcfg.retrieval_layers else 0)
-        attn += pair * keys * (3 if i > m else 1)
+        pairs = causal_pairs + (mem_pairs if i in mcfg.retrieval_layers else 0)
+        attn += pair * pairs * (3 if i > m else 1)
+    per_block = run * per_run_token + s * 4 * head + attn   # one micro-step of one row
     tokens = s * t.rows_per_replica * t.grad_accum  # per replica
     per_step_lora = 0
     if t.trainable == "lora":
@@ -113,8 +121,8 @@ def step_flops(cfg: LlamaConfig, mcfg: MemLongConfig, t) -> dict:
             d_out = p[x] // d_in
             per_step_lora += weight_grads * 3 * 2 * d_in * t.lora_rank * d_out
         per_step_lora *= t.grad_accum  # merged again in every micro-step
-    total = tokens * (per_token + attn) + per_step_lora
-    return {"tokens_per_replica": tokens, "flops_per_token": per_token + attn,
+    total = t.rows_per_replica * t.grad_accum * per_block + per_step_lora
+    return {"tokens_per_replica": tokens, "flops_per_token": per_block / s,
             "flops_per_replica_step": total}
 
 
