@@ -29,6 +29,11 @@ LEVERS = (("upstream", "upstream reading (shared K/V of layer 15, position 0; la
           ("l15_all", "the same, every layer 15..29 reads memory"),
           ("l8_all", "the same with memory layer 8, every layer 8..29 reads memory"),
           ("l8_all_near", "l8_all with `near` positions and continuation chunks"))
+# Runs that continue the 60-step adapter (init_adapter, data_start=240, lr 5e-4, 30 steps):
+# (file-name tag, name in tables, what differs)
+CONTINUED = (("cont90", "run 2", "trained with prefix_overlap=1"),
+             ("numbers90", "run 3", "trained with prefix_overlap=1 and a numbers-only recall mix "
+              "(passkey, facts) at 75%"))
 
 
 def load(path: str) -> dict | None:
@@ -155,13 +160,14 @@ def recall_section(measured: str) -> str:
                ("trained 60 steps, read with prefix_overlap=1 (every item pooled)",
                 load(f"{measured}/overlap60_repeat.json"),
                 merged(sorted(glob.glob(f"{measured}/overlap60_passkey_rate_*.json"))), None),
-               ("continued to 90 steps with prefix_overlap=1, read with it (every item pooled)",
-                merged([p for p in (f"{measured}/cont90_repeat.json",
-                                    f"{measured}/cont90_repeat_32k.json") if os.path.isfile(p)]),
-                merged(sorted(glob.glob(f"{measured}/cont90_passkey_rate_*.json"))), None),
                ("trained 60 steps, read with previous=true (depths 10-90%, seeds 0 and 1)",
                 None, merged(sorted(glob.glob(f"{measured}/trained60_previous_passkey_*.json"))),
                 None),
+               *[(f"{title}, read with prefix_overlap=1 (every item pooled)",
+                  merged([p for p in (f"{measured}/{tag}_repeat.json",
+                                      f"{measured}/{tag}_repeat_32k.json") if os.path.isfile(p)]),
+                  merged(sorted(glob.glob(f"{measured}/{tag}_passkey_rate_*.json"))), None)
+                 for tag, title, _ in CONTINUED],
                ("base, depths 10/50/90%", None, load(f"{measured}/base_passkey.json"), None),
                ("base", load(f"{measured}/base_repeat.json"), None, None),
                ("untrained, same reading",
@@ -206,8 +212,7 @@ def ppl_section(measured: str) -> str:
     for name, text in (("book", "Jane Eyre (held out)"), ("wiki", "WikiText-2 raw test"),
                        ("latex", "carleson_blueprint.tex")):
         for model, shown in (("trained", "trained 10 steps"), ("trained60", "trained 60 steps"),
-                             ("cont90", "continued to 90 steps, prefix_overlap=1"),
-                             ("base", "base")):
+                             *[(tag, title) for tag, title, _ in CONTINUED], ("base", "base")):
             # `trained_book.json`, then runs added later (`trained_book_32k.json`)
             paths = sorted(glob.glob(f"{measured}/{model}_{name}*.json"), key=len)
             for r in [r for path in paths for r in (load(path) or {}).get("rows", [])]:
@@ -226,12 +231,13 @@ def render(folder: str, measured: str, metrics: str) -> str:
         curve_section(metrics),
         "\n### Issue 15: the memory gain on fixed held-out batches, per checkpoint\n",
         gain_curve_section(os.path.join(measured, "memory_gain_curve.json")),
-        "\n### Issue 15, run 2: the 60-step adapter continued for 30 steps with "
-        "prefix_overlap=1 (signals every 5 steps)\n",
-        curve_section(os.path.join(measured, "metrics_cont90.jsonl")),
-        "\n### Issue 15, run 2: the memory gain on fixed held-out batches (step 0 = the "
-        "60-step adapter)\n",
-        gain_curve_section(os.path.join(measured, "memory_gain_curve_cont90.json")),
+        *[part for tag, title, recipe in CONTINUED for part in (
+            f"\n### Issue 15, {title}: the 60-step adapter continued for 30 steps, {recipe} "
+            "(signals every 5 steps on its own batch)\n",
+            curve_section(os.path.join(measured, f"metrics_{tag}.jsonl")),
+            f"\n### Issue 15, {title}: the memory gain on fixed held-out batches, scored with "
+            "prefix_overlap=1 (step 0 = the 60-step adapter)\n",
+            gain_curve_section(os.path.join(measured, f"memory_gain_curve_{tag}.json")))],
         "\n### Issue 15: recall, trained vs untrained (1 item per cell unless the JSON says "
         "more)\n", recall_section(measured),
         "\n### Issue 15: perplexity, the last 1023 predictions of each window\n",
