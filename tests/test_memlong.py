@@ -198,10 +198,12 @@ def test_memory_k_is_the_memory_layer_pre_rope_projection(params):
     h = MODULE.apply({"params": params}, ids, method=MODULE.embed)
     h = MODULE.apply({"params": params}, h, None, 0, MCFG.memory_layer, method=MODULE.run_layers)
     _, k, v = MODULE.apply({"params": params}, h, MCFG.memory_layer, method=MODULE.memory_kv)
+    # atol 1e-5: the scorer's jitted program fuses differently from these separate calls, and
+    # values near 1.5 came out 10 ulps (1.2e-6) apart on a fresh draw; a wrong layer is off by O(1)
     stored = np.asarray(state.memory.keys[0, :2]).reshape(8, *k.shape[2:])
-    np.testing.assert_allclose(stored, np.asarray(k[0]), atol=1e-6)
+    np.testing.assert_allclose(stored, np.asarray(k[0]), atol=1e-5)
     np.testing.assert_allclose(np.asarray(state.memory.values[0, :2]).reshape(8, *v.shape[2:]),
-                               np.asarray(v[0]), atol=1e-6)
+                               np.asarray(v[0]), atol=1e-5)
 
 
 @pytest.mark.parametrize("change,field", [
