@@ -56,7 +56,8 @@ $(DEMO)/smollm2-135m-recall/config.json: $(DEMO)/smollm2-135m/config.json $(RECA
 # repeat is scored, so its chunks are chosen by the causal per-chunk query; passkey answers are
 # generated, so the `segment` query (the prompt's tail, known tokens only) is leak-free there.
 # prefix_overlap=1: no stored token is an ingestion window's attention sink (docs/results.md:
-# pooled passkey 4k 9/10 with it, 8/10 without; repeat 4k 1.19 vs 1.23 nats).
+# pooled passkey 4k 9/10 with it, 8/10 without, seeds 0-1; 19/20 with it, seeds 0-3; repeat 4k
+# 1.19 vs 1.23 nats).
 RECALL_DEMO = $(PY) -m memlong_jax.recall $(DEMO)/smollm2-135m-recall --lengths 4k \
 	--rows memlong,local --local-window 1024 --set memory_tokens=32768 --set continuation=true \
 	--set prefix_overlap=1
