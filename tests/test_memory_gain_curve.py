@@ -106,6 +106,7 @@ def _tiny_run(tmp_path, name, data, *sets):
     return trainer
 
 
+@pytest.mark.slow   # trains a tiny run and exports an adapter first (about 50 s)
 def test_step_0_of_an_init_adapter_run_is_the_adapter(tmp_path):
     """A run started from an adapter starts from its trained parameters: step 0 scores exactly
     as that adapter passed with --adapter does, and is labelled so."""

@@ -63,7 +63,10 @@ def assert_same_state(got, want, atol=1e-5):
                                    atol=atol, rtol=0)
 
 
-@pytest.mark.parametrize("settings", SETTINGS.values(), ids=SETTINGS.keys())
+# upstream's reading and the recipe's run by default; the other query modes with `make test-all`
+@pytest.mark.parametrize("settings", [
+    pytest.param(v, id=k, marks=() if k in ("shared", "per_layer+near") else pytest.mark.slow)
+    for k, v in SETTINGS.items()])
 def test_each_written_chunk_is_computed_after_the_previous_chunk(params, settings):
     """The memory (K/V, keys, times, hits) equals the slow reference's (fp32, summation order:
     1e-5), and the context changed the K/V of every segment after the first."""
