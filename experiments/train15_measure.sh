@@ -65,10 +65,15 @@ passkey_rate()    { local seed=${RATE_SEED:-1}
                         --depths "${RATE_DEPTHS:-10,30,50,70,90}" --seed "$seed" --lengths "$n" \
                         --rows "${RATE_ROWS:-memlong,local}" --query-modes segment $READ; done; }
 # 128k needs a memory that holds all of it (the paper's eviction would drop the key otherwise).
-passkey_128k()    { for d in ${DEPTHS_128K:-50}; do
-                      recall "${TAG}_passkey_128k_d$d" "$TRAINED" --tasks passkey --depths "$d" \
-                        --lengths 128k --rows memlong --query-modes segment --local-window 1024 \
-                        --set memory_tokens=131072 --set continuation=true; done; }
+# One JSON per item (20-40 min each on a loaded 2-core CPU), so an interrupted rate keeps its items;
+# seed 0 keeps its historical name (…_d50.json).
+passkey_128k()    { local seed=${RATE_SEED:-0} suffix
+                    [ "$seed" = 0 ] && suffix="" || suffix="_s$seed"
+                    for d in ${DEPTHS_128K:-50}; do
+                      recall "${TAG}_passkey_128k_d$d$suffix" "$TRAINED" --tasks passkey --depths "$d" \
+                        --seed "$seed" --lengths 128k --rows memlong --query-modes segment \
+                        --local-window 1024 --set memory_tokens=131072 --set continuation=true \
+                        ${READ_EXTRA:-}; done; }
 repeat_32k()      { recall "${TAG}_repeat_32k" "$TRAINED" --tasks repeat --depths 0 --lengths 32k \
                       --rows memlong,local --query-modes chunk $READ; }
 needle_trained()  { recall "${TAG}_needle" "$TRAINED" --tasks needle --depths 50 --items 2 --lengths 4k,32k \

@@ -29,11 +29,14 @@ LEVERS = (("upstream", "upstream reading (shared K/V of layer 15, position 0; la
           ("l15_all", "the same, every layer 15..29 reads memory"),
           ("l8_all", "the same with memory layer 8, every layer 8..29 reads memory"),
           ("l8_all_near", "l8_all with `near` positions and continuation chunks"))
-# Runs that continue the 60-step adapter (init_adapter, data_start=240, lr 5e-4, 30 steps):
-# (file-name tag, name in tables, what differs)
-CONTINUED = (("cont90", "run 2", "trained with prefix_overlap=1"),
-             ("numbers90", "run 3", "trained with prefix_overlap=1 and a numbers-only recall mix "
-              "(passkey, facts) at 75%"))
+# Runs after the first: (file-name tag, name in tables, what it is, what its step 0 is)
+LATER_RUNS = (("cont90", "run 2", "the 60-step adapter continued for 30 steps (init_adapter, "
+               "data_start=240, lr 5e-4), trained with prefix_overlap=1", "the 60-step adapter"),
+              ("numbers90", "run 3", "the 60-step adapter continued for 30 steps as run 2, with a "
+               "numbers-only recall mix (passkey, facts) at 75%", "the 60-step adapter"),
+              ("mem4", "run 4", "the recipe from the base model for 40 steps with a 4-block "
+               "memory in training (recall_episode=4, memory_tokens=8192, prefix_overlap=1)",
+               "the base model"))
 
 
 def load(path: str) -> dict | None:
@@ -159,7 +162,7 @@ def recall_section(measured: str) -> str:
                 load(f"{measured}/trained60_needle.json")),
                ("trained 60 steps, read with prefix_overlap=1 (every item pooled)",
                 load(f"{measured}/overlap60_repeat.json"),
-                merged(sorted(glob.glob(f"{measured}/overlap60_passkey_rate_*.json"))), None),
+                merged(sorted(glob.glob(f"{measured}/overlap60_passkey_*.json"))), None),
                ("trained 60 steps, read with previous=true (depths 10-90%, seeds 0 and 1)",
                 None, merged(sorted(glob.glob(f"{measured}/trained60_previous_passkey_*.json"))),
                 None),
@@ -167,7 +170,7 @@ def recall_section(measured: str) -> str:
                   merged([p for p in (f"{measured}/{tag}_repeat.json",
                                       f"{measured}/{tag}_repeat_32k.json") if os.path.isfile(p)]),
                   merged(sorted(glob.glob(f"{measured}/{tag}_passkey_rate_*.json"))), None)
-                 for tag, title, _ in CONTINUED],
+                 for tag, title, *_ in LATER_RUNS],
                ("base, depths 10/50/90%", None, load(f"{measured}/base_passkey.json"), None),
                ("base", load(f"{measured}/base_repeat.json"), None, None),
                ("untrained, same reading",
@@ -212,7 +215,7 @@ def ppl_section(measured: str) -> str:
     for name, text in (("book", "Jane Eyre (held out)"), ("wiki", "WikiText-2 raw test"),
                        ("latex", "carleson_blueprint.tex")):
         for model, shown in (("trained", "trained 10 steps"), ("trained60", "trained 60 steps"),
-                             *[(tag, title) for tag, title, _ in CONTINUED], ("base", "base")):
+                             *[(tag, title) for tag, title, *_ in LATER_RUNS], ("base", "base")):
             # `trained_book.json`, then runs added later (`trained_book_32k.json`)
             paths = sorted(glob.glob(f"{measured}/{model}_{name}*.json"), key=len)
             for r in [r for path in paths for r in (load(path) or {}).get("rows", [])]:
@@ -231,12 +234,11 @@ def render(folder: str, measured: str, metrics: str) -> str:
         curve_section(metrics),
         "\n### Issue 15: the memory gain on fixed held-out batches, per checkpoint\n",
         gain_curve_section(os.path.join(measured, "memory_gain_curve.json")),
-        *[part for tag, title, recipe in CONTINUED for part in (
-            f"\n### Issue 15, {title}: the 60-step adapter continued for 30 steps, {recipe} "
-            "(signals every 5 steps on its own batch)\n",
+        *[part for tag, title, recipe, start in LATER_RUNS for part in (
+            f"\n### Issue 15, {title}: {recipe} (signals every 5 steps on its own batch)\n",
             curve_section(os.path.join(measured, f"metrics_{tag}.jsonl")),
             f"\n### Issue 15, {title}: the memory gain on fixed held-out batches, scored with "
-            "prefix_overlap=1 (step 0 = the 60-step adapter)\n",
+            f"prefix_overlap=1 (step 0 = {start})\n",
             gain_curve_section(os.path.join(measured, f"memory_gain_curve_{tag}.json")))],
         "\n### Issue 15: recall, trained vs untrained (1 item per cell unless the JSON says "
         "more)\n", recall_section(measured),
