@@ -34,9 +34,13 @@ LATER_RUNS = (("cont90", "run 2", "the 60-step adapter continued for 30 steps (i
                "data_start=240, lr 5e-4), trained with prefix_overlap=1", "the 60-step adapter"),
               ("numbers90", "run 3", "the 60-step adapter continued for 30 steps as run 2, with a "
                "numbers-only recall mix (passkey, facts) at 75%", "the 60-step adapter"),
-              ("mem4", "run 4", "the recipe from the base model for 40 steps with a 4-block "
-               "memory in training (recall_episode=4, memory_tokens=8192, prefix_overlap=1)",
-               "the base model"))
+              ("mem4pydoc", "run 4a", "the recipe from the base model for 40 steps with a "
+               "4-block memory in training (recall_episode=4, memory_tokens=8192, "
+               "prefix_overlap=1), launched by mistake on the preset's default data (pydoc, 104 "
+               "blocks) instead of the books", "the base model"),
+              ("mem4", "run 4", "run 1's recipe and books from the base model for 40 steps with "
+               "a 4-block memory in training (recall_episode=4, memory_tokens=8192, "
+               "prefix_overlap=1)", "the base model"))
 
 
 def load(path: str) -> dict | None:
