@@ -65,7 +65,7 @@ passkey_rate()    { local seed=${RATE_SEED:-1}
                         --depths "${RATE_DEPTHS:-10,30,50,70,90}" --seed "$seed" --lengths "$n" \
                         --rows "${RATE_ROWS:-memlong,local}" --query-modes segment $READ; done; }
 # 128k needs a memory that holds all of it (the paper's eviction would drop the key otherwise).
-# One JSON per item (20-40 min each on a loaded 2-core CPU), so an interrupted rate keeps its items;
+# One JSON per item (10-40 min each on a loaded 2-core CPU), so an interrupted rate keeps its items;
 # seed 0 keeps its historical name (…_d50.json).
 passkey_128k()    { local seed=${RATE_SEED:-0} suffix
                     [ "$seed" = 0 ] && suffix="" || suffix="_s$seed"
