@@ -21,7 +21,7 @@ norms as loaded), or its `init_adapter`'s trained parameters; other
 counts at the step it records. One JSON row per (point, kind), written after each row.
 
     python -m experiments.memory_gain_curve RUN_DIR --steps 0,50,55,60 --adapter ADAPTER_DIR \\
-        [--base BASE_MODEL_DIR] [--batches 4] [--kinds plain,repeat,facts,passkey]
+        [--base BASE_MODEL_DIR] [--batches 4] [--kinds plain,repeat,facts,passkey] [--full] [--read top_k=24]
 
 For issue 15: RUN_DIR /work/wt/train15/out/train/smollm2-135m-recall, the step-10 adapter as
 shipped (`git show 55d8d21:adapters/smollm2-135m-recall/adapter.safetensors` and
@@ -40,13 +40,14 @@ import numpy as np
 from tqdm import tqdm
 
 from bench import common   # run record, atomic JSON
+from memlong_jax import settings
 from memlong_jax.errors import ArgumentParser, UserError, entry_point
 from memlong_jax.llama.config import LlamaConfig
 from memlong_jax.memlong import scan
 from memlong_jax.memlong.config import MemLongConfig
 from train import config as cfgmod
 from train import data as datamod
-from train import adapter, export, recall_mix, resume, setup, signals, step as stepmod
+from train import adapter, export, lora, recall_mix, resume, setup, signals, step as stepmod
 from train.checkpointing import Checkpoints
 
 KINDS = ("plain", "recall", *recall_mix.KINDS)
@@ -100,12 +101,31 @@ def batch_context(ids: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:
     return datamod.Streams(blocks, 1, grad_accum).context(0, width)
 
 
+def make_full_loss(module, t):
+    """`loss(trainable, frozen, ids) -> mean block NLL` of a batch `[grad_accum, seq_len]` read
+    with plain causal attention over all its blocks concatenated, each block scored on its own
+    predictions as the signal scores it: what the model's own in-context attention makes of the
+    text that memory holds (memory reads retrieved chunks of it, this all of it), the yardstick
+    for the memory gain."""
+    scale = t.lora_alpha / t.lora_rank
+
+    def loss(trainable, frozen, ids):
+        logits = module.apply({"params": lora.merge(frozen, trainable, scale)},
+                              ids.reshape(1, -1))
+        return signals.block_nll(logits.reshape(*ids.shape, -1), ids)
+
+    return loss
+
+
 class GainScorer:
     """`train.signals.make_signal_step` (the metric the run logs) on one batch at a time, each
-    from a fresh memory; jitted once for every point (the trainable trees share a structure)."""
+    from a fresh memory; jitted once for every point (the trainable trees share a structure).
+    `full`: each batch is also read with plain attention over the whole batch (`loss_full`)."""
 
-    def __init__(self, module, mcfg: MemLongConfig, t, frozen, retriever, emb_dim: int | None):
+    def __init__(self, module, mcfg: MemLongConfig, t, frozen, retriever, emb_dim: int | None,
+                 full: bool = False):
         self.signal = jax.jit(signals.make_signal_step(module, mcfg, t, with_mass=False))
+        self.full_loss = jax.jit(make_full_loss(module, t)) if full else None
         self.frozen, self.retriever = frozen, retriever
         self.empty = scan.init_state(module, mcfg, 1, emb_dim)
         self.context_width = mcfg.prefix_overlap * mcfg.chunk_size
@@ -119,19 +139,27 @@ class GainScorer:
         if self.retriever.host_side:
             batch["key_emb"], batch["query"] = datamod.host_embeddings(self.retriever, ids)
         out = self.signal(trainable, self.frozen, self.empty, batch)
+        if self.full_loss is not None:
+            out["loss_full"] = self.full_loss(trainable, self.frozen, ids[:, 0])
         return {k: float(v) for k, v in jax.device_get(out).items()}
 
 
 def summarize(per_batch: list[dict]) -> dict:
-    """Means over the batches, and the per-batch gains with their spread."""
+    """Means over the batches, and the per-batch gains with their spread; with `loss_full`,
+    the full-attention gain (without memory - full attention) beside them."""
     gains = np.array([b["memory_gain"] for b in per_batch])
+    full = {}
+    if "loss_full" in per_batch[0]:
+        full_gains = [b["signal_loss_no_memory"] - b["loss_full"] for b in per_batch]
+        full = {"loss_full": float(np.mean([b["loss_full"] for b in per_batch])),
+                "full_gain": float(np.mean(full_gains)), "full_gain_per_batch": full_gains}
     return {"batches": len(per_batch),
             "loss_memory": float(np.mean([b["signal_loss"] for b in per_batch])),
             "loss_no_memory": float(np.mean([b["signal_loss_no_memory"] for b in per_batch])),
             "gain": float(gains.mean()),
             "gain_std": float(gains.std(ddof=1)) if len(gains) > 1 else 0.0,
             "gain_min": float(gains.min()), "gain_max": float(gains.max()),
-            "gain_per_batch": gains.tolist()}
+            "gain_per_batch": gains.tolist(), **full}
 
 
 def score_point(scorer: GainScorer, trainable, batches_by_kind: dict):
@@ -233,6 +261,12 @@ def parse_args(argv):
     p.add_argument("--mix-seed", type=int, default=1,
                    help="seed of the recall episodes (default 1; the run's seed would repeat "
                         "its statements)")
+    p.add_argument("--read", action="append", default=[], metavar="KEY=VALUE",
+                   help="a memlong reading setting changed for scoring only (repeatable; e.g. "
+                        "top_k=24 retrieves every chunk a 4-block batch writes)")
+    p.add_argument("--full", action="store_true",
+                   help="also read each batch with plain causal attention over all its blocks "
+                        "(loss_full, full_gain): the in-context reference for the gain")
     p.add_argument("--cache-dir", default="out/token_cache",
                    help="token cache directory (default out/token_cache)")
     p.add_argument("--out", default=DEFAULT_OUT, help="JSON result file (default "
@@ -262,6 +296,8 @@ def main(argv=None) -> None:
     if args.base:
         t = t.replace(init_from=args.base)
         run = cfgmod.Resolved(run.name, t, run.memlong)
+    if args.read:   # the run's LoRA settings stay; only how memory is read changes
+        run = cfgmod.Resolved(run.name, t, settings.apply_overrides(run.memlong, args.read))
     run = cfgmod.validate(run, model)
     adapters = {}
     for path in args.adapter:
@@ -291,9 +327,9 @@ def main(argv=None) -> None:
     initial = initial_trainable(run, model, fresh) if 0 in sources else None
     module = stepmod.make_module(model, t.dtype, "none", t.scan_layers)
     scorer = GainScorer(module, run.memlong, t, frozen, retriever,
-                        retriever.embedding_size(model))
+                        retriever.embedding_size(model), full=args.full)
 
-    config = {"run_dir": os.path.abspath(args.run_dir), "points": sources,
+    config = {"run_dir": os.path.abspath(args.run_dir), "points": sources, "read": args.read,
               "run": run.to_dict(), "data_fingerprint": data_print,
               "validation_blocks": {"first": blocks.n_train, "used": args.batches * t.grad_accum,
                                     "available": blocks.n_val},

@@ -40,7 +40,10 @@ LATER_RUNS = (("cont90", "run 2", "the 60-step adapter continued for 30 steps (i
                "blocks) instead of the books", "the base model"),
               ("mem4", "run 4", "run 1's recipe and books from the base model for 40 steps with "
                "a 4-block memory in training (recall_episode=4, memory_tokens=8192, "
-               "prefix_overlap=1)", "the base model"))
+               "prefix_overlap=1)", "the base model"),
+              ("lr3e4", "run 5", "run 4 at a third of its learning rate (lr 3e-4), to see "
+               "whether the gain's plateau after step 10 comes from learning fast",
+               "the base model"))
 
 
 def load(path: str) -> dict | None:
@@ -126,18 +129,35 @@ def gain_curve_section(path: str) -> str:
     data = load(path)
     if not data or not data["rows"]:
         return "_not measured yet_\n"
+    full = any("full_gain" in r for r in data["rows"])
     body = [[r["step"], r["kind"], fmt(r["loss_memory"]), fmt(r["loss_no_memory"]),
              f"{r['gain']:.4f} ± {r['gain_std']:.4f}",
-             " / ".join(f"{g:.3f}" for g in r["gain_per_batch"])] for r in data["rows"]]
+             " / ".join(f"{g:.3f}" for g in r["gain_per_batch"])]
+            + ([fmt(r.get("full_gain"), 4)] if full else []) for r in data["rows"]]
     c = data["config"]
     note = (f"{c['validation_blocks']['used']} validation blocks of {c['batch']['seq_len']} "
             f"tokens (from block {c['validation_blocks']['first']}), {data['rows'][0]['batches']} "
             f"batches of {c['batch']['grad_accum']} micro-steps, a fresh memory per batch (its "
             "first block reads none); `recall`: every episode of the same blocks a recall "
             f"episode (seed {c['mix_seed']}, not the run's). Gain: mean ± standard deviation "
-            "over the batches.\n\n")
+            "over the batches."
+            + (" Full-attention gain: without memory - plain causal attention over the "
+               "batch's blocks concatenated (the same weights), what the model's own "
+               "in-context reading makes of the text memory holds." if full else "")
+            + "\n\n")
     return note + table(["step", "kind", "loss with memory", "without memory",
-                         "memory gain (nats)", "gain per batch"], body) + "\n"
+                         "memory gain (nats)", "gain per batch"]
+                        + (["full-attention gain (nats)"] if full else []), body) + "\n"
+
+
+def full_reference_section(measured: str, tag: str, title: str) -> tuple[str, ...]:
+    """A run's gain re-scored beside full attention's (`memory_gain_curve.py --full`) when that
+    was measured apart from its curve."""
+    path = os.path.join(measured, f"memory_gain_full_{tag}.json")
+    if not os.path.isfile(path):
+        return ()
+    return (f"\n### Issue 15, {title}: the memory gain beside full attention's, on the same "
+            "batches\n", gain_curve_section(path))
 
 
 def recall_section(measured: str) -> str:
@@ -243,7 +263,8 @@ def render(folder: str, measured: str, metrics: str) -> str:
             curve_section(os.path.join(measured, f"metrics_{tag}.jsonl")),
             f"\n### Issue 15, {title}: the memory gain on fixed held-out batches, scored with "
             f"prefix_overlap=1 (step 0 = {start})\n",
-            gain_curve_section(os.path.join(measured, f"memory_gain_curve_{tag}.json")))],
+            gain_curve_section(os.path.join(measured, f"memory_gain_curve_{tag}.json")),
+            *full_reference_section(measured, tag, title))],
         "\n### Issue 15: recall, trained vs untrained (1 item per cell unless the JSON says "
         "more)\n", recall_section(measured),
         "\n### Issue 15: perplexity, the last 1023 predictions of each window\n",

@@ -59,6 +59,28 @@ def test_gain_equals_plain_attention_over_each_batch():
     assert np.all(np.abs(gains) > 1e-3)   # memory changes something on these weights
 
 
+def test_full_reference_is_plain_attention_over_each_batch():
+    """`--full`: each batch read by the plain model over its blocks concatenated, independent of
+    what memory retrieves (top-1 here: memory sees less than full attention does)."""
+    cfg, module, mcfg, frozen, trainable, t = _setup(7)
+    mcfg = mcfg.replace(query_mode="chunk", top_k=1)
+    seq, micro, n_batches = 8, 3, 2
+    batches = np.random.default_rng().integers(0, cfg.vocab_size,
+                                               (n_batches, micro, seq)).astype(np.int32)
+    scorer = curve.GainScorer(module, mcfg, t, frozen, HIDDEN, None, full=True)
+    (_, row), = curve.score_point(scorer, trainable, {"plain": batches})
+
+    params = lora.merge(frozen, trainable, t.lora_alpha / t.lora_rank)
+    together = block_means(plain_nll(module, params, jnp.asarray(batches.reshape(n_batches, -1))),
+                           micro, seq).mean(axis=1)
+    alone = np.stack([plain_nll(module, params, jnp.asarray(batches[:, i])).mean(axis=1)
+                      for i in range(micro)], 1).mean(axis=1)
+    np.testing.assert_allclose(row["loss_full"], together.mean(), rtol=1e-5)
+    np.testing.assert_allclose(row["full_gain_per_batch"], alone - together, atol=2e-5)
+    np.testing.assert_allclose(row["full_gain"], (alone - together).mean(), atol=2e-5)
+    assert abs(row["loss_full"] - row["loss_memory"]) > 1e-3   # top-1 memory is not full
+
+
 def test_overlap_scores_each_block_after_the_tail_of_the_one_before():
     """A run trained with `prefix_overlap=p` is scored with it: micro-step i > 0 of a batch has
     the last p chunks of block i - 1 in front, the first none (a fresh memory per batch), i.e.
@@ -130,6 +152,9 @@ def test_step_0_of_an_init_adapter_run_is_the_adapter(tmp_path):
     base_points, base = curve_rows("first", "--steps", "0")
     assert base_points["0"] == "base model (LoRA zero)"
     assert np.all(np.abs(np.subtract(base[0], gains[0])) > 1e-6)   # two steps of training
+    read_points, top_1 = curve_rows("first", "--steps", "0", "--read", "top_k=1")
+    assert np.all(np.abs(np.subtract(base[0], top_1[0])) > 1e-6)     # the preset reads top-2
+    assert run_cli(curve.main, [str(tmp_path / "first"), "--read", "top_k=x"]) == 2
 
 
 def test_validation_batches_are_the_held_out_blocks_in_order():
@@ -193,3 +218,17 @@ def test_report_table_shows_every_row(tmp_path):
                      "| 7 | recall | 3.070 | 3.100 | 0.0300 ± 0.0100 | 0.020 / 0.040 |"]
     assert "8 validation blocks of 16 tokens" in text and "2 batches of 4" in text
     assert "not measured" in train15_report.gain_curve_section(str(tmp_path / "absent.json"))
+
+
+def test_report_table_adds_the_full_attention_gain_when_measured(tmp_path):
+    rows = [{"step": s, "kind": "plain", "batches": 1, "loss_memory": 3.0, "loss_no_memory": 3.1,
+             "gain": 0.1, "gain_std": 0.0, "gain_per_batch": [0.1], "loss_full": 2.9 + s / 100,
+             "full_gain": 0.2 - s / 100, "full_gain_per_batch": [0.2 - s / 100]} for s in (0, 5)]
+    config = {"validation_blocks": {"used": 4, "first": 30}, "batch": {"seq_len": 16,
+              "grad_accum": 4}, "mix_seed": 1}
+    path = tmp_path / "curve.json"
+    path.write_text(json.dumps({"config": config, "rows": rows}))
+    text = train15_report.gain_curve_section(str(path))
+    assert "| 0 | plain | 3.000 | 3.100 | 0.1000 ± 0.0000 | 0.100 | 0.2000 |" in text
+    assert "| 5 | plain | 3.000 | 3.100 | 0.1000 ± 0.0000 | 0.100 | 0.1500 |" in text
+    assert "full-attention gain (nats)" in text and "Full-attention gain:" in text
