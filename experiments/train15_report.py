@@ -150,14 +150,20 @@ def gain_curve_section(path: str) -> str:
                         + (["full-attention gain (nats)"] if full else []), body) + "\n"
 
 
-def full_reference_section(measured: str, tag: str, title: str) -> tuple[str, ...]:
-    """A run's gain re-scored beside full attention's (`memory_gain_curve.py --full`) when that
-    was measured apart from its curve."""
-    path = os.path.join(measured, f"memory_gain_full_{tag}.json")
-    if not os.path.isfile(path):
-        return ()
-    return (f"\n### Issue 15, {title}: the memory gain beside full attention's, on the same "
-            "batches\n", gain_curve_section(path))
+def reference_sections(measured: str, tag: str, title: str) -> tuple[str, ...]:
+    """A run's gain re-scored apart from its curve: beside full attention's
+    (`memory_gain_curve.py --full`) and read otherwise (`--read`, e.g. every chunk retrieved),
+    each where measured."""
+    parts = []
+    for kind, what in (("full", "beside full attention's, on the same batches"),
+                       ("all", "with every chunk of the batch retrieved")):
+        path = os.path.join(measured, f"memory_gain_{kind}_{tag}.json")
+        data = load(path)
+        if data:
+            read = ", ".join(data["config"].get("read") or [])
+            parts += [f"\n### Issue 15, {title}: the memory gain {what}"
+                      + (f" (read with {read})" if read else "") + "\n", gain_curve_section(path)]
+    return tuple(parts)
 
 
 def recall_section(measured: str) -> str:
@@ -264,7 +270,7 @@ def render(folder: str, measured: str, metrics: str) -> str:
             f"\n### Issue 15, {title}: the memory gain on fixed held-out batches, scored with "
             f"prefix_overlap=1 (step 0 = {start})\n",
             gain_curve_section(os.path.join(measured, f"memory_gain_curve_{tag}.json")),
-            *full_reference_section(measured, tag, title))],
+            *reference_sections(measured, tag, title))],
         "\n### Issue 15: recall, trained vs untrained (1 item per cell unless the JSON says "
         "more)\n", recall_section(measured),
         "\n### Issue 15: perplexity, the last 1023 predictions of each window\n",

@@ -232,3 +232,17 @@ def test_report_table_adds_the_full_attention_gain_when_measured(tmp_path):
     assert "| 0 | plain | 3.000 | 3.100 | 0.1000 ± 0.0000 | 0.100 | 0.2000 |" in text
     assert "| 5 | plain | 3.000 | 3.100 | 0.1000 ± 0.0000 | 0.100 | 0.1500 |" in text
     assert "full-attention gain (nats)" in text and "Full-attention gain:" in text
+
+
+def test_report_adds_the_rescored_curves_of_a_run_where_measured(tmp_path):
+    row = {"step": 0, "kind": "plain", "batches": 1, "loss_memory": 3.0, "loss_no_memory": 3.1,
+           "gain": 0.1, "gain_std": 0.0, "gain_per_batch": [0.1]}
+    config = {"validation_blocks": {"used": 4, "first": 30}, "batch": {"seq_len": 16,
+              "grad_accum": 4}, "mix_seed": 1, "read": ["top_k=24"]}
+    assert train15_report.reference_sections(str(tmp_path), "runx", "run x") == ()
+    (tmp_path / "memory_gain_all_runx.json").write_text(json.dumps({"config": config,
+                                                                    "rows": [row]}))
+    title, table = train15_report.reference_sections(str(tmp_path), "runx", "run x")
+    assert "run x: the memory gain with every chunk of the batch retrieved (read with " \
+           "top_k=24)" in title
+    assert "| 0 | plain | 3.000 | 3.100 | 0.1000 ± 0.0000 | 0.100 |" in table
