@@ -21,11 +21,13 @@ norms as loaded), or its `init_adapter`'s trained parameters; other
 counts at the step it records. One JSON row per (point, kind), written after each row.
 
     python -m experiments.memory_gain_curve RUN_DIR --steps 0,50,55,60 --adapter ADAPTER_DIR \\
-        [--base BASE_MODEL_DIR] [--batches 4] [--kinds plain,repeat,facts,passkey] [--full] [--read top_k=24]
+        [--base BASE_MODEL_DIR] [--batches 4] [--kinds plain,repeat,facts,passkey] \\
+        [--full] [--read top_k=24]
 
-For issue 15: RUN_DIR /work/wt/train15/out/train/smollm2-135m-recall, the step-10 adapter as
-shipped (`git show 55d8d21:adapters/smollm2-135m-recall/adapter.safetensors` and
-`adapter_config.json` into one directory), base /work/main/demo_out/smollm2-135m.
+`--full` adds plain causal attention over each batch's blocks (what the model's own context
+makes of the text memory holds) and `--read` changes how memory is read for scoring only:
+together they tell what bounds a gain that stops growing (docs/results.md, issue 15; the runs'
+commands are there).
 """
 
 from __future__ import annotations
