@@ -43,7 +43,10 @@ LATER_RUNS = (("cont90", "run 2", "the 60-step adapter continued for 30 steps (i
                "prefix_overlap=1)", "the base model"),
               ("lr3e4", "run 5", "run 4 at a third of its learning rate (lr 3e-4), to see "
                "whether the gain's plateau after step 10 comes from learning fast",
-               "the base model"))
+               "the base model"),
+              ("rep6", "run 6", "run 4 for 60 steps with more repeat episodes "
+               "(recall_fraction=0.75, recall_kinds=repeat,repeat,facts,passkey: 0.375 repeat "
+               "episodes per step, run 4 0.167)", "the base model"))
 
 
 def load(path: str) -> dict | None:
