@@ -298,14 +298,15 @@ def main(argv=None) -> None:
     if args.base:
         t = t.replace(init_from=args.base)
         run = cfgmod.Resolved(run.name, t, run.memlong)
-    if args.read:   # the run's LoRA settings stay; only how memory is read changes
-        run = cfgmod.Resolved(run.name, t, settings.apply_overrides(run.memlong, args.read))
     run = cfgmod.validate(run, model)
     adapters = {}
     for path in args.adapter:
         stored, step, _ = adapter.read(path)
         check_adapter(path, stored, run)
         adapters[step] = path
+    if args.read:   # after the adapters' check: they trained with the run's reading
+        run = cfgmod.validate(cfgmod.Resolved(
+            run.name, t, settings.apply_overrides(run.memlong, args.read)), model)
     steps = sorted(set(args.step_list) | set(adapters))
     sources = {s: point_source(s, args.run_dir, ckpt_steps, adapters, run) for s in steps}
 

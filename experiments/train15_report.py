@@ -46,7 +46,10 @@ LATER_RUNS = (("cont90", "run 2", "the 60-step adapter continued for 30 steps (i
                "the base model"),
               ("rep6", "run 6", "run 4 for 60 steps with more repeat episodes "
                "(recall_fraction=0.75, recall_kinds=repeat,repeat,facts,passkey: 0.375 repeat "
-               "episodes per step, run 4 0.167)", "the base model"))
+               "episodes per step, run 4 0.167)", "the base model"),
+              ("layer4", "run 7", "run 4 for 30 steps with memory written and read from layer "
+               "4 (memory_layer=4, retrieval_layers=4..29, LoRA on layers 4-29)",
+               "the base model"))
 
 
 def load(path: str) -> dict | None:

@@ -155,6 +155,9 @@ def test_step_0_of_an_init_adapter_run_is_the_adapter(tmp_path):
     read_points, top_1 = curve_rows("first", "--steps", "0", "--read", "top_k=1")
     assert np.all(np.abs(np.subtract(base[0], top_1[0])) > 1e-6)     # the preset reads top-2
     assert run_cli(curve.main, [str(tmp_path / "first"), "--read", "top_k=x"]) == 2
+    _, read_adapter = curve_rows("second", "--adapter", str(tmp_path / "adapter"),
+                                 "--read", "top_k=1")             # an adapter read otherwise
+    assert np.all(np.abs(np.subtract(read_adapter[2], gains[2])) > 1e-6)
 
 
 def test_validation_batches_are_the_held_out_blocks_in_order():
