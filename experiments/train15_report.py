@@ -49,7 +49,12 @@ LATER_RUNS = (("cont90", "run 2", "the 60-step adapter continued for 30 steps (i
                "episodes per step, run 4 0.167)", "the base model"),
               ("layer4", "run 7", "run 4 for 30 steps with memory written and read from layer "
                "4 (memory_layer=4, retrieval_layers=4..29, LoRA on layers 4-29)",
-               "the base model"))
+               "the base model"),
+              ("layer0", "run 8", "run 4 for 30 steps with memory written and read from layer "
+               "0 (memory_layer=0, retrieval_layers=0..29, LoRA on every layer)",
+               "the base model"),
+              ("layer0cont", "run 8b", "run 8 continued for 30 steps (init_adapter, "
+               "data_start=120, lr 5e-4)", "run 8 at step 30"))
 
 
 def load(path: str) -> dict | None:
